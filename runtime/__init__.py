@@ -1,0 +1,1 @@
+"""Running models with ONNX Runtime: one session factory, benchmarking."""

@@ -1,0 +1,277 @@
+"""The compile driver: load -> analyze -> plan -> passes -> stage -> verify -> commit -> report.
+
+Data flows one way; each stage returns a plain object the next takes. The output is written
+into a temporary directory beside the destination, verified there against the original with
+ONNX Runtime, and only then renamed into place: a model that fails verification (or falls
+below ``min_cosine``) is never written, and the input is never modified.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from sparsec import __version__
+from sparsec.analyze import Analysis, analyze, summarize_sparsity
+from sparsec.errors import OutputError, PassError, VerificationError
+from sparsec.model_io import LoadedModel, check_output_path, fingerprint, load_model, stage_model
+from sparsec.pipeline import Pass, PassContext, PassRecord, run_passes
+from sparsec.plan import Plan, make_plan
+from sparsec.progress import Progress, silent
+from sparsec.targets import get_target
+from sparsec.verify import Verdict, input_specs, load_feeds, random_feeds, verify_models
+
+# Real-input sets measured for zoo models (e.g. 4 x 16 sentences for an encoder).
+REAL_INPUT_SETS = 4
+
+
+@dataclass
+class CompileResult:
+    """Everything a compile produced; ``report()`` is what goes into the JSON report."""
+
+    input_path: Path
+    output: Path | None
+    report_path: Path | None
+    target: str
+    plan: Plan
+    records: list[PassRecord]
+    before: Analysis
+    after: Analysis
+    output_fingerprint: str
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    passed: bool = True
+    failure: str = ""
+    model: ir.Model | None = field(default=None, repr=False)
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "sparsec": __version__,
+            "input": {"path": str(self.input_path), "fingerprint": self.before.fingerprint},
+            "output": {"path": str(self.output) if self.output else None,
+                       "fingerprint": self.output_fingerprint},
+            "target": self.target,
+            "passed": self.passed,
+            "failure": self.failure,
+            "plan": self.plan.to_dict(),
+            "records": [r.to_dict() for r in self.records],
+            "verification": {k: v.to_dict() for k, v in self.verdicts.items()},
+            "sparsity_before": summarize_sparsity(self.before.weights),
+            "sparsity_after": summarize_sparsity(self.after.weights),
+            "sizes": self.sizes,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "notes": self.notes,
+        }
+
+
+def default_output(input_path: Path) -> Path:
+    """``model.onnx`` -> ``model.sparse.onnx`` beside it."""
+    return input_path.with_name(input_path.stem + ".sparse.onnx")
+
+
+def default_report(output: Path) -> Path:
+    """``out.onnx`` -> ``out.report.json``."""
+    return output.with_name(output.stem + ".report.json")
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _checker(path: Path) -> str:
+    """'' when onnx.checker (full_check) accepts the model, else its first line."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # the checker raises several types
+        return " ".join(str(exc).split())[:300]
+    return ""
+
+
+def compile(
+    model: str | os.PathLike | LoadedModel,
+    *,
+    target: str = "cpu",
+    passes: str | list[Pass] | None = None,
+    output: str | os.PathLike | None = None,
+    report: str | os.PathLike | None = None,
+    inputs: str | os.PathLike | None = None,
+    dims: dict[str, int] | None = None,
+    seed: int = 0,
+    samples: int = 2,
+    min_cosine: float | None = None,
+    verify_each: bool = False,
+    progress: Progress | None = None,
+    threads: int | None = None,
+) -> CompileResult:
+    """Compile an ONNX model for ``target``; write the result and a JSON report.
+
+    Args:
+        model: path of the input model (never modified) or an already loaded model.
+        target: a name from ``sparsec targets``.
+        passes: a pass spec (``"nm:n=2,m=4"``) or pass objects; None takes the target's plan.
+        output: the compiled model's path; default ``<input>.sparse.onnx``.
+        report: the JSON report's path; default ``<output>.report.json``.
+        inputs: a .npz of input sets to verify on; default ``samples`` seeded random sets.
+        dims: values for symbolic input dimensions (``{"sequence": 128}``).
+        seed: seed of the random inputs (and of any randomized pass).
+        samples: number of random input sets.
+        min_cosine: fidelity budget: fail (and write nothing) when an output's cosine against
+            the original falls below it (on real inputs for zoo models, else random inputs).
+        verify_each: also measure each pass's effect against the original, in its record.
+        progress: where progress goes; silent by default.
+        threads: ONNX Runtime intra-op threads for verification.
+
+    Raises:
+        InputError, OptionError, OutputError: bad input (exit code 2).
+        VerificationError: the result failed verification (exit code 1); nothing was written.
+    """
+    progress = progress or silent()
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(stage: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[stage] = seconds.get(stage, 0.0) + now - clock
+        clock = now
+
+    tgt = get_target(target)
+    plan = make_plan(tgt, passes)  # option errors surface before any heavy work
+    with progress.task("loading model"):
+        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    out_path = Path(output) if output is not None else default_output(loaded.path)
+    report_path = Path(report) if report is not None else default_report(out_path)
+    check_output_path(out_path, protect=(loaded.path, *loaded.external_files), model=loaded.model)
+    if report_path is not None and not report_path.resolve().parent.is_dir():
+        raise OutputError(f"{report_path}: directory {report_path.parent} does not exist")
+    lap("load")
+    with progress.task("analyzing"):
+        before = analyze(loaded.model, fingerprint(loaded.model))
+    specs = input_specs(loaded.model)
+    feeds = load_feeds(inputs, specs) if inputs else random_feeds(specs, seed=seed, dims=dims, samples=samples)
+    feeds_note = f"inputs from {inputs}" if inputs else f"random inputs (seed {seed})"
+    lap("analyze")
+
+    ctx = PassContext(target=tgt, seed=seed, progress=progress)
+    after_each = _pass_verifier(loaded, feeds, feeds_note, threads, progress) if verify_each else None
+    records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
+    lap("passes")
+
+    result = CompileResult(
+        input_path=loaded.path, output=None, report_path=report_path, target=tgt.name, plan=plan,
+        records=records, before=before, after=before, output_fingerprint="",
+        notes=list(loaded.notes), model=loaded.model,
+    )
+    with progress.task("analyzing the result"):
+        result.output_fingerprint = fingerprint(loaded.model)
+        result.after = analyze(loaded.model, result.output_fingerprint)
+    with progress.task(f"writing {out_path.name}"):
+        staged = stage_model(loaded.model, out_path, protect=(loaded.path, *loaded.external_files))
+    lap("save")
+    with staged:
+        problem = _checker(staged.path)
+        if problem:
+            if _checker(loaded.path):
+                result.notes.append(f"onnx.checker rejects the input model too: {problem}")
+            else:
+                raise PassError(f"the compiled model fails onnx.checker: {problem}")
+        result.verdicts = _verify(loaded, staged.path, plan, feeds, feeds_note, threads, progress)
+        lap("verify")
+        result.passed, result.failure = _judge(result.verdicts, plan, min_cosine)
+        result.sizes = {"input_bytes": loaded.total_bytes,
+                        "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
+        if result.passed:
+            result.output = staged.commit()
+    if report_path is not None:
+        _write_json(report_path, result.report())
+    if not result.passed:
+        raise VerificationError(result.failure)
+    return result
+
+
+def _verify(loaded: LoadedModel, candidate: Path, plan: Plan, feeds, feeds_note: str,
+            threads: int | None, progress: Progress) -> dict[str, Verdict]:
+    verdicts = {"random": verify_models(loaded.path, candidate, feeds, inputs=feeds_note,
+                                        exact=plan.exact, threads=threads, progress=progress)}
+    from sparsec.models import entry_for
+
+    entry = entry_for(loaded.model.metadata_props)
+    if entry is not None and entry.real_inputs is not None:
+        with progress.task(f"preparing real inputs for '{entry.name}'"):
+            real = entry.real_inputs(REAL_INPUT_SETS)
+        verdicts["real"] = verify_models(
+            loaded.path, candidate, real, inputs=entry.inputs_note, exact=plan.exact,
+            metrics=entry.metrics() if entry.metrics else (), threads=threads, progress=progress)
+    return verdicts
+
+
+def _judge(verdicts: dict[str, Verdict], plan: Plan, min_cosine: float | None) -> tuple[bool, str]:
+    """Exact plans must match to tolerance; lossy ones must meet the cosine budget, if any."""
+    if plan.exact:
+        for name, verdict in verdicts.items():
+            if not verdict.passed:
+                bad = next(o for o in verdict.outputs if not o.passed) if verdict.outputs else None
+                return False, (f"exact rewrite changed the outputs on {name} inputs: "
+                               + (bad.line() if bad else "no outputs compared"))
+        return True, ""
+    if min_cosine is not None:
+        verdict = verdicts.get("real") or verdicts["random"]
+        low = [o for o in verdict.outputs if o.cosine < min_cosine]
+        if low or not verdict.outputs:
+            return False, (f"fidelity below the budget: output '{low[0].name}' cosine"
+                           f" {low[0].cosine:.6f} < min_cosine {min_cosine}" if low
+                           else "no outputs compared")
+    return True, ""
+
+
+def _pass_verifier(loaded: LoadedModel, feeds, feeds_note: str, threads: int | None, progress: Progress):
+    """An after-each-pass hook measuring the model so far against the original."""
+
+    def after(p: Pass, record: PassRecord, model: ir.Model) -> None:
+        with tempfile.TemporaryDirectory(prefix="sparsec-verify-") as tmp:
+            with stage_model(model, Path(tmp) / "model.onnx", external_data=True) as staged:
+                verdict = verify_models(loaded.path, staged.path, feeds, inputs=feeds_note,
+                                        exact=p.kind.value == "exact", threads=threads,
+                                        progress=progress)
+        record.fidelity = verdict.to_dict()
+        if p.kind.value == "exact" and not verdict.passed:
+            raise VerificationError(f"pass '{p.id}' is exact but changed the outputs: {verdict.lines()[0]}")
+
+    return after
+
+
+def summary_rows(result: CompileResult) -> list[dict[str, Any]]:
+    """One row per pass for the summary table."""
+    rows = []
+    for record in result.records:
+        sparsity = record.sparsity()
+        rows.append({
+            "pass": record.pass_id, "kind": record.kind, "matched": len(record.sites),
+            "changed": len(record.changed),
+            "skipped": ", ".join(f"{k} {v}" for k, v in record.skip_counts().items()) or "-",
+            "params": record.params_touched,
+            "sparsity": f"{sparsity:.1%}" if sparsity is not None else "-",
+            "seconds": f"{record.seconds:.2f}",
+        })
+    return rows
+

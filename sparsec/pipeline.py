@@ -1,0 +1,341 @@
+"""The pass framework: options schemas, the registry, records, and the pass manager.
+
+A pass is a class with a stable kebab-case ``id``, a frozen-dataclass ``Options`` whose fields
+carry their description and valid range, a ``kind`` (exact or lossy), a one-line ``matches``
+and a ``run(model, ctx)`` that rewrites the model in place and returns a ``PassRecord``. Passes
+keep no per-model state between runs: everything a run needs comes in through ``ctx``.
+
+Pass specs on the command line read ``id:key=value,key=value``; several passes are separated
+by ``;`` and list values by ``|``, e.g. ``nm:n=2,m=4,include=*ffn*|*attn*``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import time
+import typing
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+
+from sparsec.errors import OptionError, PassError
+from sparsec.progress import Progress, silent
+
+
+class Kind(str, enum.Enum):
+    EXACT = "exact"  # outputs equal the original to fp tolerance
+    LOSSY = "lossy"  # outputs change; fidelity is measured and reported
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None,
+           min: float | None = None, max: float | None = None) -> Any:
+    """Declare one pass option: its default, a description and its valid values."""
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max}
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    """Base of every pass's options. Subclasses add fields made with :func:`option`."""
+
+    def validate(self) -> None:
+        """Cross-field checks; raise OptionError. Range and choice checks run before this."""
+
+
+def _field_type(options_cls: type, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(options_cls)
+    return hints[f.name]
+
+
+def _coerce(pass_id: str, name: str, tp: Any, raw: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        (item_tp, *_rest) = typing.get_args(tp)
+        items = raw.split("|") if isinstance(raw, str) else list(raw)
+        return tuple(_coerce(pass_id, name, item_tp, item) for item in items if item != "")
+    if tp is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise OptionError(f"{pass_id}: option '{name}' expects true or false, got '{raw}'")
+    if tp in (int, float, str):
+        if tp is int and isinstance(raw, float) and not raw.is_integer():
+            raise OptionError(f"{pass_id}: option '{name}' expects an integer, got '{raw}'")
+        try:
+            return tp(raw)
+        except (TypeError, ValueError):
+            raise OptionError(
+                f"{pass_id}: option '{name}' expects {tp.__name__}, got '{raw}'"
+            ) from None
+    raise TypeError(f"unsupported option type {tp}")
+
+
+def make_options(pass_cls: type[Pass], values: dict[str, Any]) -> PassOptions:
+    """Build and validate a pass's options from raw (string or typed) values."""
+    options_cls = pass_cls.Options
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise OptionError(
+            f"{pass_cls.id}: unknown option '{unknown[0]}' (valid: {', '.join(fields)})"
+        )
+    typed = {}
+    for name, raw in values.items():
+        f = fields[name]
+        value = _coerce(pass_cls.id, name, _field_type(options_cls, f), raw)
+        meta = f.metadata
+        checked = value if isinstance(value, tuple) else (value,)
+        for item in checked:
+            if meta.get("choices") and item not in meta["choices"]:
+                raise OptionError(
+                    f"{pass_cls.id}: option '{name}' must be one of"
+                    f" {', '.join(map(str, meta['choices']))}; got '{item}'"
+                )
+            if meta.get("min") is not None and item < meta["min"]:
+                raise OptionError(f"{pass_cls.id}: option '{name}' must be >= {meta['min']}; got {item}")
+            if meta.get("max") is not None and item > meta["max"]:
+                raise OptionError(f"{pass_cls.id}: option '{name}' must be <= {meta['max']}; got {item}")
+        typed[name] = value
+    options = options_cls(**typed)
+    options.validate()
+    return options
+
+
+def options_dict(options: PassOptions) -> dict[str, Any]:
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+@dataclass
+class SiteRecord:
+    """What a pass did at one site (a weight, a block): changed, unchanged or skipped."""
+
+    site: str  # a readable label (module path, node or weight name)
+    node: str
+    action: str  # "changed" | "skipped"
+    code: str = ""  # stable skip code, e.g. NOT_DIVISIBLE; "" when changed
+    message: str = ""
+    weight: str = ""
+    shape: tuple[int, ...] = ()
+    params: int = 0
+    sparsity_before: float | None = None
+    sparsity_after: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassRecord:
+    """The result of one pass over one model: what matched, changed and was skipped, and why."""
+
+    pass_id: str
+    kind: str
+    options: dict[str, Any]
+    sites: list[SiteRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    fidelity: dict[str, Any] | None = None  # filled when compile verifies after each pass
+
+    @property
+    def changed(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.action == "changed"]
+
+    @property
+    def skipped(self) -> list[SiteRecord]:
+        return [s for s in self.sites if s.action == "skipped"]
+
+    def skip_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(s.code for s in self.skipped).items()))
+
+    @property
+    def params_touched(self) -> int:
+        return sum(s.params for s in self.changed)
+
+    def sparsity(self) -> float | None:
+        """Fraction of zeros over the weights this pass changed."""
+        params = self.params_touched
+        if not params:
+            return None
+        return sum(s.params * (s.sparsity_after or 0.0) for s in self.changed) / params
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pass": self.pass_id,
+            "kind": self.kind,
+            "options": _jsonable(self.options),
+            "matched": len(self.sites),
+            "changed": len(self.changed),
+            "skipped": self.skip_counts(),
+            "params_touched": self.params_touched,
+            "sparsity": self.sparsity(),
+            "seconds": round(self.seconds, 3),
+            "notes": self.notes,
+            "fidelity": self.fidelity,
+            "sites": [_jsonable(dataclasses.asdict(s)) for s in self.sites],
+        }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, float):
+        return round(obj, 6)
+    return obj
+
+
+@dataclass
+class PassContext:
+    """What a pass may use besides the model. Built once per compile."""
+
+    target: Any = None  # sparsec.targets.Target
+    calibration: Any = None  # sparsec.calib.Calibration, for calibration-aware passes
+    seed: int = 0
+    progress: Progress = field(default_factory=silent)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass(abc.ABC):
+    """Base class of every pass. Subclasses set the class attributes and implement ``run``."""
+
+    id: ClassVar[str]
+    summary: ClassVar[str]
+    kind: ClassVar[Kind]
+    matches: ClassVar[str]
+    Options: ClassVar[type[PassOptions]] = PassOptions
+
+    def __init__(self, options: PassOptions | None = None, **values: Any) -> None:
+        if options is not None and values:
+            raise TypeError("give either an Options object or keyword values, not both")
+        self.options = options if options is not None else make_options(type(self), values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()})"
+
+    def spec(self) -> str:
+        """This pass as a pass spec string, listing the options that differ from defaults."""
+        defaults = self.Options()
+        parts = []
+        for name, value in options_dict(self.options).items():
+            if value != getattr(defaults, name):
+                text = "|".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                parts.append(f"{name}={text}")
+        return self.id + (":" + ",".join(parts) if parts else "")
+
+    def sparse_form(self) -> str:
+        """The sparse form this configured pass produces (a key of ``Target.gains``)."""
+        return "none"
+
+    def requires(self, model: ir.Model, ctx: PassContext) -> None:
+        """Preconditions; raise PassError or OptionError when the pass cannot run."""
+
+    @abc.abstractmethod
+    def run(self, model: ir.Model, ctx: PassContext) -> PassRecord:
+        """Rewrite ``model`` in place and return what was done."""
+
+    def new_record(self) -> PassRecord:
+        return PassRecord(self.id, self.kind.value, options_dict(self.options))
+
+
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator: make a pass available under its id. A duplicate id is an error."""
+    for attr in ("id", "summary", "kind", "matches"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"{cls.__name__} must define '{attr}'")
+    if cls.id in _REGISTRY and _REGISTRY[cls.id] is not cls:
+        raise ValueError(f"duplicate pass id '{cls.id}' ({_REGISTRY[cls.id].__name__}, {cls.__name__})")
+    _REGISTRY[cls.id] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Pass]]:
+    """All registered passes by id, sorted."""
+    import sparsec.passes  # noqa: F401  (importing registers the built-in passes)
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(pass_id: str) -> type[Pass]:
+    passes = registry()
+    if pass_id not in passes:
+        raise OptionError(f"unknown pass '{pass_id}' (available: {', '.join(passes)})")
+    return passes[pass_id]
+
+
+def parse_pass_specs(text: str) -> list[Pass]:
+    """Parse ``"nm:n=2,m=4;other"`` into configured pass objects."""
+    passes: list[Pass] = []
+    for chunk in text.split(";"):
+        chunk = chunk.strip()
+        if not chunk:
+            continue
+        pass_id, _, rest = chunk.partition(":")
+        cls = get_pass(pass_id.strip())
+        values: dict[str, str] = {}
+        for item in filter(None, (p.strip() for p in rest.split(","))):
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise OptionError(f"{cls.id}: malformed option '{item}' (expected key=value)")
+            if key.strip() in values:
+                raise OptionError(f"{cls.id}: option '{key.strip()}' given twice")
+            values[key.strip()] = raw.strip()
+        passes.append(cls(**values))
+    if not passes:
+        raise OptionError(f"no pass in pass spec '{text}'")
+    return passes
+
+
+AfterPass = Callable[[Pass, PassRecord, ir.Model], None]
+
+
+def run_passes(
+    model: ir.Model,
+    passes: Iterable[Pass],
+    ctx: PassContext,
+    *,
+    after_each: AfterPass | None = None,
+) -> list[PassRecord]:
+    """Run ``passes`` in order on ``model`` (in place); return their records.
+
+    ``after_each`` is called with the model after every pass (the compiler uses it to verify
+    each pass against the original when asked).
+    """
+    records = []
+    for p in passes:
+        p.requires(model, ctx)
+        start = time.perf_counter()
+        try:
+            record = p.run(model, ctx)
+        except (OptionError, PassError):
+            raise
+        record.seconds = time.perf_counter() - start
+        _check_provenance(p, record, model)
+        records.append(record)
+        if after_each is not None:
+            after_each(p, record, model)
+    return records
+
+
+def _check_provenance(p: Pass, record: PassRecord, model: ir.Model) -> None:
+    """Postcondition: every changed site's node carries the pass's provenance tag."""
+    from sparsec.graph import PROVENANCE_PASS, all_nodes
+
+    tagged = {n.name for n in all_nodes(model) if n.metadata_props.get(PROVENANCE_PASS) == p.id}
+    missing = [s.node for s in record.changed if s.node not in tagged]
+    if missing:
+        raise PassError(f"pass '{p.id}' changed node '{missing[0]}' without a provenance tag")

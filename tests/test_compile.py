@@ -1,0 +1,82 @@
+"""compile end to end on the example models, through the Python API."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from sparsec.compiler import compile
+from sparsec.errors import VerificationError
+from sparsec.model_io import load_model
+from sparsec.passes.patterns import LINEAR_OPS, NOT_DIVISIBLE, match_linear_weight
+from sparsec.sparsity import is_nm
+from sparsec.verify import input_specs, random_feeds, verify_models
+
+
+def pruned_weights(path):
+    """(weight array, reduce axis) of every node the nm pass tagged."""
+    model = load_model(path).model
+    out = []
+    for node in model.graph:
+        if node.op_type in LINEAR_OPS and node.metadata_props.get("sparsec.pass") == "nm":
+            site = match_linear_weight(node)
+            out.append((site.weight.numpy(), site.reduce_axis))
+    return out
+
+
+def test_minilm_ampere_every_pruned_weight_is_2_4(zoo_path, tmp_path):
+    src = zoo_path("minilm")
+    result = compile(src, target="ampere", output=tmp_path / "minilm.sparse.onnx")
+    out = result.output
+    onnx.checker.check_model(str(out), full_check=True)
+    weights = pruned_weights(out)
+    assert len(weights) == 36  # q, k, v, attention output, FFN in and out in 6 layers
+    for w, axis in weights:
+        assert is_nm(w, 2, 4, axis) and np.count_nonzero(w) == w.size // 2
+    real = result.verdicts["real"]
+    assert real.metrics["sentences"] == 64
+    assert 0 < real.metrics["embedding_cosine_mean"] < 1
+    report = json.loads(result.report_path.read_text())
+    assert report["verification"]["real"]["metrics"]["embedding_cosine_mean"] == real.metrics["embedding_cosine_mean"]
+    assert report["sparsity_after"]["nm_compliant"]["2:4"] == 36
+
+    # Pruning the already-2:4 model again changes nothing and verifies exactly.
+    again = compile(out, target="ampere", output=tmp_path / "again.onnx")
+    assert again.records[0].skip_counts()["ALREADY_SPARSE"] == 36 and not again.records[0].changed
+    feeds = random_feeds(input_specs(load_model(out).model), samples=2)
+    verdict = verify_models(out, again.output, feeds)
+    assert verdict.passed and all(o.max_abs == 0 for o in verdict.outputs)
+    assert (tmp_path / "again.onnx.data").read_bytes() == (tmp_path / "minilm.sparse.onnx.data").read_bytes()
+
+
+def test_tiny_llama_real_text_perplexity_and_verify_each(zoo_path, tmp_path):
+    result = compile(zoo_path("tiny-llama"), passes="nm:min_params=0", output=tmp_path / "o.onnx",
+                     verify_each=True)
+    record = result.records[0]
+    assert len(record.changed) == 14  # 7 projections x 2 layers; lm_head is tied (NOT_CONSTANT)
+    assert record.fidelity is not None and record.fidelity["exact"] is False
+    metrics = result.verdicts["real"].metrics
+    assert metrics["tokens"] == 4 * 127 and metrics["perplexity_candidate"] > 0
+
+
+def test_cnn_conv_layouts(zoo_path, tmp_path):
+    result = compile(zoo_path("cnn"), passes="nm:min_params=0", output=tmp_path / "cnn.onnx")
+    record = result.records[0]
+    by_code = record.skip_counts()
+    # First conv (3 input channels) and the depthwise conv (1 per group) cannot be 2:4.
+    assert by_code[NOT_DIVISIBLE] == 2
+    assert len(record.changed) == 3  # dense 3x3, 1x1, grouped (16 channels per group)
+    for w, axis in pruned_weights(result.output):
+        assert axis == 1 and is_nm(w, 2, 4, 1)
+    assert "real" not in result.verdicts  # no real images offline: random inputs only
+
+
+def test_exact_plan_must_match(zoo_path, tmp_path, monkeypatch):
+    """An exact plan whose output differs fails verification and writes nothing."""
+    from sparsec import compiler
+
+    monkeypatch.setattr(compiler.Plan, "exact", property(lambda self: True))
+    with pytest.raises(VerificationError, match="exact rewrite changed the outputs"):
+        compile(zoo_path("tiny-bert"), passes="nm:min_params=0", output=tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
