@@ -97,6 +97,16 @@ def _build_tiny_bert(path: Path) -> None:
     _export_encoder(BertModel(config, add_pooling_layer=False), path, "tiny-bert")
 
 
+def calibration_inputs(samples: int, seqlen: int) -> tuple[list[dict[str, np.ndarray]], int]:
+    """``samples`` sentences of the calibration half (``seqlen`` is their maximum length)."""
+    sentences = text.sentences("calibration", samples)
+    feeds = [encode(sentences[i:i + BATCH], max_length=seqlen) for i in range(0, samples, BATCH)]
+    return feeds, int(sum(f["attention_mask"].sum() for f in feeds))
+
+
+_CALIB_NOTE = "sentences of the first half of pydoc_data.topics"
+
+
 def _metrics():
     return [SentenceEmbeddingCosine("last_hidden_state")]
 
@@ -108,6 +118,7 @@ MINILM = register(ZooModel(
     real_inputs=lambda sets: sentence_inputs("evaluation", sets),
     metrics=_metrics,
     inputs_note="held-out sentences of pydoc_data.topics (second half), MiniLM tokenizer",
+    calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
 ))
 
 TINY_BERT = register(ZooModel(
@@ -117,4 +128,5 @@ TINY_BERT = register(ZooModel(
     real_inputs=lambda sets: sentence_inputs("evaluation", sets),
     metrics=_metrics,
     inputs_note="held-out sentences of pydoc_data.topics (second half), MiniLM tokenizer",
+    calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
 ))

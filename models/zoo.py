@@ -42,6 +42,11 @@ class ZooModel:
     real_inputs: Callable[[int], list[dict[str, np.ndarray]]] | None = None  # arg: input sets
     metrics: Callable[[], list[Metric]] | None = None
     inputs_note: str = ""
+    real_sets: int = 4  # real input sets compile measures fidelity on
+    # Calibration input sets from the calibration half of the text: (samples, seqlen) ->
+    # (input sets, tokens).
+    calib_inputs: Callable[[int, int], tuple[list[dict[str, np.ndarray]], int]] | None = None
+    calib_note: str = ""
     slow: bool = False
     needs: str = ""  # what to install when the builder's packages are missing
 

@@ -4,7 +4,11 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 
 * :mod:`.patterns` -- the shared subgraph matchers and skip codes
 * :mod:`.prune` -- the weight-pruning site loop shared by the pruning passes
+* :mod:`.prune_methods` -- magnitude, Wanda and SparseGPT on one weight
 * :mod:`.nm_prune` -- ``nm``: N:M semi-structured pruning
+* :mod:`.unstructured_prune` -- ``unstructured``: a fraction of zeros anywhere
+* :mod:`.block_prune` -- ``block``: whole tiles zero
+* :mod:`.compress` -- ``compress``: sparse weights stored as values + bit mask
 """
 
-from . import nm_prune  # noqa: F401
+from . import block_prune, compress, nm_prune, unstructured_prune  # noqa: F401

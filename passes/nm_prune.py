@@ -2,11 +2,12 @@
 
 Before: ``Y = MatMul(X, W)`` with a dense constant ``W`` of shape (K, N).
 After:  the same node; in every group of M consecutive weights along K (the reduction axis:
-Gemm's ``transA``/``transB`` and MatMul's operand order honoured; a Conv's input channels per
-group and kernel position) at most N are non-zero, as sparse tensor cores (2:4) want.
+Gemm's ``transA``/``transB`` and MatMul's operand order honoured; a Conv's input channels at
+each kernel position) at most N are non-zero, as sparse tensor cores (2:4) want.
 
 Lossy: the model's outputs change; compile measures the fidelity. Only TensorRT (with
-``trt_sparsity_enable``) runs 2:4 weights faster; see ``sparsec targets``.
+``trt_sparsity_enable``) runs 2:4 weights faster; see ``sparsec targets``. Methods: magnitude,
+wanda, sparsegpt (see :mod:`sparsec.passes.prune_methods`).
 
 Skipped (see :mod:`sparsec.passes.prune` for the common rules): K not divisible by M
 (NOT_DIVISIBLE); weights already N:M (ALREADY_SPARSE: left bit-identical, so a second run
@@ -17,15 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from sparsec.errors import OptionError
-from sparsec.pipeline import Kind, PassContext, option, register
-from sparsec.sparsity import is_nm, nm_mask
+from sparsec.pipeline import Kind, option, register
+from sparsec.sparsity import NMLayout
 from sparsec.targets import NM_2_4, NM_OTHER
 
-from . import patterns
-from .patterns import LinearWeight, MatchFailure
 from .prune import PruneOptions, WeightPrunePass
 
 
@@ -41,7 +38,7 @@ class NMOptions(PruneOptions):
 
 @register
 class NMPrunePass(WeightPrunePass):
-    """Keep the N largest-scoring weights in every group of M along the reduction axis."""
+    """Keep the N highest-scoring weights in every group of M along the reduction axis."""
 
     id = "nm"
     summary = "N:M semi-structured pruning (2:4 default) along the reduction axis"
@@ -49,26 +46,8 @@ class NMPrunePass(WeightPrunePass):
     matches = "MatMul / Gemm / Conv with a constant float weight whose reduction size divides by M"
     Options = NMOptions
 
-    def layout(self) -> str:
-        return f"{self.options.n}:{self.options.m}"
+    def layout(self) -> NMLayout:
+        return NMLayout(self.options.n, self.options.m)
 
     def sparse_form(self) -> str:
         return NM_2_4 if (self.options.n, self.options.m) == (2, 4) else NM_OTHER
-
-    def admits(self, site: LinearWeight) -> MatchFailure | None:
-        k = site.weight.shape[site.reduce_axis]
-        if k % self.options.m:
-            return MatchFailure(
-                patterns.NOT_DIVISIBLE,
-                f"reduction size {k} of '{site.weight.name}' is not divisible by m={self.options.m}",
-                site.node,
-            )
-        return None
-
-    def complies(self, site: LinearWeight, array: np.ndarray) -> bool:
-        return is_nm(array, self.options.n, self.options.m, site.reduce_axis)
-
-    def prune(self, site: LinearWeight, array: np.ndarray, ctx: PassContext) -> np.ndarray:
-        scores = np.abs(array.astype(np.float32))
-        mask = nm_mask(scores, self.options.n, self.options.m, site.reduce_axis)
-        return np.where(mask, array, np.zeros((), dtype=array.dtype))

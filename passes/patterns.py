@@ -18,6 +18,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from sparsec.graph import ConstantRef, constant_ref, node_label
@@ -36,6 +37,8 @@ NOT_SELECTED = "NOT_SELECTED"
 EXCLUDED = "EXCLUDED"
 ALREADY_SPARSE = "ALREADY_SPARSE"
 CUSTOM_DOMAIN = "CUSTOM_DOMAIN"
+COMPRESSED = "COMPRESSED"  # stored by the compress pass: prune before compressing
+IN_SUBGRAPH = "IN_SUBGRAPH"  # calibration cannot capture values inside If/Loop/Scan bodies
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                          ir.DataType.DOUBLE})
@@ -60,6 +63,11 @@ class LinearWeight:
 
     ``reduce_axis`` is the weight axis its products are summed over (the K of a GEMM, the
     input channels of a Conv); ``out_axis`` the axis of output features.
+
+    :meth:`to_matrix` gives the weight in canonical form, (rows, K): one row per output feature
+    (leading batch axes of a batched MatMul weight included), the columns ordered with the
+    reduction axis innermost, so N:M groups run along consecutive input channels (for a Conv,
+    at each kernel position: columns ordered (kh, kw, c_in)).
     """
 
     node: ir.Node
@@ -67,6 +75,30 @@ class LinearWeight:
     weight: ConstantRef
     reduce_axis: int
     out_axis: int
+
+    def _axes(self) -> tuple[list[int], list[int]]:
+        rank = len(self.weight.shape)
+        if self.op == "Conv":
+            return [self.out_axis], [*range(2, rank), self.reduce_axis]
+        batch = [a for a in range(rank) if a not in (self.reduce_axis, self.out_axis)]
+        return [*batch, self.out_axis], [self.reduce_axis]
+
+    def to_matrix(self, array: np.ndarray) -> np.ndarray:
+        rows, cols = self._axes()
+        moved = np.transpose(array, rows + cols)
+        return moved.reshape(int(np.prod([array.shape[a] for a in rows])), -1)
+
+    def from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        rows, cols = self._axes()
+        perm = rows + cols
+        moved = matrix.reshape([self.weight.shape[a] for a in perm])
+        return np.transpose(moved, np.argsort(perm))
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        rows, cols = self._axes()
+        shape = self.weight.shape
+        return int(np.prod([shape[a] for a in rows])), int(np.prod([shape[a] for a in cols]))
 
     @property
     def label(self) -> str:

@@ -1,16 +1,21 @@
 """Shared machinery of the weight-pruning passes: site selection, the site loop, records.
 
-A weight-pruning pass (N:M, unstructured, block) only says which layouts it makes: whether a
-weight's shape admits the layout, whether it already complies, and how to prune it. This
-module finds the sites, applies the common skip rules and records everything:
+A weight-pruning pass (``nm``, ``unstructured``, ``block``) only says which layout it makes.
+This module finds the sites, applies the common skip rules, runs the method, and records
+everything:
 
 * the op is one of ``op_types`` and :func:`~sparsec.passes.patterns.match_linear_weight` matches;
 * include / exclude patterns select it (module path, node name or weight name);
-* the weight has at least ``min_params`` elements;
-* the layout admits the weight's shape (e.g. K divisible by M);
+* the weight has at least ``min_params`` elements and its shape admits the layout;
 * a weight read by several nodes is pruned only when every reader sums over the same axis;
 * layers feeding a graph output directly (classifier heads, lm_head) stay dense unless
-  ``keep_output_layers=false``.
+  ``keep_output_layers=false``;
+* calibration-aware methods (wanda, sparsegpt) need a layer input they can read as a matrix.
+
+Calibration-aware methods run sequentially: the sites are grouped by the value they read, in
+graph order; each group's input is captured with the weights pruned so far (one stage of
+:class:`~sparsec.calib.StagedRunner`), its statistics accumulated, and its weights pruned
+before the next group is captured.
 """
 
 from __future__ import annotations
@@ -21,17 +26,20 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from sparsec.errors import OptionError
 from sparsec.graph import all_nodes, mark_changed
 from sparsec.pipeline import Pass, PassContext, PassOptions, PassRecord, SiteRecord, option
-from sparsec.sparsity import zero_fraction
+from sparsec.sparsity import Layout, zero_fraction
 
-from . import patterns
+from . import patterns, prune_methods
 from .patterns import LINEAR_OPS, LinearWeight, MatchFailure
 
 
 @dataclass(frozen=True)
 class PruneOptions(PassOptions):
-    method: str = option("magnitude", "how weights are scored: magnitude |W|", choices=("magnitude",))
+    method: str = option("magnitude", "how weights are chosen: magnitude |W|; wanda |W|*||X||;"
+                         " sparsegpt (OBS with reconstruction); wanda and sparsegpt need --calib",
+                         choices=prune_methods.METHODS)
     op_types: tuple[str, ...] = option(LINEAR_OPS, "op types whose constant weight is pruned",
                                        choices=LINEAR_OPS)
     include: tuple[str, ...] = option((), "glob patterns over module path, node or weight name;"
@@ -40,6 +48,15 @@ class PruneOptions(PassOptions):
     min_params: int = option(4096, "weights with fewer elements are left dense", min=0)
     keep_output_layers: bool = option(True, "leave layers that feed a graph output directly"
                                       " (classifier heads, lm_head) dense")
+    blocksize: int = option(128, "sparsegpt: columns per lazy-update block", min=1)
+    damp: float = option(0.01, "sparsegpt: dampening, as a fraction of the mean Hessian diagonal",
+                         min=0.0, max=1.0)
+    device: str = option("auto", "sparsegpt: where the math runs (auto: cuda when present)",
+                         choices=("auto", "cpu", "cuda"))
+    targets: str = option("pruned", "sparsegpt: reconstruct each layer's output on the pruned"
+                          " model's inputs (pruned, as published) or the dense model's outputs"
+                          " (dense: also corrects earlier layers' error; twice the forward work)",
+                          choices=("pruned", "dense"))
 
 
 def skip(record: PassRecord, failure: MatchFailure, site: LinearWeight | None = None) -> None:
@@ -62,26 +79,20 @@ class WeightPrunePass(Pass):
     Options = PruneOptions
 
     @abc.abstractmethod
-    def layout(self) -> str:
-        """The layout this pass makes, as shown in reports (e.g. ``2:4``)."""
+    def layout(self) -> Layout:
+        """The layout this pass makes."""
 
-    @abc.abstractmethod
-    def admits(self, site: LinearWeight) -> MatchFailure | None:
-        """None when the weight's shape admits the layout; a failure otherwise."""
-
-    @abc.abstractmethod
-    def complies(self, site: LinearWeight, array: np.ndarray) -> bool:
-        """True when ``array`` is already in the layout (the site is left as it is)."""
-
-    @abc.abstractmethod
-    def prune(self, site: LinearWeight, array: np.ndarray, ctx: PassContext) -> np.ndarray:
-        """Return the pruned weight, same shape and dtype."""
+    def layout_for(self, site: LinearWeight, ctx: PassContext) -> Layout:
+        """The layout of one site (a non-uniform allocation overrides this)."""
+        return self.layout()
 
     def select_sites(self, model: ir.Model, record: PassRecord) -> list[LinearWeight]:
         """Every site this pass will prune; the others go into ``record`` as skipped."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
+        layout = self.layout()
+        calibrated = prune_methods.needs_calibration(opts.method)
         chosen: list[LinearWeight] = []
-        seen_weights: dict[ir.Value, LinearWeight] = {}
+        seen_weights: set[ir.Value] = set()
         for node in all_nodes(model):
             if node.op_type not in opts.op_types:
                 continue
@@ -90,29 +101,45 @@ class WeightPrunePass(Pass):
                 skip(record, site)
                 continue
             if site.weight.value in seen_weights:
-                # Shared weight already accepted through another reader: pruned once.
-                continue
+                continue  # a shared weight accepted through another reader: pruned once
             # Failures are falsy: take the first check that returns one (not `or`).
             checks = (
+                lambda: self._compressed(site),
                 lambda: patterns.select(site, opts.include, opts.exclude),
                 lambda: self._size_check(site, opts.min_params),
-                lambda: self.admits(site),
+                lambda: self._admits(site, layout),
                 lambda: patterns.check_shared_weight(site),
                 lambda: self._output_layer(site, model) if opts.keep_output_layers else None,
+                lambda: prune_methods.supports(site, opts.method),
+                lambda: self._in_subgraph(site, model) if calibrated else None,
             )
             failure = next((f for f in (check() for check in checks) if f is not None), None)
             if failure is not None:
                 skip(record, failure, site)
                 continue
-            seen_weights[site.weight.value] = site
+            seen_weights.add(site.weight.value)
             chosen.append(site)
         return chosen
+
+    @staticmethod
+    def _compressed(site: LinearWeight) -> MatchFailure | None:
+        if site.weight.compressed is not None:
+            return MatchFailure(patterns.COMPRESSED, f"'{site.weight.name}' is stored compressed;"
+                                " run pruning passes before compress", site.node)
+        return None
 
     @staticmethod
     def _size_check(site: LinearWeight, min_params: int) -> MatchFailure | None:
         params = int(np.prod(site.weight.shape))
         if params < min_params:
             return MatchFailure(patterns.TOO_SMALL, f"{params} weights < min_params={min_params}", site.node)
+        return None
+
+    @staticmethod
+    def _admits(site: LinearWeight, layout: Layout) -> MatchFailure | None:
+        reason = layout.admits(*site.matrix_shape)
+        if reason:
+            return MatchFailure(patterns.NOT_DIVISIBLE, f"'{site.weight.name}': {reason}", site.node)
         return None
 
     @staticmethod
@@ -125,27 +152,89 @@ class WeightPrunePass(Pass):
             )
         return None
 
+    @staticmethod
+    def _in_subgraph(site: LinearWeight, model: ir.Model) -> MatchFailure | None:
+        if site.node.graph is not model.graph:
+            return MatchFailure(patterns.IN_SUBGRAPH, "calibration cannot capture inputs inside"
+                                " an If/Loop/Scan body", site.node)
+        return None
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassRecord:
         record = self.new_record()
         sites = self.select_sites(model, record)
-        for site in ctx.progress.track(sites, f"{self.id}: pruning {len(sites)} weights", total=len(sites)):
-            self.apply(site, ctx, record)
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        if not prune_methods.needs_calibration(opts.method):
+            for site in ctx.progress.track(sites, f"{self.id}: pruning {len(sites)} weights", total=len(sites)):
+                self.apply(site, ctx, record)
+            return record
+        if ctx.calibration is None:
+            raise OptionError(f"{self.id}: method '{opts.method}' is calibration-aware; give --calib"
+                              " (a .npz, a text file with --tokenizer, or 'builtin' for the example models)")
+        self._run_sequential(model, sites, ctx, record)
+        record.notes.append(f"calibration: {ctx.calibration.source}")
         return record
 
-    def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord) -> None:
+    def _run_sequential(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
+                        record: PassRecord) -> None:
+        from sparsec.calib import StagedRunner
+
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        device = prune_methods.resolve_device(opts.device)
+        groups: dict[ir.Value, list[LinearWeight]] = {}
+        for site in sites:
+            groups.setdefault(site.node.inputs[1 - site.input_index], []).append(site)
+        feeds = ctx.calibration.feeds
+        runner = StagedRunner(model, feeds, progress=ctx.progress)
+        dense = None
+        if opts.method == "sparsegpt" and opts.targets == "dense":
+            # The same graph with the original weights: the dense model, run in lock-step.
+            dense = StagedRunner(model, feeds, overrides={s.weight.value: s.weight.tensor for s in sites})
+        tokens = 0
+        for value, group in ctx.progress.track(list(groups.items()), f"{self.id}: {opts.method},"
+                                               f" {len(sites)} weights in {len(groups)} groups", total=len(groups)):
+            stats: dict[object, object] = {}
+            dense_inputs = dense.capture(value) if dense is not None else iter(lambda: None, 0)
+            for feed, x, x_dense in zip(feeds, runner.capture(value), dense_inputs):
+                done = set()
+                for site in group:
+                    key = prune_methods.statistic_key(site)
+                    if key not in done:
+                        done.add(key)
+                        cols = prune_methods.activation_matrix(site, x, feed)
+                        stat = stats.setdefault(key, prune_methods.new_statistic(opts.method, cols.shape[1], device))
+                        if x_dense is None:
+                            stat.add(cols)
+                        else:
+                            stat.add(cols, prune_methods.activation_matrix(site, x_dense, feed))
+            for site in group:
+                stat = stats[prune_methods.statistic_key(site)]
+                tokens = max(tokens, stat.tokens)
+                self.apply(site, ctx, record, stat)
+        record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
+
+    def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord, statistic=None) -> None:
         """Prune one site in place and record it."""
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        layout = self.layout_for(site, ctx)
         array = site.weight.numpy()
+        matrix = site.to_matrix(array)
         before = zero_fraction(array)
-        if self.complies(site, array):
+        if layout.complies(matrix):
             skip(record, MatchFailure(
-                patterns.ALREADY_SPARSE, f"already {self.layout()}; left as it is", site.node), site)
+                patterns.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
             return
-        pruned = self.prune(site, array, ctx)
+        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout, statistic,
+                                            blocksize=opts.blocksize, damp=opts.damp)
+        if result.values is None:  # a mask only: survivors keep their exact bits
+            new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=array.dtype))
+        else:
+            new_matrix = result.values.astype(array.dtype)
+        pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
         assert pruned.shape == array.shape and pruned.dtype == array.dtype
         after = zero_fraction(pruned)
-        reason = (f"{self.layout()} {self.options.method} pruning of '{site.weight.name}'"  # type: ignore[attr-defined]
+        reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")
-        site.weight.replace(pruned, **{"sparsec.layout": self.layout()})
+        site.weight.replace(pruned, **{"sparsec.layout": layout.name})
         readers = [user for user, _ in site.weight.users]
         for reader in readers:
             mark_changed(reader, self.id, reason)
@@ -153,6 +242,7 @@ class WeightPrunePass(Pass):
             site=site.label, node=site.node.name or "", action="changed",
             weight=site.weight.name, shape=site.weight.shape, params=int(array.size),
             sparsity_before=before, sparsity_after=after, message=reason,
-            details={"op": site.op, "reduce_axis": site.reduce_axis, "layout": self.layout(),
+            details={"op": site.op, "reduce_axis": site.reduce_axis, "layout": layout.name,
                      **({"readers": [r.name for r in readers]} if len(readers) > 1 else {})},
         ))
+

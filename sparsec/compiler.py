@@ -21,16 +21,14 @@ import onnx_ir as ir
 
 from sparsec import __version__
 from sparsec.analyze import Analysis, analyze, summarize_sparsity
-from sparsec.errors import OutputError, PassError, VerificationError
+from sparsec.calib import DEFAULT_SAMPLES, DEFAULT_SEQLEN, Calibration, load_calibration
+from sparsec.errors import OptionError, OutputError, PassError, VerificationError
 from sparsec.model_io import LoadedModel, check_output_path, fingerprint, load_model, stage_model
 from sparsec.pipeline import Pass, PassContext, PassRecord, run_passes
 from sparsec.plan import Plan, make_plan
 from sparsec.progress import Progress, silent
 from sparsec.targets import get_target
 from sparsec.verify import Verdict, input_specs, load_feeds, random_feeds, verify_models
-
-# Real-input sets measured for zoo models (e.g. 4 x 16 sentences for an encoder).
-REAL_INPUT_SETS = 4
 
 
 @dataclass
@@ -50,6 +48,7 @@ class CompileResult:
     sizes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] | None = None
     passed: bool = True
     failure: str = ""
     model: ir.Model | None = field(default=None, repr=False)
@@ -65,6 +64,7 @@ class CompileResult:
             "failure": self.failure,
             "plan": self.plan.to_dict(),
             "records": [r.to_dict() for r in self.records],
+            "calibration": self.calibration,
             "verification": {k: v.to_dict() for k, v in self.verdicts.items()},
             "sparsity_before": summarize_sparsity(self.before.weights),
             "sparsity_after": summarize_sparsity(self.after.weights),
@@ -119,6 +119,10 @@ def compile(
     seed: int = 0,
     samples: int = 2,
     min_cosine: float | None = None,
+    calib: str | None = None,
+    calib_samples: int | None = None,
+    calib_seqlen: int | None = None,
+    tokenizer: str | None = None,
     verify_each: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
@@ -137,6 +141,12 @@ def compile(
         samples: number of random input sets.
         min_cosine: fidelity budget: fail (and write nothing) when an output's cosine against
             the original falls below it (on real inputs for zoo models, else random inputs).
+        calib: calibration data for calibration-aware methods (wanda, sparsegpt): a .npz of
+            input sets, a text file (with ``tokenizer``), or ``builtin`` (example models; the
+            default for them when a pass needs calibration).
+        calib_samples: calibration windows (text) or sentences (encoders); default 32.
+        calib_seqlen: tokens per calibration window; default 512.
+        tokenizer: tokenizer folder or tokenizer.json for a text ``calib`` file.
         verify_each: also measure each pass's effect against the original, in its record.
         progress: where progress goes; silent by default.
         threads: ONNX Runtime intra-op threads for verification.
@@ -173,6 +183,10 @@ def compile(
     lap("analyze")
 
     ctx = PassContext(target=tgt, seed=seed, progress=progress)
+    if calib is not None or any(p.needs_calibration() for p in plan.passes):
+        with progress.task("preparing calibration data"):
+            ctx.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen, tokenizer)
+    lap("calibrate")
     after_each = _pass_verifier(loaded, feeds, feeds_note, threads, progress) if verify_each else None
     records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
     lap("passes")
@@ -181,6 +195,7 @@ def compile(
         input_path=loaded.path, output=None, report_path=report_path, target=tgt.name, plan=plan,
         records=records, before=before, after=before, output_fingerprint="",
         notes=list(loaded.notes), model=loaded.model,
+        calibration=ctx.calibration.to_dict() if ctx.calibration is not None else None,
     )
     with progress.task("analyzing the result"):
         result.output_fingerprint = fingerprint(loaded.model)
@@ -202,11 +217,26 @@ def compile(
                         "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
         if result.passed:
             result.output = staged.commit()
+    lap("commit")
+    result.seconds = seconds
     if report_path is not None:
         _write_json(report_path, result.report())
     if not result.passed:
         raise VerificationError(result.failure)
     return result
+
+
+def _calibration(loaded: LoadedModel, spec: str | None, samples: int | None, seqlen: int | None,
+                 tokenizer: str | None) -> Calibration:
+    from sparsec.models import entry_for
+
+    if spec is None:
+        if entry_for(loaded.model.metadata_props) is None:
+            raise OptionError("a calibration-aware method needs --calib (a .npz of input sets, or a"
+                              " text file with --tokenizer)")
+        spec = "builtin"
+    return load_calibration(spec, loaded.model, samples=samples or DEFAULT_SAMPLES,
+                            seqlen=seqlen or DEFAULT_SEQLEN, tokenizer=tokenizer)
 
 
 def _verify(loaded: LoadedModel, candidate: Path, plan: Plan, feeds, feeds_note: str,
@@ -218,7 +248,7 @@ def _verify(loaded: LoadedModel, candidate: Path, plan: Plan, feeds, feeds_note:
     entry = entry_for(loaded.model.metadata_props)
     if entry is not None and entry.real_inputs is not None:
         with progress.task(f"preparing real inputs for '{entry.name}'"):
-            real = entry.real_inputs(REAL_INPUT_SETS)
+            real = entry.real_inputs(entry.real_sets)
         verdicts["real"] = verify_models(
             loaded.path, candidate, real, inputs=entry.inputs_note, exact=plan.exact,
             metrics=entry.metrics() if entry.metrics else (), threads=threads, progress=progress)

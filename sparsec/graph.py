@@ -11,6 +11,8 @@ import onnx_ir as ir
 # The node metadata keys through which sparsec records provenance.
 PROVENANCE_PASS = "sparsec.pass"
 PROVENANCE_REASON = "sparsec.reason"
+# On the last node of a compressed weight's rebuild subgraph: "values_name,mask_name".
+COMPRESSED_KEY = "sparsec.compressed"
 
 
 def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
@@ -59,6 +61,7 @@ class ConstantRef:
 
     value: ir.Value
     constant_node: ir.Node | None = None
+    compressed: ir.Node | None = None  # the rebuild node of a weight sparsec stored compressed
 
     @property
     def name(self) -> str:
@@ -66,6 +69,8 @@ class ConstantRef:
 
     @property
     def tensor(self) -> ir.TensorProtocol:
+        if self.compressed is not None:
+            return _rebuild(self.compressed)
         if self.constant_node is not None:
             return self.constant_node.attributes["value"].value
         assert self.value.const_value is not None
@@ -84,6 +89,8 @@ class ConstantRef:
 
     def replace(self, array: np.ndarray, **metadata: str) -> None:
         """Give the constant new contents of the same shape and dtype."""
+        if self.compressed is not None:
+            raise ValueError(f"{self.name}: a compressed weight is read-only")
         old = self.tensor
         if tuple(array.shape) != self.shape:
             raise ValueError(f"{self.name}: shape {array.shape} != {self.shape}")
@@ -108,6 +115,8 @@ def constant_ref(value: ir.Value | None) -> ConstantRef | None:
     if value.is_initializer() and value.const_value is not None:
         return ConstantRef(value)
     producer = value.producer()
+    if producer is not None and COMPRESSED_KEY in producer.metadata_props:
+        return ConstantRef(value, compressed=producer)
     if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
         attr = producer.attributes.get("value")
         if attr is not None and not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
@@ -125,3 +134,58 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
             return None
         dims.append(dim)
     return tuple(dims)
+
+
+def _rebuild(node: ir.Node) -> ir.Tensor:
+    """The dense weight behind a compress rebuild subgraph (see sparsec.passes.compress)."""
+    from sparsec.passes.compress import unpack
+
+    graph = node.graph
+    values_name, mask_name = node.metadata_props[COMPRESSED_KEY].split(",")
+    values = graph.initializers[values_name].const_value.numpy()
+    mask = graph.initializers[mask_name].const_value.numpy()
+    shape = tuple(int(d) for d in graph.initializers[node.inputs[1].name].const_value.numpy())
+    return ir.Tensor(unpack(values, mask, shape), name=node.outputs[0].name)
+
+
+def infer_missing_types(model: ir.Model, small_bytes: int = 4096) -> int:
+    """Fill in the dtype (and shape) of main-graph values that have none; return how many.
+
+    ONNX shape inference runs on a skeleton of the graph: weights become typed graph inputs
+    (no data is copied), small constants stay so Reshape targets and the like resolve.
+    """
+    import onnx
+
+    graph = model.graph
+    missing = [v for n in graph for v in n.outputs if v.dtype is None]
+    if not missing:
+        return 0
+    inputs = [ir.serde.serialize_value(v) for v in graph.inputs]
+    initializers = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if value.is_graph_input() or tensor is None:
+            continue
+        if tensor.nbytes <= small_bytes:
+            initializers.append(ir.serde.serialize_tensor(tensor))
+        else:
+            inputs.append(onnx.helper.make_tensor_value_info(
+                value.name, tensor.dtype.value, [int(d) for d in tensor.shape]))
+    skeleton = onnx.helper.make_model(
+        onnx.helper.make_graph([ir.serde.serialize_node(n) for n in graph], "skeleton", inputs,
+                               [ir.serde.serialize_value(v) for v in graph.outputs], initializers),
+        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
+    skeleton.ir_version = model.ir_version
+    skeleton.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
+    inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    filled = 0
+    for value in missing:
+        info = known.get(value.name or "")
+        if info is None or not info.type.tensor_type.elem_type:
+            continue
+        value.dtype = ir.DataType(info.type.tensor_type.elem_type)
+        if value.shape is None and info.type.tensor_type.HasField("shape"):
+            value.shape = ir.serde.deserialize_type_proto_for_shape(info.type)
+        filled += 1
+    return filled

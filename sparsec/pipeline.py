@@ -234,6 +234,11 @@ class Pass(abc.ABC):
                 parts.append(f"{name}={text}")
         return self.id + (":" + ",".join(parts) if parts else "")
 
+    def needs_calibration(self) -> bool:
+        """True when this configured pass needs calibration data (ctx.calibration)."""
+        method = getattr(self.options, "method", None)
+        return method in ("wanda", "sparsegpt")
+
     def sparse_form(self) -> str:
         """The sparse form this configured pass produces (a key of ``Target.gains``)."""
         return "none"

@@ -1,0 +1,43 @@
+"""Unstructured pruning: a fraction of each weight's entries set to zero, anywhere.
+
+Before: a dense constant weight of a MatMul / Gemm / Conv. After: the same node, ``sparsity``
+of the weight zero. magnitude compares all weights of a layer; wanda compares weights of one
+output row (as published); sparsegpt chooses per block of columns and reconstructs the rest.
+With ``allocation=owl`` the sparsity differs per layer (outlier-weighted, see
+:mod:`sparsec.passes.allocation`); the mean over layers stays ``sparsity``.
+
+Lossy. No ONNX Runtime provider runs unstructured sparsity faster; its gain is a smaller file
+with compressed storage (the ``compress`` pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sparsec.pipeline import Kind, option, register
+from sparsec.sparsity import UnstructuredLayout
+from sparsec.targets import UNSTRUCTURED
+
+from .prune import PruneOptions, WeightPrunePass
+
+
+@dataclass(frozen=True)
+class UnstructuredOptions(PruneOptions):
+    sparsity: float = option(0.5, "fraction of zeros in each pruned weight", min=0.01, max=0.99)
+
+
+@register
+class UnstructuredPrunePass(WeightPrunePass):
+    """Zero the lowest-scoring fraction of each weight."""
+
+    id = "unstructured"
+    summary = "unstructured pruning to a given fraction of zeros"
+    kind = Kind.LOSSY
+    matches = "MatMul / Gemm / Conv with a constant float weight"
+    Options = UnstructuredOptions
+
+    def layout(self) -> UnstructuredLayout:
+        return UnstructuredLayout(self.options.sparsity)
+
+    def sparse_form(self) -> str:
+        return UNSTRUCTURED
