@@ -65,9 +65,20 @@ def register(entry: ZooModel) -> ZooModel:
     return entry
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' warnings and progress bars (long texts are cut into windows here)."""
+    try:
+        from transformers.utils import logging as tf_logging
+    except ImportError:
+        return
+    tf_logging.set_verbosity_error()
+    tf_logging.disable_progress_bar()
+
+
 def entries() -> dict[str, ZooModel]:
     from . import bert, cnn, llama  # noqa: F401  (importing registers the entries)
 
+    quiet_transformers()
     return dict(_ENTRIES)
 
 
@@ -138,10 +149,13 @@ def build(name: str, *, cache_dir: str | os.PathLike | None = None, progress=Non
 def export_torch(module, args: tuple, path: Path, *, zoo_name: str, input_names: list[str],
                  output_names: list[str], dynamic_shapes: Any) -> None:
     """Export ``module`` with torch.onnx dynamo and save it through sparsec's writer."""
+    import logging
+
     import torch
 
     from sparsec.model_io import save_model
 
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

@@ -9,6 +9,8 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 * :mod:`.unstructured_prune` -- ``unstructured``: a fraction of zeros anywhere
 * :mod:`.block_prune` -- ``block``: whole tiles zero
 * :mod:`.compress` -- ``compress``: sparse weights stored as values + bit mask
+* :mod:`.structured_patterns` -- FFN, attention and conv-chain region matchers
+* :mod:`.structured_prune` -- ``ffn-neurons``, ``attention-heads``, ``conv-channels``
 """
 
-from . import block_prune, compress, nm_prune, unstructured_prune  # noqa: F401
+from . import block_prune, compress, nm_prune, structured_prune, unstructured_prune  # noqa: F401

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sparsec.graph import COMPRESSED_KEY, mark_changed
+from sparsec.graph import COMPRESSED_KEY, add_constant, mark_changed
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
 from sparsec.sparsity import zero_fraction
 
@@ -61,13 +61,6 @@ def unpack(values: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> np.n
     return values[np.cumsum(bits) * bits].reshape(shape)
 
 
-def _const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
-
-
 def _rebuild_nodes(graph: ir.Graph, name: str, values: ir.Value, mask: ir.Value, numel: int,
                    shape: tuple[int, ...]) -> list[ir.Node]:
     """The subgraph that turns (values, mask) back into the dense weight (last node: Reshape).
@@ -75,7 +68,7 @@ def _rebuild_nodes(graph: ir.Graph, name: str, values: ir.Value, mask: ir.Value,
     Every shape in it is static (no NonZero), so ONNX Runtime's constant folding removes it.
     ``values`` starts with one 0: position i takes values[cumsum(bits)[i] * bits[i]].
     """
-    c = lambda suffix, arr: _const(graph, f"{name}.{suffix}", arr)  # noqa: E731
+    c = lambda suffix, arr: add_constant(graph, f"{name}.{suffix}", arr)  # noqa: E731
     col = ir.node("Reshape", [mask, c("col_shape", np.array([-1, 1], np.int64))])
     bits = ir.node("BitShift", [col.outputs[0], c("shifts", np.arange(7, -1, -1, dtype=np.uint8))],
                    attributes={"direction": "RIGHT"})
@@ -130,8 +123,9 @@ class CompressPass(Pass):
             before, after = array.nbytes, compressed_bytes(array.size, values.size, array.dtype.itemsize)
             name = value.name or "weight"
             padded = np.concatenate([np.zeros(1, values.dtype), values])
-            nodes = _rebuild_nodes(graph, name, _const(graph, f"{name}.values", padded),
-                                   _const(graph, f"{name}.mask", mask), array.size, array.shape)
+            stored_values = add_constant(graph, f"{name}.values", padded)
+            stored_mask = add_constant(graph, f"{name}.mask", mask)
+            nodes = _rebuild_nodes(graph, name, stored_values, stored_mask, array.size, array.shape)
             # Rebuilds only read initializers: at the top of the graph they are always in order.
             graph.insert_before(graph[0], nodes)
             rebuilt = nodes[-1].outputs[0]
@@ -143,7 +137,7 @@ class CompressPass(Pass):
             reason = f"stored as {values.size} values + bit mask: {after} of {before} bytes ({after / before:.1%})"
             for node in nodes:
                 mark_changed(node, self.id, reason)
-            nodes[-1].metadata_props[COMPRESSED_KEY] = f"{name}.values,{name}.mask"
+            nodes[-1].metadata_props[COMPRESSED_KEY] = f"{stored_values.name},{stored_mask.name}"
             site.action, site.node, site.message = "changed", nodes[-1].name or "", reason
             site.params, site.sparsity_before = int(array.size), zero_fraction(array)
             site.sparsity_after = site.sparsity_before

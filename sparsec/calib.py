@@ -267,6 +267,13 @@ class StagedRunner:
                 del values[v]
             yield values[target]
 
+    def transform(self, value: ir.Value, fn) -> None:
+        """Replace the stored arrays of ``value`` by ``fn(array)`` (after a pass changed what
+        its producers compute, e.g. removed units)."""
+        for values in self.store:
+            if value in values:
+                values[value] = fn(values[value])
+
 
 def describe_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> str:
     if not feeds:

@@ -79,11 +79,21 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @_samples_option
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
               help="Fidelity budget: fail and write nothing when an output's cosine falls below it.")
+@click.option("--calib", default=None, metavar="SOURCE",
+              help="Calibration data for wanda / sparsegpt / activation scores: a .npz of input sets, a"
+              " text file (with --tokenizer), or 'builtin' (example models; their default).")
+@click.option("--calib-samples", type=click.IntRange(1, 100000), default=None,
+              help="Calibration windows (text) or sentences (encoders). Default 32.")
+@click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=None,
+              help="Tokens per calibration window. Default 512.")
+@click.option("--tokenizer", default=None, metavar="PATH",
+              help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads for verification.")
 @_json_option
 def compile_cmd(model, example, target, output, passes, report, inputs, dims, seed, samples,
-                min_cosine, verify_each, threads, as_json) -> None:
+                min_cosine, calib, calib_samples, calib_seqlen, tokenizer, verify_each, threads,
+                as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a JSON report."""
     from sparsec.compiler import compile as run_compile
     from sparsec.verify import parse_dims
@@ -98,8 +108,9 @@ def compile_cmd(model, example, target, output, passes, report, inputs, dims, se
         output = output or f"{example}.sparse.onnx"
     result = run_compile(model, target=target, passes=passes, output=output, report=report,
                          inputs=inputs, dims=parse_dims(dims), seed=seed, samples=samples,
-                         min_cosine=min_cosine, verify_each=verify_each, progress=progress,
-                         threads=threads)
+                         min_cosine=min_cosine, calib=calib, calib_samples=calib_samples,
+                         calib_seqlen=calib_seqlen, tokenizer=tokenizer, verify_each=verify_each,
+                         progress=progress, threads=threads)
     if as_json:
         _print_json(result.report())
         return

@@ -33,6 +33,27 @@ def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     yield from ir.traversal.RecursiveGraphIterator(model.graph)
 
 
+def fresh_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base.1``, ``base.2``, ... : a name no initializer or value of ``graph`` has."""
+    taken = set(graph.initializers) | {v.name for v in graph.inputs} | {
+        o.name for n in graph for o in n.outputs}
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}.{i}"
+    return name
+
+
+def add_constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base``; return its value."""
+    name = fresh_name(graph, base)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.Tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
 def node_label(node: ir.Node) -> str:
     """A readable name for a node: the torch module it came from when the exporter said so."""
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
@@ -87,13 +108,15 @@ class ConstantRef:
     def numpy(self) -> np.ndarray:
         return self.tensor.numpy()
 
-    def replace(self, array: np.ndarray, **metadata: str) -> None:
-        """Give the constant new contents of the same shape and dtype."""
+    def replace(self, array: np.ndarray, *, resize: bool = False, **metadata: str) -> None:
+        """Give the constant new contents of the same dtype (and shape, unless ``resize``)."""
         if self.compressed is not None:
             raise ValueError(f"{self.name}: a compressed weight is read-only")
         old = self.tensor
-        if tuple(array.shape) != self.shape:
+        if tuple(array.shape) != self.shape and not resize:
             raise ValueError(f"{self.name}: shape {array.shape} != {self.shape}")
+        if resize:
+            self.value.shape = ir.Shape(array.shape)
         new = ir.Tensor(np.ascontiguousarray(array), dtype=old.dtype, name=old.name,
                         doc_string=old.doc_string)
         new.metadata_props.update(old.metadata_props)
