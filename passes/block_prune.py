@@ -20,13 +20,13 @@ from sparsec.pipeline import Kind, option, register
 from sparsec.sparsity import BlockLayout
 from sparsec.targets import BLOCK
 
-from .prune import PruneOptions, WeightPrunePass
+from .prune import AllocationOptions, WeightPrunePass
 
 BLOCK_SIZES = (4, 8, 16, 32)
 
 
 @dataclass(frozen=True)
-class BlockOptions(PruneOptions):
+class BlockOptions(AllocationOptions):
     rows: int = option(4, "block height (output features)", choices=BLOCK_SIZES)
     cols: int = option(4, "block width (along the reduction axis)", choices=BLOCK_SIZES)
     sparsity: float = option(0.5, "fraction of blocks that are zero", min=0.01, max=0.99)
@@ -46,8 +46,9 @@ class BlockPrunePass(WeightPrunePass):
     matches = "MatMul / Gemm / Conv with a constant float weight whose canonical shape divides by the block"
     Options = BlockOptions
 
-    def layout(self) -> BlockLayout:
-        return BlockLayout(self.options.rows, self.options.cols, self.options.sparsity)
+    def layout(self, sparsity: float | None = None) -> BlockLayout:
+        return BlockLayout(self.options.rows, self.options.cols,
+                           self.options.sparsity if sparsity is None else sparsity)
 
     def sparse_form(self) -> str:
         return BLOCK

@@ -46,7 +46,7 @@ class NMPrunePass(WeightPrunePass):
     matches = "MatMul / Gemm / Conv with a constant float weight whose reduction size divides by M"
     Options = NMOptions
 
-    def layout(self) -> NMLayout:
+    def layout(self, sparsity: float | None = None) -> NMLayout:
         return NMLayout(self.options.n, self.options.m)
 
     def sparse_form(self) -> str:

@@ -59,6 +59,14 @@ class PruneOptions(PassOptions):
                           choices=("pruned", "dense"))
 
 
+@dataclass(frozen=True)
+class AllocationOptions(PruneOptions):
+    allocation: str = option("uniform", "sparsity per layer: uniform, or owl (outlier-weighted;"
+                             " needs --calib)", choices=("uniform", "owl"))
+    owl_lambda: float = option(0.08, "owl: layers' sparsity stays within sparsity +- lambda", min=0.0, max=0.5)
+    owl_m: float = option(5.0, "owl: a score is an outlier above m times its layer's mean", min=1.0)
+
+
 def skip(record: PassRecord, failure: MatchFailure, site: LinearWeight | None = None) -> None:
     """Record a skipped site from a matcher failure."""
     node = failure.node
@@ -79,12 +87,12 @@ class WeightPrunePass(Pass):
     Options = PruneOptions
 
     @abc.abstractmethod
-    def layout(self) -> Layout:
-        """The layout this pass makes."""
+    def layout(self, sparsity: float | None = None) -> Layout:
+        """The layout this pass makes (with another sparsity, for non-uniform allocation)."""
 
-    def layout_for(self, site: LinearWeight, ctx: PassContext) -> Layout:
-        """The layout of one site (a non-uniform allocation overrides this)."""
-        return self.layout()
+    def needs_calibration(self) -> bool:
+        opts = self.options
+        return prune_methods.needs_calibration(opts.method) or getattr(opts, "allocation", "uniform") == "owl"
 
     def select_sites(self, model: ir.Model, record: PassRecord) -> list[LinearWeight]:
         """Every site this pass will prune; the others go into ``record`` as skipped."""
@@ -163,26 +171,53 @@ class WeightPrunePass(Pass):
         record = self.new_record()
         sites = self.select_sites(model, record)
         opts: PruneOptions = self.options  # type: ignore[assignment]
+        if self.needs_calibration() and ctx.calibration is None:
+            raise OptionError(f"{self.id}: method '{opts.method}' with allocation"
+                              f" '{getattr(opts, 'allocation', 'uniform')}' needs calibration data: give --calib"
+                              " (a .npz, a text file with --tokenizer, or 'builtin' for the example models)")
+        layouts = {id(site): self.layout() for site in sites}
+        if getattr(opts, "allocation", "uniform") == "owl":
+            layouts = self._owl_layouts(model, sites, ctx, record)
         if not prune_methods.needs_calibration(opts.method):
             for site in ctx.progress.track(sites, f"{self.id}: pruning {len(sites)} weights", total=len(sites)):
-                self.apply(site, ctx, record)
-            return record
-        if ctx.calibration is None:
-            raise OptionError(f"{self.id}: method '{opts.method}' is calibration-aware; give --calib"
-                              " (a .npz, a text file with --tokenizer, or 'builtin' for the example models)")
-        self._run_sequential(model, sites, ctx, record)
-        record.notes.append(f"calibration: {ctx.calibration.source}")
+                self.apply(site, ctx, record, layout=layouts[id(site)])
+        else:
+            self._run_sequential(model, sites, ctx, record, layouts)
+        if ctx.calibration is not None:
+            record.notes.append(f"calibration: {ctx.calibration.source}")
         return record
 
+    def _owl_layouts(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
+                     record: PassRecord) -> dict[int, Layout]:
+        """OWL: per-layer sparsity from the outliers of Wanda scores on the dense model."""
+        from sparsec.calib import StagedRunner
+
+        from .allocation import owl_allocation
+
+        opts = self.options
+        runner = StagedRunner(model, ctx.calibration.feeds, progress=ctx.progress)
+        norms: dict[int, np.ndarray] = {}
+        for value, group in ctx.progress.track(list(_groups(sites).items()), f"{self.id}: OWL statistics"):
+            stats: dict[object, prune_methods.ColumnNorms] = {}
+            for feed, x in zip(ctx.calibration.feeds, runner.capture(value)):
+                for site in group:
+                    key = prune_methods.statistic_key(site)
+                    if key not in stats or site is group[0]:
+                        cols = prune_methods.activation_matrix(site, x, feed)
+                        stats.setdefault(key, prune_methods.ColumnNorms(cols.shape[1])).add(cols)
+            for site in group:
+                norms[id(site)] = np.sqrt(stats[prune_methods.statistic_key(site)].sq)
+        per_site, table = owl_allocation(sites, norms, opts.sparsity, opts.owl_lambda, opts.owl_m)
+        record.extra["allocation"] = {"method": "owl", "lambda": opts.owl_lambda, "m": opts.owl_m, "layers": table}
+        return {key: self.layout(sparsity) for key, sparsity in per_site.items()}
+
     def _run_sequential(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
-                        record: PassRecord) -> None:
+                        record: PassRecord, layouts: dict[int, Layout]) -> None:
         from sparsec.calib import StagedRunner
 
         opts: PruneOptions = self.options  # type: ignore[assignment]
         device = prune_methods.resolve_device(opts.device)
-        groups: dict[ir.Value, list[LinearWeight]] = {}
-        for site in sites:
-            groups.setdefault(site.node.inputs[1 - site.input_index], []).append(site)
+        groups = _groups(sites)
         feeds = ctx.calibration.feeds
         runner = StagedRunner(model, feeds, progress=ctx.progress)
         dense = None
@@ -209,13 +244,13 @@ class WeightPrunePass(Pass):
             for site in group:
                 stat = stats[prune_methods.statistic_key(site)]
                 tokens = max(tokens, stat.tokens)
-                self.apply(site, ctx, record, stat)
+                self.apply(site, ctx, record, stat, layout=layouts[id(site)])
         record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
 
-    def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord, statistic=None) -> None:
-        """Prune one site in place and record it."""
+    def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord, statistic=None, *,
+              layout: Layout) -> None:
+        """Prune one site in place into ``layout`` and record it."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
-        layout = self.layout_for(site, ctx)
         array = site.weight.numpy()
         matrix = site.to_matrix(array)
         before = zero_fraction(array)
@@ -246,3 +281,11 @@ class WeightPrunePass(Pass):
                      **({"readers": [r.name for r in readers]} if len(readers) > 1 else {})},
         ))
 
+
+
+def _groups(sites: list[LinearWeight]) -> dict[ir.Value, list[LinearWeight]]:
+    """Sites by the value they read (their activation input), in graph order."""
+    groups: dict[ir.Value, list[LinearWeight]] = {}
+    for site in sites:
+        groups.setdefault(site.node.inputs[1 - site.input_index], []).append(site)
+    return groups

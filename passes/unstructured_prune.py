@@ -18,12 +18,13 @@ from sparsec.pipeline import Kind, option, register
 from sparsec.sparsity import UnstructuredLayout
 from sparsec.targets import UNSTRUCTURED
 
-from .prune import PruneOptions, WeightPrunePass
+from .prune import AllocationOptions, WeightPrunePass
 
 
 @dataclass(frozen=True)
-class UnstructuredOptions(PruneOptions):
-    sparsity: float = option(0.5, "fraction of zeros in each pruned weight", min=0.01, max=0.99)
+class UnstructuredOptions(AllocationOptions):
+    sparsity: float = option(0.5, "fraction of zeros in each pruned weight (the mean over layers"
+                             " with allocation=owl)", min=0.01, max=0.99)
 
 
 @register
@@ -36,8 +37,8 @@ class UnstructuredPrunePass(WeightPrunePass):
     matches = "MatMul / Gemm / Conv with a constant float weight"
     Options = UnstructuredOptions
 
-    def layout(self) -> UnstructuredLayout:
-        return UnstructuredLayout(self.options.sparsity)
+    def layout(self, sparsity: float | None = None) -> UnstructuredLayout:
+        return UnstructuredLayout(self.options.sparsity if sparsity is None else sparsity)
 
     def sparse_form(self) -> str:
         return UNSTRUCTURED

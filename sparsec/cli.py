@@ -200,6 +200,51 @@ def inspect_cmd(model, all_weights, as_json) -> None:
         _echo(f"note: {note}")
 
 
+@cli.command("analyze")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--calib", default=None, metavar="SOURCE",
+              help="Calibration data: a .npz, a text file (with --tokenizer), or 'builtin' (example models' default).")
+@click.option("--calib-samples", type=click.IntRange(1, 100000), default=8, show_default=True)
+@click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=256, show_default=True)
+@click.option("--tokenizer", default=None, metavar="PATH")
+@click.option("--levels", default="0.3,0.5,0.7", show_default=True, help="Sparsity levels to try per layer.")
+@click.option("--method", type=click.Choice(["magnitude", "wanda"]), default="wanda", show_default=True,
+              help="Masks to try; wanda also reports the OWL allocation.")
+@click.option("--sparsity", type=click.FloatRange(0.01, 0.99), default=0.5, show_default=True,
+              help="Target mean sparsity for the OWL allocation.")
+@click.option("--by", type=click.Choice(["layer", "site"]), default="layer", show_default=True,
+              help="Prune a whole transformer block or one weight at a time.")
+@_json_option
+def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, method, sparsity, by, as_json) -> None:
+    """Per-layer sensitivity (output drop per layer per sparsity) and the OWL allocation."""
+    from sparsec.calib import load_calibration
+    from sparsec.errors import OptionError
+    from sparsec.model_io import load_model
+    from sparsec.models import entry_for
+    from sparsec.sensitivity import layer_sensitivity
+
+    try:
+        level_list = [float(x) for x in levels.split(",") if x.strip()]
+    except ValueError:
+        raise OptionError(f"--levels expects numbers like 0.3,0.5, got '{levels}'") from None
+    if not level_list or any(not 0 < x < 1 for x in level_list):
+        raise OptionError(f"--levels must be sparsities between 0 and 1, got '{levels}'")
+    loaded = load_model(model)
+    if calib is None:
+        if entry_for(loaded.model.metadata_props) is None:
+            raise OptionError("analyze needs --calib (a .npz of input sets, or a text file with --tokenizer)")
+        calib = "builtin"
+    calibration = load_calibration(calib, loaded.model, samples=calib_samples, seqlen=calib_seqlen,
+                                   tokenizer=tokenizer)
+    result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
+                               target=sparsity, progress=_progress())
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for line in result.lines():
+        _echo(line)
+
+
 @cli.command("passes")
 @_json_option
 def passes_cmd(as_json) -> None:

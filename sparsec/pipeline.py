@@ -144,6 +144,7 @@ class PassRecord:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     fidelity: dict[str, Any] | None = None  # filled when compile verifies after each pass
+    extra: dict[str, Any] = field(default_factory=dict)  # pass-specific report data
 
     @property
     def changed(self) -> list[SiteRecord]:
@@ -180,6 +181,7 @@ class PassRecord:
             "seconds": round(self.seconds, 3),
             "notes": self.notes,
             "fidelity": self.fidelity,
+            **_jsonable(self.extra),
             "sites": [_jsonable(dataclasses.asdict(s)) for s in self.sites],
         }
 
