@@ -4,6 +4,7 @@
 * :mod:`.bert` -- ``minilm`` (real weights) and ``tiny-bert``
 * :mod:`.llama` -- ``tiny-llama``
 * :mod:`.cnn` -- ``cnn``
+* :mod:`.large` -- ``large-decoder``: 3.4 GB of random weights, built without torch
 * :mod:`.text` -- real English text, split into calibration and evaluation halves
 """
 

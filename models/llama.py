@@ -104,8 +104,21 @@ def token_windows(token_ids: list[int], count: int, length: int) -> list[dict[st
 
 def stacked_windows(token_ids: list[int], samples: int, seqlen: int,
                     rows: int = 8) -> tuple[list[dict[str, np.ndarray]], int]:
-    """``samples`` windows of ``seqlen`` tokens, stacked ``rows`` to an input set."""
-    windows = [w["input_ids"][0] for w in token_windows(token_ids, samples, seqlen)]
+    """``samples`` windows of ``seqlen`` tokens, stacked ``rows`` to an input set.
+
+    Windows do not overlap when the text is long enough; otherwise their starts are spread
+    evenly over the text (overlapping), as calibration sampling of a short corpus must.
+    """
+    from sparsec.errors import InputError
+
+    if len(token_ids) < seqlen:
+        raise InputError(f"calibration text has {len(token_ids)} tokens, fewer than one window of {seqlen}")
+    if len(token_ids) >= samples * seqlen:
+        starts = np.arange(samples) * seqlen
+    else:
+        starts = np.linspace(0, len(token_ids) - seqlen, samples).astype(np.int64)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    windows = [ids[s:s + seqlen] for s in starts]
     feeds = [{"input_ids": np.stack(windows[i:i + rows])} for i in range(0, samples, rows)]
     return feeds, samples * seqlen
 

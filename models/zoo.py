@@ -49,6 +49,7 @@ class ZooModel:
     calib_note: str = ""
     slow: bool = False
     needs: str = ""  # what to install when the builder's packages are missing
+    needs_torch: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "kind": self.kind,
@@ -76,7 +77,7 @@ def quiet_transformers() -> None:
 
 
 def entries() -> dict[str, ZooModel]:
-    from . import bert, cnn, llama  # noqa: F401  (importing registers the entries)
+    from . import bert, cnn, large, llama  # noqa: F401  (importing registers the entries)
 
     quiet_transformers()
     return dict(_ENTRIES)
@@ -100,10 +101,13 @@ def cache_root() -> Path:
 
 
 def _cache_key(entry: ZooModel) -> str:
-    import torch
-    import transformers
+    if entry.needs_torch:
+        import torch
+        import transformers
 
-    versions = f"{entry.version}|{torch.__version__}|{transformers.__version__}"
+        versions = f"{entry.version}|{torch.__version__}|{transformers.__version__}"
+    else:
+        versions = f"{entry.version}"
     return f"{entry.name}-{hashlib.sha256(versions.encode()).hexdigest()[:10]}"
 
 
@@ -122,7 +126,8 @@ def _require_packages(entry: ZooModel) -> None:
 def build(name: str, *, cache_dir: str | os.PathLike | None = None, progress=None) -> Path:
     """Path of the exported model ``name``, exporting it first if it is not cached."""
     entry = get(name)
-    _require_packages(entry)
+    if entry.needs_torch:
+        _require_packages(entry)
     root = Path(cache_dir) if cache_dir else cache_root()
     final = root / "zoo" / _cache_key(entry)
     model_path = final / "model.onnx"

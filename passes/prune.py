@@ -172,9 +172,10 @@ class WeightPrunePass(Pass):
         sites = self.select_sites(model, record)
         opts: PruneOptions = self.options  # type: ignore[assignment]
         if self.needs_calibration() and ctx.calibration is None:
-            raise OptionError(f"{self.id}: method '{opts.method}' with allocation"
-                              f" '{getattr(opts, 'allocation', 'uniform')}' needs calibration data: give --calib"
-                              " (a .npz, a text file with --tokenizer, or 'builtin' for the example models)")
+            why = (f"method '{opts.method}' is calibration-aware" if prune_methods.needs_calibration(opts.method)
+                   else "allocation=owl needs activation statistics")
+            raise OptionError(f"{self.id}: {why}; give --calib (a .npz, a text file with --tokenizer,"
+                              " or 'builtin' for the example models)")
         layouts = {id(site): self.layout() for site in sites}
         if getattr(opts, "allocation", "uniform") == "owl":
             layouts = self._owl_layouts(model, sites, ctx, record)

@@ -71,8 +71,14 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
               help="Output model path. Default: <model>.sparse.onnx (for --example: ./<name>.sparse.onnx).")
 @click.option("--passes", "passes", default=None, metavar="SPEC",
               help='Passes to run instead of the target\'s plan, e.g. "nm:n=2,m=4" (see \'sparsec passes\').')
-@click.option("--report", type=click.Path(dir_okay=False), default=None,
-              help="JSON report path. Default: <output>.report.json.")
+@click.option("--report", "reports", type=click.Path(dir_okay=False), multiple=True,
+              help="Report path, repeatable; format by extension: .json, .md, .html (self-contained,"
+              " with plots). Default: <output>.report.json.")
+@click.option("--recipe", type=click.Path(dir_okay=False), default=None,
+              help="Replay a recipe (YAML/JSON: target, passes, budget, calibration, verification).")
+@click.option("--save-recipe", type=click.Path(dir_okay=False), default=None,
+              help="Write this compile as a recipe (YAML or JSON by extension).")
+@click.option("--benchmark", is_flag=True, help="Also time original and compiled side by side on the CPU.")
 @_inputs_option
 @_dim_option
 @_seed_option
@@ -91,26 +97,45 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads for verification.")
 @_json_option
-def compile_cmd(model, example, target, output, passes, report, inputs, dims, seed, samples,
-                min_cosine, calib, calib_samples, calib_seqlen, tokenizer, verify_each, threads,
-                as_json) -> None:
-    """Compile MODEL for a target: plan, prune, verify, write the model and a JSON report."""
+def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
+                dims, seed, samples, min_cosine, calib, calib_samples, calib_seqlen, tokenizer, verify_each,
+                threads, as_json) -> None:
+    """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
+    from sparsec.recipe import load_recipe, recipe_from, save_recipe as write_recipe
     from sparsec.verify import parse_dims
 
     progress = _progress()
     if (model is None) == (example is None):
         raise click.UsageError("give either MODEL or --example NAME")
+    dim_values = parse_dims(dims)
+    if recipe is not None:
+        ctx = click.get_current_context()
+        given = [name for name in ("target", "passes", "min_cosine", "calib", "calib_samples", "calib_seqlen",
+                                   "tokenizer", "seed", "samples", "dims")
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"--recipe replays a compile exactly; do not also give --{given[0].replace('_', '-')}")
+        r = load_recipe(recipe)
+        target, passes, min_cosine = r.target, r.pass_objects(), r.budget.get("min_cosine")
+        calib, calib_samples = r.calibration.get("source"), r.calibration.get("samples")
+        calib_seqlen, tokenizer = r.calibration.get("seqlen"), r.calibration.get("tokenizer")
+        seed, samples = r.verification.get("seed", 0), r.verification.get("samples", 2)
+        dim_values = dict(r.verification.get("dims") or {})
     if example is not None:
         from sparsec.models import build
 
         model = build(example, progress=progress)
         output = output or f"{example}.sparse.onnx"
-    result = run_compile(model, target=target, passes=passes, output=output, report=report,
-                         inputs=inputs, dims=parse_dims(dims), seed=seed, samples=samples,
+    result = run_compile(model, target=target, passes=passes, output=output, report=list(reports) or None,
+                         inputs=inputs, dims=dim_values, seed=seed, samples=samples,
                          min_cosine=min_cosine, calib=calib, calib_samples=calib_samples,
                          calib_seqlen=calib_seqlen, tokenizer=tokenizer, verify_each=verify_each,
-                         progress=progress, threads=threads)
+                         benchmark=benchmark, progress=progress, threads=threads)
+    if save_recipe:
+        write_recipe(recipe_from(result.target, result.plan.passes, min_cosine=min_cosine, calib=calib,
+                                 calib_samples=calib_samples, calib_seqlen=calib_seqlen, tokenizer=tokenizer,
+                                 seed=seed, samples=samples, dims=dim_values), save_recipe)
     if as_json:
         _print_json(result.report())
         return
@@ -136,8 +161,12 @@ def _print_compile(result) -> None:
     for note in result.notes:
         _echo(f"note: {note}")
     sizes = result.sizes
+    if result.speed:
+        sp = result.speed
+        _echo(f"speed: {sp['speedup']:.2f}x ({sp['original_ms']:.2f} -> {sp['compiled_ms']:.2f} ms median,"
+              f" {sp['threads']} threads, {sp['inputs']})")
     _echo(f"wrote {result.output} ({human_bytes(sizes['output_bytes'])}; input {human_bytes(sizes['input_bytes'])})"
-          f" and {result.report_path}")
+          f" and {', '.join(map(str, result.report_paths))}")
 
 
 @cli.command("verify")
@@ -200,6 +229,52 @@ def inspect_cmd(model, all_weights, as_json) -> None:
         _echo(f"note: {note}")
 
 
+@cli.command("sweep")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--passes", "specs", multiple=True, required=True, metavar="SPEC",
+              help="A candidate pass spec; repeat for each candidate.")
+@click.option("-t", "--target", default="cpu", show_default=True)
+@click.option("--calib", default=None, metavar="SOURCE")
+@click.option("--calib-samples", type=click.IntRange(1, 100000), default=None)
+@click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=None)
+@click.option("--tokenizer", default=None, metavar="PATH")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ORT threads for timing (default: all cores).")
+@click.option("--repeats", type=click.IntRange(3, 1000), default=15, show_default=True)
+@click.option("--report", "reports", type=click.Path(dir_okay=False), multiple=True,
+              help="Report path (.json, .md or .html with the Pareto plot); repeatable.")
+@_json_option
+def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenizer, threads, repeats, reports,
+              as_json) -> None:
+    """Compile several candidates, time them side by side, show speed against fidelity."""
+    from sparsec.compiler import write_text_atomic
+    from sparsec.errors import OptionError
+    from sparsec.sweep import sweep
+
+    for path in reports:
+        if Path(path).suffix not in (".json", ".md", ".html"):
+            raise OptionError(f"--report {path}: unknown format (use .json, .md or .html)")
+    result = sweep(model, list(specs), target=target, threads=threads, repeats=repeats, progress=_progress(),
+                   calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, tokenizer=tokenizer,
+                   samples=1)
+    header = [f"# sparsec sweep: {result.model}", "",
+              f"Timed interleaved on the CPU, {result.threads} threads, median of {result.repeats}"
+              f" ({result.inputs}); fidelity = min output cosine against the original.", ""]
+    for path in map(Path, reports):
+        if path.suffix == ".json":
+            write_text_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
+        elif path.suffix == ".md":
+            write_text_atomic(path, "\n".join(header + result.table()) + "\n")
+        else:
+            from sparsec.report_html import sweep_html
+
+            write_text_atomic(path, sweep_html(result))
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for line in header[2:] + result.table():
+        _echo(line)
+
+
 @cli.command("analyze")
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--calib", default=None, metavar="SOURCE",
@@ -245,12 +320,35 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, me
         _echo(line)
 
 
-@cli.command("passes")
-@_json_option
-def passes_cmd(as_json) -> None:
-    """List every pass with its options."""
-    from sparsec.pipeline import registry
+def options_markdown(cls) -> list[str]:
+    """A pass's options as a Markdown table (docs/passes/*.md embed exactly this)."""
+    lines = ["| option | default | valid | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(cls.Options):
+        meta = f.metadata
+        if meta.get("choices"):
+            valid = " / ".join(map(str, meta["choices"]))
+        elif meta.get("min") is not None or meta.get("max") is not None:
+            valid = f"{meta.get('min') if meta.get('min') is not None else ''}..{meta.get('max') if meta.get('max') is not None else ''}"
+        else:
+            valid = ""
+        default = "\\|".join(f.default) if isinstance(f.default, tuple) else f.default
+        default = f"`{default}`" if default != "" else "(none)"
+        help_text = meta.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{f.name}` | {default} | {valid} | {help_text} |")
+    return lines
 
+
+@cli.command("passes")
+@click.option("--markdown", "markdown_id", default=None, metavar="ID", help="Print one pass's options as Markdown.")
+@_json_option
+def passes_cmd(markdown_id, as_json) -> None:
+    """List every pass with its options."""
+    from sparsec.pipeline import get_pass, registry
+
+    if markdown_id:
+        for line in options_markdown(get_pass(markdown_id)):
+            click.echo(line)
+        return
     data = []
     for pass_id, cls in registry().items():
         options = []

@@ -8,8 +8,10 @@ below ``min_cosine``) is never written, and the input is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -37,7 +39,7 @@ class CompileResult:
 
     input_path: Path
     output: Path | None
-    report_path: Path | None
+    report_paths: list[Path]
     target: str
     plan: Plan
     records: list[PassRecord]
@@ -49,6 +51,7 @@ class CompileResult:
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
+    speed: dict[str, Any] | None = None
     passed: bool = True
     failure: str = ""
     model: ir.Model | None = field(default=None, repr=False)
@@ -68,10 +71,26 @@ class CompileResult:
             "verification": {k: v.to_dict() for k, v in self.verdicts.items()},
             "sparsity_before": summarize_sparsity(self.before.weights),
             "sparsity_after": summarize_sparsity(self.after.weights),
+            "weights_after": [_weight_entry(w) for w in self.after.linear_weights],
             "sizes": self.sizes,
+            "speed": self.speed,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "notes": self.notes,
         }
+
+
+    @property
+    def report_path(self) -> Path | None:
+        """The first report written (the JSON one by default)."""
+        return self.report_paths[0] if self.report_paths else None
+
+    @property
+    def records_by_pass(self) -> dict[str, PassRecord]:
+        return {r.pass_id: r for r in self.records}
+
+
+def _weight_entry(w) -> dict[str, Any]:
+    return {"name": w.name, "label": w.label, "op": w.op, "shape": w.shape, "zeros": w.zeros, "nm": w.nm}
 
 
 def default_output(input_path: Path) -> Path:
@@ -84,18 +103,41 @@ def default_report(output: Path) -> Path:
     return output.with_name(output.stem + ".report.json")
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+REPORT_FORMATS = (".json", ".md", ".html")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc})") from None
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=False, default=str)
-        fh.write("\n")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
     os.replace(tmp, path)
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a report; its format follows the extension (.json, .md, .html)."""
+    if path.suffix == ".md":
+        from sparsec.report_html import render_markdown
+
+        text = render_markdown(report)
+    elif path.suffix == ".html":
+        from sparsec.report_html import render_html
+
+        pareto = None
+        if report.get("speed"):
+            s, fid = report["speed"], report["speed"]["fidelity"]
+            pareto = [{"label": "original", "speedup": 1.0, "fidelity": 1.0},
+                      {"label": "compiled", "speedup": s["speedup"], "fidelity": fid}]
+        text = render_html(report, pareto=pareto)
+    else:
+        text = json.dumps(report, indent=2, default=str) + "\n"
+    write_text_atomic(path, text)
 
 
 def _checker(path: Path) -> str:
@@ -107,13 +149,18 @@ def _checker(path: Path) -> str:
     return ""
 
 
+# Models with more weight bytes than this are compiled streamed: rewritten weights spill to
+# disk, verification runs in stages (never two whole models in memory), no onnx.checker.
+STREAM_BYTES = 1 << 30
+
+
 def compile(
     model: str | os.PathLike | LoadedModel,
     *,
     target: str = "cpu",
     passes: str | list[Pass] | None = None,
     output: str | os.PathLike | None = None,
-    report: str | os.PathLike | None = None,
+    report: str | os.PathLike | list[str | os.PathLike] | None = None,
     inputs: str | os.PathLike | None = None,
     dims: dict[str, int] | None = None,
     seed: int = 0,
@@ -124,6 +171,7 @@ def compile(
     calib_seqlen: int | None = None,
     tokenizer: str | None = None,
     verify_each: bool = False,
+    benchmark: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
 ) -> CompileResult:
@@ -134,7 +182,8 @@ def compile(
         target: a name from ``sparsec targets``.
         passes: a pass spec (``"nm:n=2,m=4"``) or pass objects; None takes the target's plan.
         output: the compiled model's path; default ``<input>.sparse.onnx``.
-        report: the JSON report's path; default ``<output>.report.json``.
+        report: report path(s); the format follows the extension (.json, .md, .html; HTML
+            needs matplotlib for its plots). Default ``<output>.report.json``.
         inputs: a .npz of input sets to verify on; default ``samples`` seeded random sets.
         dims: values for symbolic input dimensions (``{"sequence": 128}``).
         seed: seed of the random inputs (and of any randomized pass).
@@ -148,6 +197,8 @@ def compile(
         calib_seqlen: tokens per calibration window; default 512.
         tokenizer: tokenizer folder or tokenizer.json for a text ``calib`` file.
         verify_each: also measure each pass's effect against the original, in its record.
+        benchmark: also time the original and the compiled model side by side on the CPU
+            (median of repeats; the ratio goes into the report as ``speed``).
         progress: where progress goes; silent by default.
         threads: ONNX Runtime intra-op threads for verification.
 
@@ -170,10 +221,16 @@ def compile(
     with progress.task("loading model"):
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
     out_path = Path(output) if output is not None else default_output(loaded.path)
-    report_path = Path(report) if report is not None else default_report(out_path)
+    if report is None:
+        report_paths = [default_report(out_path)]
+    else:
+        report_paths = [Path(r) for r in (report if isinstance(report, list) else [report])]
     check_output_path(out_path, protect=(loaded.path, *loaded.external_files), model=loaded.model)
-    if report_path is not None and not report_path.resolve().parent.is_dir():
-        raise OutputError(f"{report_path}: directory {report_path.parent} does not exist")
+    for path in report_paths:
+        if path.suffix not in REPORT_FORMATS:
+            raise OptionError(f"--report {path}: unknown format '{path.suffix}' (use {', '.join(REPORT_FORMATS)})")
+        if not path.resolve().parent.is_dir():
+            raise OutputError(f"{path}: directory {path.parent} does not exist")
     lap("load")
     with progress.task("analyzing"):
         before = analyze(loaded.model, fingerprint(loaded.model))
@@ -182,48 +239,95 @@ def compile(
     feeds_note = f"inputs from {inputs}" if inputs else f"random inputs (seed {seed})"
     lap("analyze")
 
-    ctx = PassContext(target=tgt, seed=seed, progress=progress)
-    if calib is not None or any(p.needs_calibration() for p in plan.passes):
-        with progress.task("preparing calibration data"):
-            ctx.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen, tokenizer)
-    lap("calibrate")
-    after_each = _pass_verifier(loaded, feeds, feeds_note, threads, progress) if verify_each else None
-    records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
-    lap("passes")
+    streamed = before.weight_bytes > STREAM_BYTES
+    stack = contextlib.ExitStack()
+    if streamed:
+        from sparsec.graph import spilling
+        from sparsec.model_io import TMP_SUFFIX
 
-    result = CompileResult(
-        input_path=loaded.path, output=None, report_path=report_path, target=tgt.name, plan=plan,
-        records=records, before=before, after=before, output_fingerprint="",
-        notes=list(loaded.notes), model=loaded.model,
-        calibration=ctx.calibration.to_dict() if ctx.calibration is not None else None,
-    )
-    with progress.task("analyzing the result"):
-        result.output_fingerprint = fingerprint(loaded.model)
-        result.after = analyze(loaded.model, result.output_fingerprint)
-    with progress.task(f"writing {out_path.name}"):
-        staged = stage_model(loaded.model, out_path, protect=(loaded.path, *loaded.external_files))
-    lap("save")
-    with staged:
-        problem = _checker(staged.path)
-        if problem:
-            if _checker(loaded.path):
-                result.notes.append(f"onnx.checker rejects the input model too: {problem}")
+        spill_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.{os.getpid()}.", suffix=TMP_SUFFIX,
+                                          dir=out_path.parent if str(out_path.parent) else "."))
+        stack.callback(shutil.rmtree, spill_dir, ignore_errors=True)
+        stack.enter_context(spilling(spill_dir))
+    with stack:
+        ctx = PassContext(target=tgt, seed=seed, progress=progress)
+        if calib is not None or any(p.needs_calibration() for p in plan.passes):
+            with progress.task("preparing calibration data"):
+                ctx.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen, tokenizer)
+        lap("calibrate")
+        after_each = _pass_verifier(loaded, feeds, feeds_note, threads, progress) if verify_each else None
+        records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
+        lap("passes")
+
+        result = CompileResult(
+            input_path=loaded.path, output=None, report_paths=report_paths, target=tgt.name, plan=plan,
+            records=records, before=before, after=before, output_fingerprint="",
+            notes=list(loaded.notes), model=loaded.model,
+            calibration=ctx.calibration.to_dict() if ctx.calibration is not None else None,
+        )
+        with progress.task("analyzing the result"):
+            result.output_fingerprint = fingerprint(loaded.model)
+            result.after = analyze(loaded.model, result.output_fingerprint)
+        with progress.task(f"writing {out_path.name}"):
+            staged = stage_model(loaded.model, out_path, protect=(loaded.path, *loaded.external_files))
+        lap("save")
+        with staged:
+            problem = "" if streamed else _checker(staged.path)
+            if problem:
+                if _checker(loaded.path):
+                    result.notes.append(f"onnx.checker rejects the input model too: {problem}")
+                else:
+                    raise PassError(f"the compiled model fails onnx.checker: {problem}")
+            if streamed:
+                result.notes.append(f"{before.weight_bytes / 2**30:.1f} GiB of weights: compiled streamed"
+                                    " (weights spilled to disk, verification in stages, onnx.checker skipped)")
+                from sparsec.verify import verify_staged
+
+                with progress.task("verifying in stages"):
+                    result.verdicts = {"random": verify_staged(load_model(loaded.path).model, load_model(staged.path).model,
+                                                               feeds, inputs=feeds_note, exact=plan.exact, progress=progress)}
             else:
-                raise PassError(f"the compiled model fails onnx.checker: {problem}")
-        result.verdicts = _verify(loaded, staged.path, plan, feeds, feeds_note, threads, progress)
-        lap("verify")
-        result.passed, result.failure = _judge(result.verdicts, plan, min_cosine)
-        result.sizes = {"input_bytes": loaded.total_bytes,
-                        "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
-        if result.passed:
-            result.output = staged.commit()
-    lap("commit")
-    result.seconds = seconds
-    if report_path is not None:
-        _write_json(report_path, result.report())
-    if not result.passed:
-        raise VerificationError(result.failure)
-    return result
+                result.verdicts = _verify(loaded, staged.path, plan, feeds, feeds_note, threads, progress)
+            lap("verify")
+            result.passed, result.failure = _judge(result.verdicts, plan, min_cosine)
+            if benchmark:
+                result.speed = _benchmark(loaded, staged.path, result.verdicts, feeds, progress)
+                lap("benchmark")
+            result.sizes = {"input_bytes": loaded.total_bytes,
+                            "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
+            if result.passed:
+                result.output = staged.commit()
+                if streamed:  # the in-memory model reads spilled weights that are about to go
+                    result.model = load_model(result.output).model
+        lap("commit")
+        result.seconds = seconds
+        data = result.report()
+        for path in report_paths:
+            write_report(path, data)
+        if not result.passed:
+            raise VerificationError(result.failure)
+        return result
+
+
+def _benchmark(loaded: LoadedModel, candidate: Path, verdicts: dict[str, Verdict], feeds,
+               progress: Progress) -> dict[str, Any]:
+    """Original against compiled on the CPU, interleaved, on real inputs when there are some."""
+    from sparsec.models import entry_for
+    from sparsec.runtime.bench import time_models
+
+    entry = entry_for(loaded.model.metadata_props)
+    if entry is not None and entry.real_inputs is not None:
+        feed, note = entry.real_inputs(1)[0], entry.inputs_note
+    else:
+        feed, note = feeds[0], "random inputs"
+    threads = os.cpu_count() or 1
+    with progress.task("timing original and compiled side by side"):
+        t = time_models({"original": loaded.path, "compiled": candidate}, feed, threads=threads)
+    verdict = verdicts.get("real") or verdicts["random"]
+    return {"original_ms": t["original"].median_ms, "compiled_ms": t["compiled"].median_ms,
+            "speedup": t["original"].median_ms / t["compiled"].median_ms, "threads": threads,
+            "inputs": note, "fidelity": verdict.min_cosine,
+            "session_ms": {"original": t["original"].load_ms, "compiled": t["compiled"].load_ms}}
 
 
 def _calibration(loaded: LoadedModel, spec: str | None, samples: int | None, seqlen: int | None,
@@ -305,3 +409,20 @@ def summary_rows(result: CompileResult) -> list[dict[str, Any]]:
         })
     return rows
 
+
+
+def compile_any(model: Any, **options: Any) -> CompileResult:
+    """:func:`compile` for a path, a loaded model, an ``onnx.ModelProto`` or an ``onnx_ir.Model``."""
+    if isinstance(model, (str, os.PathLike, LoadedModel)):
+        return compile(model, **options)
+    if isinstance(model, onnx.ModelProto):
+        model = ir.serde.deserialize_model(model)
+    if not isinstance(model, ir.Model):
+        raise OptionError(f"compile takes a path, an onnx.ModelProto or an onnx_ir.Model, not {type(model).__name__}")
+    if options.get("output") is None:
+        raise OptionError("give output=... when compiling an in-memory model")
+    with tempfile.TemporaryDirectory(prefix="sparsec-input-") as tmp:
+        from sparsec.model_io import save_model
+
+        path = save_model(model, Path(tmp) / "input.onnx", external_data=True)
+        return compile(path, **options)

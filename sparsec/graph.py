@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -13,6 +16,47 @@ PROVENANCE_PASS = "sparsec.pass"
 PROVENANCE_REASON = "sparsec.reason"
 # On the last node of a compressed weight's rebuild subgraph: "values_name,mask_name".
 COMPRESSED_KEY = "sparsec.compressed"
+
+
+# Rewritten weights at least this large go to the spill file while a spill is active.
+SPILL_MIN_BYTES = 1 << 20
+
+
+class Spill:
+    """Keeps rewritten weights on disk, memory-mapped, instead of in memory (large models)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.name = "spill.data"
+        self._file = open(self.directory / self.name, "wb")  # noqa: SIM115 (closed by close())
+        self.offset = 0
+
+    def store(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
+        data = np.ascontiguousarray(array)
+        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        self._file.flush()
+        tensor = ir.ExternalTensor(self.name, self.offset, data.nbytes, ir.DataType.from_numpy(data.dtype),
+                                   shape=ir.Shape(data.shape), name=name, base_dir=str(self.directory))
+        self.offset += data.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._file.close()
+
+
+_SPILL: contextvars.ContextVar[Spill | None] = contextvars.ContextVar("sparsec_spill", default=None)
+
+
+@contextlib.contextmanager
+def spilling(directory: Path) -> Iterator[Spill]:
+    """While active, ``ConstantRef.replace`` writes large new weights to ``directory``."""
+    spill = Spill(directory)
+    token = _SPILL.set(spill)
+    try:
+        yield spill
+    finally:
+        spill.close()
+        _SPILL.reset(token)
 
 
 def all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
@@ -117,8 +161,12 @@ class ConstantRef:
             raise ValueError(f"{self.name}: shape {array.shape} != {self.shape}")
         if resize:
             self.value.shape = ir.Shape(array.shape)
-        new = ir.Tensor(np.ascontiguousarray(array), dtype=old.dtype, name=old.name,
-                        doc_string=old.doc_string)
+        spill = _SPILL.get()
+        if spill is not None and self.constant_node is None and array.nbytes >= SPILL_MIN_BYTES:
+            new = spill.store(array.astype(old.dtype.numpy(), copy=False), old.name)
+        else:
+            new = ir.Tensor(np.ascontiguousarray(array), dtype=old.dtype, name=old.name,
+                            doc_string=old.doc_string)
         new.metadata_props.update(old.metadata_props)
         new.metadata_props.update(metadata)
         if self.constant_node is not None:

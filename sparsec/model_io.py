@@ -82,6 +82,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     _check_graph_closed(path, model)
     if _sort_if_needed(model):
         notes.append("graph was not topologically sorted; nodes were reordered (stable sort)")
+    renamed = _name_nodes(model)
+    if renamed:
+        notes.append(f"{renamed} node(s) had no name or a duplicate name and were given unique ones")
     return LoadedModel(
         path=path, model=model, external_files=external, notes=notes,
         file_bytes=path.stat().st_size,
@@ -282,6 +285,28 @@ def _check_graph_closed(path: Path, model: ir.Model) -> None:
                     )
 
 
+def _name_nodes(model: ir.Model) -> int:
+    """Give unnamed and duplicate-named nodes unique, deterministic names (records and
+    provenance refer to nodes by name); return how many were renamed."""
+    taken = {n.name for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.name}
+    seen: set[str] = set()
+    renamed = 0
+    for index, node in enumerate(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = f"{node.op_type}_{index}"
+        name, k = base, 0
+        while name in taken or name in seen:
+            k += 1
+            name = f"{base}_{k}"
+        node.name = name
+        seen.add(name)
+        taken.add(name)
+        renamed += 1
+    return renamed
+
+
 def _sort_if_needed(model: ir.Model) -> bool:
     for graph in all_graphs(model):
         defined = {v for v in graph.inputs} | set(graph.initializers.values())
@@ -393,6 +418,27 @@ def check_output_path(path: str | os.PathLike, *, protect: tuple[str | os.PathLi
     return path
 
 
+TMP_SUFFIX = ".sparsec-tmp"
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Remove temporary directories a killed sparsec left for this output name."""
+    for candidate in parent.glob(f".{name}.*{TMP_SUFFIX}"):
+        parts = candidate.name[len(name) + 2:].split(".")
+        try:
+            pid = int(parts[0])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(candidate, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 def stage_model(
     model: ir.Model,
     path: str | os.PathLike,
@@ -417,8 +463,9 @@ def stage_model(
         external_data = any_external or total > INLINE_LIMIT_BYTES
     elif not external_data and total > INLINE_LIMIT_BYTES:
         raise OutputError(f"{path}: weights of {total / 2**30:.1f} GiB need external data")
+    _remove_stale_temporaries(parent, path.name)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".sparsec-tmp", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=TMP_SUFFIX, dir=parent))
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     staged = StagedModel(path, tmp, tmp / path.name, None)

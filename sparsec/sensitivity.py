@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from sparsec.calib import Calibration, StagedRunner
 from sparsec.model_io import stage_model
-from sparsec.pipeline import PassContext, PassRecord
+from sparsec.pipeline import PassRecord
 from sparsec.progress import Progress, silent
 from sparsec.sparsity import UnstructuredLayout
 

@@ -414,3 +414,45 @@ def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
     return compare(run_pair(reference, candidate, feeds, threads=threads, progress=progress,
                             total=len(feeds)),
                    atol=atol, rtol=rtol, inputs=inputs, exact=exact, metrics=metrics)
+
+
+def _cuts(model: ir.Model, budget_bytes: int) -> list[ir.Value]:
+    """Values to stop at so that each stage reads at most about ``budget_bytes`` of weights."""
+    counted: set[ir.Value] = set()
+    cuts, acc = [], 0
+    for node in model.graph:
+        for v in node.inputs:
+            if v is not None and v.is_initializer() and v not in counted and v.const_value is not None:
+                counted.add(v)
+                acc += v.const_value.nbytes
+        if acc >= budget_bytes and node.outputs:
+            cuts.append(node.outputs[0])
+            acc = 0
+    return cuts
+
+
+def staged_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, budget_bytes: int,
+                   progress: Progress | None = None) -> list[dict[str, np.ndarray]]:
+    """The model's outputs for ``feeds``, computed stage by stage with bounded weights in memory."""
+    from sparsec.calib import StagedRunner
+
+    runner = StagedRunner(model, [dict(f) for f in feeds], progress=progress)
+    cuts = _cuts(model, budget_bytes)
+    for cut in (progress or silent()).track(cuts, "running in stages", total=len(cuts)):
+        for _ in runner.capture(cut):
+            pass
+    outputs: list[dict[str, np.ndarray]] = [{} for _ in feeds]
+    for value in model.graph.outputs:
+        for i, array in enumerate(runner.capture(value)):
+            outputs[i][value.name] = array
+    return outputs
+
+
+def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *,
+                  budget_bytes: int = 256 << 20, inputs: str = "", exact: bool = True,
+                  progress: Progress | None = None) -> Verdict:
+    """:func:`verify_models` for models too large to hold twice in memory: both run in stages."""
+    ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, progress=progress)
+    cand = staged_outputs(candidate, feeds, budget_bytes=budget_bytes, progress=progress)
+    return compare(zip(feeds, ref, cand), inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
+                   exact=exact)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -31,8 +32,11 @@ def weights(*shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
 
 
 def save(model: onnx.ModelProto, path: Path, *, external: bool = False) -> Path:
-    onnx.save(model, str(path), save_as_external_data=external,
-              location=path.name + ".data" if external else None, size_threshold=0)
+    path = Path(path).resolve()
+    # onnx checks whether the external data file exists relative to the working directory.
+    with contextlib.chdir(path.parent):
+        onnx.save(model, str(path), save_as_external_data=external,
+                  location=path.name + ".data" if external else None, size_threshold=0)
     return path
 
 

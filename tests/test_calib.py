@@ -1,17 +1,15 @@
 """Calibration data sources and the staged runner (sequential capture with a bounded frontier)."""
 
-import json
 
 import numpy as np
-import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from sparsec.calib import StagedRunner, load_calibration
 from sparsec.errors import InputError
 from sparsec.graph import constant_ref
 from sparsec.model_io import load_model
-from tests.helpers import FLOAT, make_model, run_ort, save, weights
+from tests.helpers import FLOAT, make_model, save, weights
 
 
 def mlp(tmp_path):

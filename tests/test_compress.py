@@ -4,15 +4,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
 from sparsec.model_io import load_model, save_model
 from sparsec.passes import patterns
 from sparsec.passes.compress import OPSET_TOO_OLD, TOO_DENSE, pack, unpack
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
-from sparsec.runtime.session import create_session
 from sparsec.sparsity import is_nm
-from tests.helpers import FLOAT, linear, make_model, run_ort, save, weights
+from tests.helpers import linear, run_ort, weights
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
@@ -93,7 +91,6 @@ def test_skips(tmp_path):
 
 def test_compile_minilm_compressed_is_exact_against_pruned(zoo_path, tmp_path):
     from sparsec.compiler import compile
-    from sparsec.verify import input_specs, random_feeds, verify_models
 
     pruned = compile(zoo_path("minilm"), passes="nm", output=tmp_path / "p.onnx").output
     packed = compile(pruned, passes="compress", output=tmp_path / "c.onnx")

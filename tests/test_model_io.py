@@ -1,7 +1,6 @@
 """Loading and saving: hostile input refused, input never modified, atomic and deterministic output."""
 
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx

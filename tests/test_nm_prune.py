@@ -15,7 +15,7 @@ from sparsec.passes.nm_prune import NMPrunePass
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
 from sparsec.sparsity import is_nm
 from sparsec.verify import random_feeds, input_specs, verify_models
-from tests.helpers import FLOAT, linear, make_model, run_ort, save, weights
+from tests.helpers import FLOAT, linear, make_model, run_ort, weights
 
 
 def prune(proto, spec="nm", tmp_path=None):

@@ -4,10 +4,8 @@ on real exports (MiniLM MHA, LLaMA GQA, a CNN) and hand-built graphs; skip codes
 import numpy as np
 import onnx
 import onnx_ir as ir
-import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
-from sparsec.graph import constant_ref
 from sparsec.model_io import load_model, save_model
 from sparsec.passes import structured_patterns as sp
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes

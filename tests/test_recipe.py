@@ -1,0 +1,58 @@
+"""Recipes: (config, expected error) pairs, and save -> replay reproduces the compile exactly."""
+
+import json
+
+import pytest
+import yaml
+
+from sparsec.cli import main
+from sparsec.errors import InputError, OptionError
+from sparsec.recipe import load_recipe
+from tests.helpers import linear, save
+
+
+@pytest.mark.parametrize("data,error", [
+    ([1, 2], "a recipe is a mapping"),
+    ({"targets": "cpu"}, "unknown recipe key 'targets'"),
+    ({"version": 2}, "recipe version 2 is not supported"),
+    ({"target": "tpu"}, "unknown target 'tpu'"),
+    ({"passes": {"id": "nm"}}, "'passes' must be a list"),
+    ({"passes": [{"id": "nm", "options": {"n": 5}}]}, "n must be smaller than m"),
+    ({"passes": [{"id": "nm", "opts": {}}]}, "unknown key 'opts'"),
+    ({"passes": [{"id": "prune"}]}, "unknown pass 'prune'"),
+    ({"budget": {"min_cosine": 2}}, "min_cosine must be a number in"),
+    ({"budget": {"max_loss": 1}}, "'budget' has unknown key 'max_loss'"),
+    ({"calibration": {"file": "x"}}, "'calibration' has unknown key 'file'"),
+])
+def test_invalid_recipes(tmp_path, data, error):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(OptionError, match=error):
+        load_recipe(path)
+
+
+def test_unreadable_recipes(tmp_path):
+    (tmp_path / "r.yaml").write_text("passes: [unclosed")
+    with pytest.raises(InputError, match="not valid YAML"):
+        load_recipe(tmp_path / "r.yaml")
+    with pytest.raises(InputError, match="no such recipe"):
+        load_recipe(tmp_path / "none.json")
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_save_then_replay_is_byte_identical(tmp_path, capsys, suffix):
+    model = save(linear(k=128, n=64), tmp_path / "m.onnx")
+    recipe = tmp_path / f"r{suffix}"
+    assert main(["compile", str(model), "--target", "ampere", "--passes", "nm:n=1,m=4;compress",
+                 "--min-cosine", "0.5", "--seed", "3", "-o", str(tmp_path / "a.onnx"),
+                 "--save-recipe", str(recipe)]) == 0
+    data = yaml.safe_load(recipe.read_text())
+    assert data["target"] == "ampere" and data["budget"] == {"min_cosine": 0.5}
+    assert data["passes"][0]["options"]["n"] == 1 and "min_params" in data["passes"][0]["options"]
+    assert data["verification"]["seed"] == 3
+    assert main(["compile", str(model), "--recipe", str(recipe), "-o", str(tmp_path / "b.onnx")]) == 0
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    ra = json.loads((tmp_path / "a.report.json").read_text())
+    rb = json.loads((tmp_path / "b.report.json").read_text())
+    assert ra["plan"]["passes"] == rb["plan"]["passes"]
+    assert main(["compile", str(model), "--recipe", str(recipe), "--target", "cpu", "-o", str(tmp_path / "c.onnx")]) == 2
