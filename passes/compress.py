@@ -5,7 +5,7 @@ After:  two initializers, ``W.values`` (a 0, then the non-zeros in row-major ord
 ``W.mask`` (one bit per element, packed into uint8), and a subgraph that rebuilds ``W``
 bit-exactly::
 
-    bits = Slice(Reshape(Cast<int64>(Mod(BitShift<RIGHT>(Reshape(W.mask, [-1, 1]), [7..0]), 2)), [-1]), 0, n)
+    bits = Slice(Reshape(Cast<int32>(Mod(BitShift<RIGHT>(Reshape(W.mask, [-1, 1]), [7..0]), 2)), [-1]), 0, n)
     W = Reshape(Gather(W.values, CumSum(bits) * bits), S)
 
 Every input of that subgraph is a constant, so ONNX Runtime folds it once when the session is
@@ -62,7 +62,7 @@ def unpack(values: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> np.n
 
 
 def _rebuild_nodes(graph: ir.Graph, name: str, values: ir.Value, mask: ir.Value, numel: int,
-                   shape: tuple[int, ...]) -> list[ir.Node]:
+                   shape: tuple[int, ...], dtype: ir.DataType) -> list[ir.Node]:
     """The subgraph that turns (values, mask) back into the dense weight (last node: Reshape).
 
     Every shape in it is static (no NonZero), so ONNX Runtime's constant folding removes it.
@@ -73,7 +73,9 @@ def _rebuild_nodes(graph: ir.Graph, name: str, values: ir.Value, mask: ir.Value,
     bits = ir.node("BitShift", [col.outputs[0], c("shifts", np.arange(7, -1, -1, dtype=np.uint8))],
                    attributes={"direction": "RIGHT"})
     low = ir.node("Mod", [bits.outputs[0], c("two", np.array(2, np.uint8))])
-    wide = ir.node("Cast", [low.outputs[0]], attributes={"to": ir.DataType.INT64})
+    # int32 indices halve the transient memory of the rebuild; int64 only for huge tensors.
+    index_type = ir.DataType.INT32 if numel < 2**31 - 1 else ir.DataType.INT64
+    wide = ir.node("Cast", [low.outputs[0]], attributes={"to": index_type})
     flat = ir.node("Reshape", [wide.outputs[0], c("flat_shape", np.array([-1], np.int64))])
     cut = ir.node("Slice", [flat.outputs[0], c("starts", np.array([0], np.int64)),
                             c("ends", np.array([numel], np.int64))])
@@ -82,10 +84,14 @@ def _rebuild_nodes(graph: ir.Graph, name: str, values: ir.Value, mask: ir.Value,
     gather = ir.node("Gather", [values, index.outputs[0]], attributes={"axis": 0})
     dense = ir.node("Reshape", [gather.outputs[0], c("shape", np.array(shape, np.int64))])
     nodes = [col, bits, low, wide, flat, cut, rank, index, gather, dense]
-    for i, node in enumerate(nodes):
+    # Typed outputs: later stages (staged runs, shape inference) need no inference over them.
+    types = [ir.DataType.UINT8] * 3 + [index_type] * 5 + [dtype] * 2
+    for i, (node, out_type) in enumerate(zip(nodes, types)):
         node.name = f"{name}.rebuild.{i}"
         for j, out in enumerate(node.outputs):
             out.name = f"{name}.rebuild.{i}.{j}"
+            out.type = ir.TensorType(out_type)
+    dense.outputs[0].shape = ir.Shape(shape)
     return nodes
 
 
@@ -125,7 +131,7 @@ class CompressPass(Pass):
             padded = np.concatenate([np.zeros(1, values.dtype), values])
             stored_values = add_constant(graph, f"{name}.values", padded)
             stored_mask = add_constant(graph, f"{name}.mask", mask)
-            nodes = _rebuild_nodes(graph, name, stored_values, stored_mask, array.size, array.shape)
+            nodes = _rebuild_nodes(graph, name, stored_values, stored_mask, array.size, array.shape, tensor.dtype)
             # Rebuilds only read initializers: at the top of the graph they are always in order.
             graph.insert_before(graph[0], nodes)
             rebuilt = nodes[-1].outputs[0]

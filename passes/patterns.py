@@ -217,9 +217,13 @@ def feeds_graph_output(node: ir.Node, model: ir.Model) -> bool:
         if out in graph_outputs:
             return True
         uses = list(out.uses())
-        if len(uses) == 1 and uses[0].node.op_type in ("Add", "Cast", "Identity"):
-            if any(o in graph_outputs for o in uses[0].node.outputs):
-                return True
+        if len(uses) != 1 or not any(o in graph_outputs for o in uses[0].node.outputs):
+            continue
+        follower = uses[0].node
+        if follower.op_type in ("Cast", "Identity"):
+            return True
+        if follower.op_type == "Add" and constant_ref(follower.inputs[1 - uses[0].idx]) is not None:
+            return True  # a bias, not a residual
     return False
 
 

@@ -36,6 +36,15 @@ ELEMENTWISE = frozenset({
     "Identity", "Pow", "Sqrt", "Abs", "LeakyRelu", "Clip", "HardSigmoid", "HardSwish", "Mish", "Elu",
     "Selu", "Celu", "Softsign", "Cast", "PRelu",
 })
+# Element-wise contrib ops ONNX Runtime's optimizer fuses into graphs (bias inputs are per unit).
+MS_ELEMENTWISE = frozenset({"BiasGelu", "FastGelu", "Gelu", "QuickGelu", "BiasAdd"})
+MS_DOMAIN = "com.microsoft"
+
+
+def _allowed(node: ir.Node, ops: frozenset[str], ms_ops: frozenset[str] = MS_ELEMENTWISE) -> bool:
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type in ops
+    return node.domain == MS_DOMAIN and node.op_type in ms_ops
 
 
 @dataclass
@@ -116,8 +125,9 @@ def _walk_back(start: ir.Value, stop, allowed: frozenset[str]):
         producer = value.producer()
         if producer is None:
             return f"'{value.name}' is a graph input"
-        if producer.op_type not in allowed or producer.domain not in ("", "ai.onnx"):
-            return f"'{producer.op_type}' node '{producer.name}' between the units and their consumer"
+        if not _allowed(producer, allowed):
+            domain = "" if producer.domain in ("", "ai.onnx") else f"{producer.domain}::"
+            return f"'{domain}{producer.op_type}' node '{producer.name}' between the units and their consumer"
         nodes.append(producer)
         for i, inp in enumerate(producer.inputs):
             if inp is None:
@@ -198,6 +208,7 @@ def match_ffn(exit_node: ir.Node) -> Region | MatchFailure:
 
 # --- attention heads -------------------------------------------------------------------------
 
+_MS_CORE_OPS = frozenset({"FusedMatMul"})  # batched over heads, like MatMul
 _CORE_OPS = frozenset({"Mul", "Add", "Sub", "Div", "Neg", "Softmax", "MatMul", "Transpose", "Slice",
                        "Concat", "Where", "IsNaN", "Cast", "Reshape", "Expand", "Unsqueeze", "Sqrt",
                        "Shape", "Identity", "Squeeze"})
@@ -330,7 +341,7 @@ def match_attention(exit_node: ir.Node) -> Region | MatchFailure:
     group = heads // kv_heads  # query heads per KV head: a unit is one KV group
     fixes: list[ShapeFix] = []
     for node in core:
-        if node.op_type not in _CORE_OPS or node.domain not in ("", "ai.onnx"):
+        if not _allowed(node, _CORE_OPS, _MS_CORE_OPS):
             return MatchFailure(NOT_A_REGION, f"'{node.op_type}' node '{node.name}' inside attention", exit_node)
         if node.op_type in ("Reshape", "Expand"):
             problem = _check_core_shape(node, head_dim, heads, kv_heads, group, fixes)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -84,14 +85,21 @@ class StructuredPass(Pass):
     def regions(self, model: ir.Model, record: PassRecord) -> list[sp.Region]:
         opts: StructuredOptions = self.options  # type: ignore[assignment]
         found = []
+        unmatched: Counter[str] = Counter()
         for node in model.graph:
             if node.op_type not in self.exit_ops:
                 continue
             region = self.match(node)
             if not region:
+                unmatched[region.message.split(" node '")[0]] += 1
                 if region.code != sp.NOT_A_REGION:
                     record.sites.append(SiteRecord(site=node.name or "", node=node.name or "", action="skipped",
                                                    code=region.code, message=region.message))
+                continue
+            if any(t.ref.compressed is not None for t in region.tensors()):
+                record.sites.append(SiteRecord(site=region.label, node=node.name or "", action="skipped",
+                                               code="COMPRESSED", message="weights are stored compressed;"
+                                               " run structured passes before compress"))
                 continue
             names = (region.label, node.name or "")
             if (opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names)) or \
@@ -100,6 +108,10 @@ class StructuredPass(Pass):
                                                code="NOT_SELECTED", message="include/exclude patterns"))
                 continue
             found.append(region)
+        if not found and unmatched:
+            reasons = "; ".join(f"{n} x {why}" for why, n in unmatched.most_common(3))
+            record.notes.append(f"no region matched among {sum(unmatched.values())} {'/'.join(self.exit_ops)}"
+                                f" nodes; most common reasons: {reasons}")
         return found
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassRecord:

@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from sparsec.errors import InputError
-from sparsec.graph import infer_missing_types
+from sparsec.graph import constant_ref, infer_missing_types
 from sparsec.progress import Progress, silent
 from sparsec.verify import InputSpec, input_specs, load_feeds
 
@@ -178,8 +178,14 @@ class StagedRunner:
             {v: feed[v.name] for v in graph_inputs} for feed in feeds
         ]
 
+    @staticmethod
+    def _is_packed_weight(value: ir.Value) -> bool:
+        """A weight the compress pass stored packed: fed to stages as a plain constant."""
+        ref = constant_ref(value)
+        return ref is not None and ref.compressed is not None
+
     def _is_available(self, value: ir.Value) -> bool:
-        return value in self.computed or value.is_initializer() or (
+        return value in self.computed or value.is_initializer() or self._is_packed_weight(value) or (
             value.producer() is None and not value.is_graph_input())
 
     def _stage_nodes(self, target: ir.Value) -> list[ir.Node]:
@@ -207,7 +213,7 @@ class StagedRunner:
             for v in _dependencies(node):
                 if v in produced:
                     continue
-                if v.is_initializer() and v.const_value is not None:
+                if (v.is_initializer() and v.const_value is not None) or self._is_packed_weight(v):
                     initializers[v.name] = v
                 elif v in self.computed and v not in inputs:
                     inputs.append(v)
@@ -218,7 +224,7 @@ class StagedRunner:
             [self._serialize_node(n) for n in nodes], "stage",
             [ir.serde.serialize_value(v) for v in inputs],
             [ir.serde.serialize_value(v) for v in outputs],
-            [onnx.numpy_helper.from_array(np.asarray(self.overrides.get(v, v.const_value).numpy()), v.name)
+            [onnx.numpy_helper.from_array(np.asarray(self._constant(v).numpy()), v.name)
              for v in initializers.values()],
         )
         proto = onnx.helper.make_model(
@@ -227,6 +233,11 @@ class StagedRunner:
         proto.functions.extend(ir.serde.serialize_function(f) for f in self.model.functions.values())
         self._inputs = inputs
         return proto.SerializeToString()
+
+    def _constant(self, value: ir.Value) -> ir.TensorProtocol:
+        if value in self.overrides:
+            return self.overrides[value]
+        return value.const_value if value.const_value is not None else constant_ref(value).tensor
 
     def _serialize_node(self, node: ir.Node) -> onnx.NodeProto:
         proto = ir.serde.serialize_node(node)

@@ -269,7 +269,9 @@ def compile(
             result.output_fingerprint = fingerprint(loaded.model)
             result.after = analyze(loaded.model, result.output_fingerprint)
         with progress.task(f"writing {out_path.name}"):
-            staged = stage_model(loaded.model, out_path, protect=(loaded.path, *loaded.external_files))
+            # The output keeps the input's layout: external data when the input had some.
+            staged = stage_model(loaded.model, out_path, protect=(loaded.path, *loaded.external_files),
+                                 external_data=True if loaded.external_files else None)
         lap("save")
         with staged:
             problem = "" if streamed else _checker(staged.path)

@@ -32,7 +32,7 @@ class Spill:
         self.offset = 0
 
     def store(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
-        data = np.ascontiguousarray(array)
+        data = np.asarray(array, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray does not)
         self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
         self._file.flush()
         tensor = ir.ExternalTensor(self.name, self.offset, data.nbytes, ir.DataType.from_numpy(data.dtype),
@@ -91,9 +91,13 @@ def fresh_name(graph: ir.Graph, base: str) -> str:
 def add_constant(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
     """Register ``array`` as a new initializer named after ``base``; return its value."""
     name = fresh_name(graph, base)
+    spill = _SPILL.get()
+    if spill is not None and array.nbytes >= SPILL_MIN_BYTES:
+        tensor = spill.store(array, name)
+    else:
+        tensor = ir.Tensor(array, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.Tensor(array, name=name))
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)), const_value=tensor)
     graph.register_initializer(value)
     return value
 
@@ -165,7 +169,7 @@ class ConstantRef:
         if spill is not None and self.constant_node is None and array.nbytes >= SPILL_MIN_BYTES:
             new = spill.store(array.astype(old.dtype.numpy(), copy=False), old.name)
         else:
-            new = ir.Tensor(np.ascontiguousarray(array), dtype=old.dtype, name=old.name,
+            new = ir.Tensor(np.asarray(array, order="C"), dtype=old.dtype, name=old.name,
                             doc_string=old.doc_string)
         new.metadata_props.update(old.metadata_props)
         new.metadata_props.update(metadata)
@@ -248,7 +252,8 @@ def infer_missing_types(model: ir.Model, small_bytes: int = 4096) -> int:
         opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
     skeleton.ir_version = model.ir_version
     skeleton.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+    # No data propagation: it can materialize huge intermediate tensors; types are what we need.
+    inferred = onnx.shape_inference.infer_shapes(skeleton)
     known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
     filled = 0
     for value in missing:

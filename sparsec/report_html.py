@@ -64,8 +64,8 @@ def _summary(report: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if report.get("speed"):
         s = report["speed"]
-        items.append(("speed", f"{s['speedup']:.2f}x ({s['original_ms']:.2f} -> {s['compiled_ms']:.2f} ms median,"
-                               f" {s['inputs']}, {s['threads']} threads)"))
+        items.append(("speed", f"{s['speedup']:.2f}x on the CPU EP ({s['original_ms']:.2f} -> {s['compiled_ms']:.2f}"
+                               f" ms median, {s['inputs']}, {s['threads']} threads)"))
     if report.get("calibration"):
         c = report["calibration"]
         items.append(("calibration", f"{c['source']}: {c['input_sets']} input sets, {c['tokens']} tokens"))
@@ -164,6 +164,10 @@ def pareto_plot(points: list[dict[str, Any]]) -> str:
                                                   and q is not p and (q["speedup"], q["fidelity"]) != (p["speedup"], p["fidelity"])
                                                   for q in points)), key=lambda p: p["speedup"])
     ax.plot([p["speedup"] for p in front], [p["fidelity"] for p in front], color="tab:red", label="Pareto front")
+    ax.ticklabel_format(useOffset=False)
+    low, high = min(xs), max(xs)
+    pad = max(0.05, (high - low) * 0.1)
+    ax.set_xlim(min(low, 1.0) - pad, max(high, 1.0) + pad)
     ax.set_xlabel("speedup (original / compiled time)")
     ax.set_ylabel("fidelity (output cosine)")
     ax.legend()

@@ -416,15 +416,27 @@ def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
                    atol=atol, rtol=rtol, inputs=inputs, exact=exact, metrics=metrics)
 
 
+def _weight_bytes(value: ir.Value) -> int:
+    """Bytes of a constant as a stage holds it (a packed weight counts unpacked)."""
+    if value.shape is not None and value.dtype is not None and all(isinstance(d, int) for d in value.shape):
+        return int(int(np.prod(list(value.shape), dtype=np.int64)) * value.dtype.itemsize)
+    ref = constant_ref(value)
+    return ref.tensor.nbytes if ref is not None else 0
+
+
 def _cuts(model: ir.Model, budget_bytes: int) -> list[ir.Value]:
     """Values to stop at so that each stage reads at most about ``budget_bytes`` of weights."""
+    from sparsec.graph import PROVENANCE_PASS
+
     counted: set[ir.Value] = set()
     cuts, acc = [], 0
     for node in model.graph:
+        if node.metadata_props.get(PROVENANCE_PASS) == "compress":
+            continue  # rebuilds of packed weights: stages take their weights unpacked
         for v in node.inputs:
-            if v is not None and v.is_initializer() and v not in counted and v.const_value is not None:
+            if v is not None and v not in counted and constant_ref(v) is not None:
                 counted.add(v)
-                acc += v.const_value.nbytes
+                acc += _weight_bytes(v)
         if acc >= budget_bytes and node.outputs:
             cuts.append(node.outputs[0])
             acc = 0
