@@ -199,13 +199,8 @@ class WeightPrunePass(Pass):
         runner = StagedRunner(model, ctx.calibration.feeds, progress=ctx.progress)
         norms: dict[int, np.ndarray] = {}
         for value, group in ctx.progress.track(list(_groups(sites).items()), f"{self.id}: OWL statistics"):
-            stats: dict[object, prune_methods.ColumnNorms] = {}
-            for feed, x in zip(ctx.calibration.feeds, runner.capture(value)):
-                for site in group:
-                    key = prune_methods.statistic_key(site)
-                    if key not in stats or site is group[0]:
-                        cols = prune_methods.activation_matrix(site, x, feed)
-                        stats.setdefault(key, prune_methods.ColumnNorms(cols.shape[1])).add(cols)
+            stats = prune_methods.group_statistics(group, ctx.calibration.feeds, runner.capture(value),
+                                                   prune_methods.ColumnNorms)
             for site in group:
                 norms[id(site)] = np.sqrt(stats[prune_methods.statistic_key(site)].sq)
         per_site, table = owl_allocation(sites, norms, opts.sparsity, opts.owl_lambda, opts.owl_m)
@@ -228,20 +223,10 @@ class WeightPrunePass(Pass):
         tokens = 0
         for value, group in ctx.progress.track(list(groups.items()), f"{self.id}: {opts.method},"
                                                f" {len(sites)} weights in {len(groups)} groups", total=len(groups)):
-            stats: dict[object, object] = {}
-            dense_inputs = dense.capture(value) if dense is not None else iter(lambda: None, 0)
-            for feed, x, x_dense in zip(feeds, runner.capture(value), dense_inputs):
-                done = set()
-                for site in group:
-                    key = prune_methods.statistic_key(site)
-                    if key not in done:
-                        done.add(key)
-                        cols = prune_methods.activation_matrix(site, x, feed)
-                        stat = stats.setdefault(key, prune_methods.new_statistic(opts.method, cols.shape[1], device))
-                        if x_dense is None:
-                            stat.add(cols)
-                        else:
-                            stat.add(cols, prune_methods.activation_matrix(site, x_dense, feed))
+            stats = prune_methods.group_statistics(
+                group, feeds, runner.capture(value),
+                lambda k: prune_methods.new_statistic(opts.method, k, device),
+                dense.capture(value) if dense is not None else None)
             for site in group:
                 stat = stats[prune_methods.statistic_key(site)]
                 tokens = max(tokens, stat.tokens)

@@ -115,6 +115,31 @@ def statistic_key(site: LinearWeight) -> object:
     return "MatMul"
 
 
+def group_statistics(group: list[LinearWeight], feeds, inputs, make, dense_inputs=None) -> dict[object, object]:
+    """Accumulate one statistic per :func:`statistic_key` over the input sets of a group of
+    sites reading one value; ``make(k)`` creates a statistic for K input features.
+
+    ``inputs`` (and ``dense_inputs``, the same value in the dense model) yield that value per
+    input set, in the order of ``feeds``.
+    """
+    stats: dict[object, object] = {}
+    dense = dense_inputs if dense_inputs is not None else iter(lambda: None, 0)
+    for feed, x, x_dense in zip(feeds, inputs, dense):
+        done = set()
+        for site in group:
+            key = statistic_key(site)
+            if key in done:
+                continue
+            done.add(key)
+            cols = activation_matrix(site, x, feed)
+            stat = stats.setdefault(key, make(cols.shape[1]))
+            if x_dense is None:
+                stat.add(cols)
+            else:
+                stat.add(cols, activation_matrix(site, x_dense, feed))
+    return stats
+
+
 class ColumnNorms:
     """Wanda's statistic: the squared L2 norm of each input feature over all tokens."""
 

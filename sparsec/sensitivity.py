@@ -99,11 +99,10 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
         for site in sites:
             groups[site.node.inputs[1 - site.input_index]].append(site)
         for value, group in progress.track(list(groups.items()), "sensitivity: Wanda statistics"):
-            stat = prune_methods.ColumnNorms(group[0].matrix_shape[1])
-            for feed, x in zip(calibration.feeds, runner.capture(value)):
-                stat.add(prune_methods.activation_matrix(group[0], x, feed))
+            stats = prune_methods.group_statistics(group, calibration.feeds, runner.capture(value),
+                                                   prune_methods.ColumnNorms)
             for site in group:
-                norms[id(site)] = np.sqrt(stat.sq)
+                norms[id(site)] = np.sqrt(stats[prune_methods.statistic_key(site)].sq)
         _, table = owl_allocation(sites, norms, target, owl_lambda, owl_m)
         allocation = {"target": target, "lambda": owl_lambda, "m": owl_m, "layers": table}
     by_layer: dict[str, list] = defaultdict(list)
