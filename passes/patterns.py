@@ -228,8 +228,9 @@ def feeds_graph_output(node: ir.Node, model: ir.Model) -> bool:
 
 
 def select(site: LinearWeight, include: tuple[str, ...], exclude: tuple[str, ...]) -> MatchFailure | None:
-    """Apply include / exclude glob patterns to a site's label, node name and weight name."""
-    names = (site.label, site.node.name or "", site.weight.name, site.op)
+    """Apply include / exclude glob patterns to a site's label, node name, weight name, op type
+    and weight shape (written ``384x1536``)."""
+    names = (site.label, site.node.name or "", site.weight.name, site.op, "x".join(map(str, site.weight.shape)))
     if include and not any(fnmatch.fnmatchcase(n, p) for p in include for n in names):
         return MatchFailure(NOT_SELECTED, f"matches no include pattern ({'|'.join(include)})", site.node)
     hit = next((p for p in exclude for n in names if fnmatch.fnmatchcase(n, p)), None)

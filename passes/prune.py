@@ -42,8 +42,9 @@ class PruneOptions(PassOptions):
                          choices=prune_methods.METHODS)
     op_types: tuple[str, ...] = option(LINEAR_OPS, "op types whose constant weight is pruned",
                                        choices=LINEAR_OPS)
-    include: tuple[str, ...] = option((), "glob patterns over module path, node or weight name;"
-                                      " when given, only matching sites are pruned")
+    include: tuple[str, ...] = option((), "glob patterns over module path, node name, weight name,"
+                                      " op type or weight shape (e.g. 384x1536); when given, only"
+                                      " matching sites are pruned")
     exclude: tuple[str, ...] = option((), "glob patterns of sites left dense")
     min_params: int = option(4096, "weights with fewer elements are left dense", min=0)
     keep_output_layers: bool = option(True, "leave layers that feed a graph output directly"

@@ -289,8 +289,11 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
               help="Target mean sparsity for the OWL allocation.")
 @click.option("--by", type=click.Choice(["layer", "site"]), default="layer", show_default=True,
               help="Prune a whole transformer block or one weight at a time.")
+@click.option("--report", "reports", type=click.Path(dir_okay=False), multiple=True,
+              help="Report path (.json, .md, or .html with the sensitivity plot); repeatable.")
 @_json_option
-def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, method, sparsity, by, as_json) -> None:
+def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, method, sparsity, by, reports,
+                as_json) -> None:
     """Per-layer sensitivity (output drop per layer per sparsity) and the OWL allocation."""
     from sparsec.calib import load_calibration
     from sparsec.errors import OptionError
@@ -311,8 +314,22 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, me
         calib = "builtin"
     calibration = load_calibration(calib, loaded.model, samples=calib_samples, seqlen=calib_seqlen,
                                    tokenizer=tokenizer)
+    for path in reports:
+        if Path(path).suffix not in (".json", ".md", ".html"):
+            raise OptionError(f"--report {path}: unknown format (use .json, .md or .html)")
     result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
                                target=sparsity, progress=_progress())
+    from sparsec.compiler import write_text_atomic
+
+    for path in map(Path, reports):
+        if path.suffix == ".json":
+            write_text_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
+        elif path.suffix == ".md":
+            write_text_atomic(path, "\n".join(["# sparsec analyze: " + str(model), "", *result.lines()]) + "\n")
+        else:
+            from sparsec.report_html import sensitivity_html
+
+            write_text_atomic(path, sensitivity_html(result.to_dict(), str(model)))
     if as_json:
         _print_json(result.to_dict())
         return

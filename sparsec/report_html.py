@@ -249,3 +249,22 @@ def sweep_html(sweep) -> str:
             f" {sweep.threads} threads, median of {sweep.repeats} ({html.escape(sweep.inputs)}).</p>"
             f"{_html_table(rows)}<h2 id='pareto'>Speed against fidelity</h2>"
             f"<img alt='Pareto plot' src='data:image/png;base64,{pareto_plot(points)}'></body></html>")
+
+
+def sensitivity_html(sensitivity: dict[str, Any], model: str) -> str:
+    """``sparsec analyze`` as one self-contained HTML page: the table and the sensitivity plot."""
+    rows = []
+    for layer in sensitivity["layers"]:
+        row = {"layer": layer["layer"], "params": human_count(layer["params"])}
+        row.update({f"{float(k):.0%}": f"{v:.2e}" for k, v in layer["drop"].items()})
+        alloc = (sensitivity.get("allocation") or {}).get("layers", {}).get(layer["layer"])
+        if alloc:
+            row["outliers"] = f"{alloc['outlier_ratio']:.2%}"
+            row["OWL sparsity"] = f"{alloc['sparsity']:.1%}"
+        rows.append(row)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>sparsec analyze</title><style>{_CSS}</style>"
+            f"</head><body><h1>sparsec analyze</h1><p>{html.escape(model)}: output drop (1 - cosine) when only"
+            f" one layer is pruned ({html.escape(sensitivity['method'])} masks, unstructured), on"
+            f" {html.escape(sensitivity['inputs'])}.</p>{_html_table(rows)}<h2 id='sensitivity'>Per-layer"
+            f" sensitivity</h2><img alt='sensitivity' src='data:image/png;base64,{sensitivity_plot(sensitivity)}'>"
+            "</body></html>")

@@ -48,3 +48,14 @@ def test_analyze_command(zoo_path, capsys):
         assert 0 <= layer["drop"]["0.5"] < layer["drop"]["0.9"]
     assert set(data["allocation"]["layers"]) == {l["layer"] for l in data["layers"]}
     assert main(["analyze", str(zoo_path("tiny-llama")), "--levels", "1.5"]) == 2
+
+
+def test_analyze_html_report(zoo_path, tmp_path, capsys):
+    from tests.test_report import parse
+
+    code = main(["analyze", str(zoo_path("tiny-llama")), "--calib-samples", "4", "--calib-seqlen", "32",
+                 "--report", str(tmp_path / "a.html"), "--report", str(tmp_path / "a.md")])
+    assert code == 0
+    page = parse(tmp_path / "a.html")
+    assert "sensitivity" in page.ids and len(page.images) == 1
+    assert "OWL@50%" in (tmp_path / "a.md").read_text()

@@ -237,3 +237,23 @@ def test_dangling_input_is_reported(tmp_path):
     proto = make_model(nodes, [("X", FLOAT, [2])], [("Y", FLOAT, [2])])
     with pytest.raises(InputError, match="nothing produces"):
         load_model(save(proto, tmp_path / "d.onnx"))
+
+
+def test_python_api_raises_typed_errors(tmp_path):
+    """Hostile input through the Python API: SparsecError subclasses, nothing written."""
+    import sparsec
+    from sparsec.errors import SparsecError
+
+    (tmp_path / "bad.onnx").write_text("not a model")
+    good = save(linear(), tmp_path / "m.onnx", external=True)
+    cases = [
+        lambda: sparsec.compile(tmp_path / "bad.onnx", output=tmp_path / "o.onnx"),
+        lambda: sparsec.compile(good, target="tpu", output=tmp_path / "o.onnx"),
+        lambda: sparsec.compile(good, passes="nm:n=9", output=tmp_path / "o.onnx"),
+        lambda: sparsec.compile(good, output=good),
+        lambda: sparsec.compile(12, output=tmp_path / "o.onnx"),
+    ]
+    for case in cases:
+        with pytest.raises(SparsecError):
+            case()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "m.onnx", "m.onnx.data"]

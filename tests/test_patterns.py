@@ -124,6 +124,8 @@ def test_select_and_output_layer():
     assert patterns.select(site, ("li*",), ()) is None
     assert patterns.select(site, ("attn*",), ()).code == patterns.NOT_SELECTED
     assert patterns.select(site, (), ("W",)).code == patterns.EXCLUDED
+    assert patterns.select(site, ("64x32",), ()) is None  # by shape
+    assert patterns.select(site, ("*x16",), ()).code == patterns.NOT_SELECTED
     assert not _feeds_output(linear())
     head = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="lin")],
                       [("X", FLOAT, [4, 8])], [("Y", FLOAT, [4, 4])], {"W": weights(8, 4)})
