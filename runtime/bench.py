@@ -63,11 +63,6 @@ def time_session_creation(models: Mapping[str, str | os.PathLike], *, repeats: i
     return {label: statistics.median(v) for label, v in samples.items()}
 
 
-def speedups(timings: Mapping[str, Timing], baseline: str) -> dict[str, float]:
-    base = timings[baseline].median_ms
-    return {label: base / t.median_ms for label, t in timings.items()}
-
-
 def ratio_table(timings: Sequence[Timing], baseline: str) -> list[str]:
     base = next(t for t in timings if t.label == baseline).median_ms
     lines = ["| model | median ms | p10-p90 ms | speedup |", "|---|---|---|---|"]

@@ -285,9 +285,3 @@ class StagedRunner:
             if value in values:
                 values[value] = fn(values[value])
 
-
-def describe_feeds(feeds: Sequence[dict[str, np.ndarray]]) -> str:
-    if not feeds:
-        return "no input sets"
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds[0].items())
-    return f"{len(feeds)} input set(s) of {shapes}"

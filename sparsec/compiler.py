@@ -84,10 +84,6 @@ class CompileResult:
         """The first report written (the JSON one by default)."""
         return self.report_paths[0] if self.report_paths else None
 
-    @property
-    def records_by_pass(self) -> dict[str, PassRecord]:
-        return {r.pass_id: r for r in self.records}
-
 
 def _weight_entry(w) -> dict[str, Any]:
     return {"name": w.name, "label": w.label, "op": w.op, "shape": w.shape, "zeros": w.zeros, "nm": w.nm}
