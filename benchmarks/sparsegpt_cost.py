@@ -26,7 +26,8 @@ def compare_devices(src: Path, samples: int) -> dict:
     import numpy as np
     import torch
 
-    from sparsec.calib import StagedRunner, load_calibration
+    from sparsec.data import load_calibration
+    from sparsec.runtime.staged import StagedRunner
     from sparsec.model_io import load_model
     from sparsec.passes import prune_methods
     from sparsec.passes.unstructured_prune import UnstructuredPrunePass

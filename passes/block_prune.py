@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsec.errors import OptionError
-from sparsec.pipeline import Kind, option, register
+from sparsec.pipeline import option, register
 from sparsec.sparsity import BlockLayout
 from sparsec.targets import BLOCK
 
@@ -27,9 +27,9 @@ BLOCK_SIZES = (4, 8, 16, 32)
 
 @dataclass(frozen=True)
 class BlockOptions(AllocationOptions):
-    rows: int = option(4, "block height (output features)", choices=BLOCK_SIZES)
-    cols: int = option(4, "block width (along the reduction axis)", choices=BLOCK_SIZES)
-    sparsity: float = option(0.5, "fraction of blocks that are zero", min=0.01, max=0.99)
+    rows: int = option(4, "block height (output features)", choices=BLOCK_SIZES, search=BLOCK_SIZES)
+    cols: int = option(4, "block width (along the reduction axis)", choices=BLOCK_SIZES, search=BLOCK_SIZES)
+    sparsity: float = option(0.5, "fraction of blocks that are zero", min=0.01, max=0.99, search=(0.3, 0.5, 0.7))
 
     def validate(self) -> None:
         if self.method == "sparsegpt" and self.blocksize % self.cols:
@@ -42,7 +42,6 @@ class BlockPrunePass(WeightPrunePass):
 
     id = "block"
     summary = "block pruning: whole tiles (4x4 to 32x32) of a weight set to zero"
-    kind = Kind.LOSSY
     matches = "MatMul / Gemm / Conv with a constant float weight whose canonical shape divides by the block"
     Options = BlockOptions
 

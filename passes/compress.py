@@ -25,14 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sparsec.graph import COMPRESSED_KEY, add_constant, mark_changed
+from sparsec.graph import add_constant, mark_changed, mark_packed, register_codec
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
 from sparsec.sparsity import zero_fraction
 
 from . import patterns
+from .patterns import Code, MatchFailure
 
-TOO_DENSE = "TOO_DENSE"
-OPSET_TOO_OLD = "OPSET_TOO_OLD"
 MIN_OPSET = 11  # BitShift, ScatterND
 
 
@@ -59,6 +58,22 @@ def unpack(values: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> np.n
     numel = int(np.prod(shape, dtype=np.int64))
     bits = np.unpackbits(mask)[:numel].astype(np.int64)
     return values[np.cumsum(bits) * bits].reshape(shape)
+
+
+CODEC = "compress"  # the packed-constant codec: data "values_name,mask_name"
+
+
+def _decode(node: ir.Node, data: str) -> ir.Tensor:
+    """The dense weight behind a rebuild subgraph ending in ``node`` (graph.unpack_constant)."""
+    graph = node.graph
+    values_name, mask_name = data.split(",")
+    values = graph.initializers[values_name].const_value.numpy()
+    mask = graph.initializers[mask_name].const_value.numpy()
+    shape = tuple(int(d) for d in graph.initializers[node.inputs[1].name].const_value.numpy())
+    return ir.Tensor(unpack(values, mask, shape), name=node.outputs[0].name)
+
+
+register_codec(CODEC, _decode)
 
 
 def _rebuild_nodes(graph: ir.Graph, name: str, values: ir.Value, mask: ir.Value, numel: int,
@@ -101,29 +116,37 @@ class CompressPass(Pass):
 
     id = "compress"
     summary = "compressed storage of sparse weights (values + bit mask, rebuilt at session load)"
-    kind = Kind.EXACT
+    kinds = (Kind.EXACT,)
     matches = "float initializers of the main graph with enough zeros"
     Options = CompressOptions
 
     def sparse_form(self) -> str:
         return "storage"
 
+    def match(self, model: ir.Model, ctx: PassContext, record: PassRecord) -> list[PackSite]:
+        """Main-graph float initializers sparse enough to pack. Dense, small and non-float weights
+        are passed over without a record: they are not candidates."""
+        opts: CompressOptions = self.options  # type: ignore[assignment]
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        sites = []
+        for value in model.graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            found = _check(value, opts, opset)
+            if isinstance(found, MatchFailure):
+                record.skip(found, site=value.name or "", node=found.node, weight=value.name or "",
+                            shape=tuple(int(d) for d in tensor.shape))
+            elif found is not None:
+                sites.append(found)
+        return sites
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassRecord:
         record = self.new_record()
-        opts: CompressOptions = self.options  # type: ignore[assignment]
         graph = model.graph
-        candidates = [v for v in graph.initializers.values() if v.const_value is not None]
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-        for value in ctx.progress.track(candidates, "compress: packing sparse weights", total=len(candidates)):
-            tensor = value.const_value
-            site = SiteRecord(site=value.name or "", node="", action="skipped", weight=value.name or "",
-                              shape=tuple(int(d) for d in tensor.shape))
-            wanted, failure = self._check(value, opts, opset)
-            if failure is not None:
-                site.code, site.message = failure
-                record.sites.append(site)
-            if not wanted or failure is not None:
-                continue
+        sites = self.match(model, ctx, record)
+        for site in ctx.progress.track(sites, "compress: packing sparse weights", total=len(sites)):
+            value, tensor = site.value, site.value.const_value
             array = tensor.numpy()
             values, mask = pack(array)
             before, after = array.nbytes, compressed_bytes(array.size, values.size, array.dtype.itemsize)
@@ -143,12 +166,11 @@ class CompressPass(Pass):
             reason = f"stored as {values.size} values + bit mask: {after} of {before} bytes ({after / before:.1%})"
             for node in nodes:
                 mark_changed(node, self.id, reason)
-            nodes[-1].metadata_props[COMPRESSED_KEY] = f"{stored_values.name},{stored_mask.name}"
-            site.action, site.node, site.message = "changed", nodes[-1].name or "", reason
-            site.params, site.sparsity_before = int(array.size), zero_fraction(array)
-            site.sparsity_after = site.sparsity_before
-            site.details = {"bytes_before": before, "bytes_after": after}
-            record.sites.append(site)
+            mark_packed(nodes, CODEC, f"{stored_values.name},{stored_mask.name}")
+            record.sites.append(SiteRecord(
+                site=name, node=nodes[-1].name or "", action="changed", message=reason, weight=name,
+                shape=tuple(array.shape), params=int(array.size), sparsity_before=site.zeros,
+                sparsity_after=site.zeros, details={"bytes_before": before, "bytes_after": after}))
         changed = record.changed
         if changed:
             before = sum(s.details["bytes_before"] for s in changed)
@@ -156,21 +178,37 @@ class CompressPass(Pass):
             record.notes.append(f"{len(changed)} weights: {before} -> {after} bytes ({after / before:.1%})")
         return record
 
-    @staticmethod
-    def _check(value: ir.Value, opts: CompressOptions, opset: int) -> tuple[bool, tuple[str, str] | None]:
-        """(worth compressing, skip (code, message) to record). Dense, small and non-float
-        weights are passed over without a record: they are not candidates."""
-        tensor = value.const_value
-        numel = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
-        if tensor.dtype not in patterns.FLOAT_TYPES or numel < opts.min_params:
-            return False, None
-        zeros = zero_fraction(tensor.numpy())
-        if zeros == 0:
-            return False, None
-        if value.is_graph_input():
-            return False, (patterns.GRAPH_INPUT, "initializer is also a graph input (overridable)")
-        if opset < MIN_OPSET:
-            return False, (OPSET_TOO_OLD, f"opset {opset} < {MIN_OPSET} (BitShift, ScatterND)")
-        if zeros < opts.min_sparsity:
-            return False, (TOO_DENSE, f"{zeros:.1%} zeros < min_sparsity={opts.min_sparsity}")
-        return True, None
+
+@dataclass(frozen=True)
+class PackSite:
+    """A weight worth packing."""
+
+    value: ir.Value
+    zeros: float
+
+    @property
+    def label(self) -> str:
+        return self.value.name or ""
+
+    @property
+    def node(self) -> ir.Node | None:
+        return next((use.node for use in self.value.uses()), None)
+
+
+def _check(value: ir.Value, opts: CompressOptions, opset: int) -> PackSite | MatchFailure | None:
+    """A weight to pack, a failure to record, or None for weights that are not candidates."""
+    tensor = value.const_value
+    numel = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
+    if tensor.dtype not in patterns.FLOAT_TYPES or numel < opts.min_params:
+        return None
+    zeros = zero_fraction(tensor.numpy())
+    if zeros == 0:
+        return None
+    reader = next((use.node for use in value.uses()), None)
+    if value.is_graph_input():
+        return MatchFailure(Code.GRAPH_INPUT, "initializer is also a graph input (overridable)", reader)
+    if opset < MIN_OPSET:
+        return MatchFailure(Code.OPSET_TOO_OLD, f"opset {opset} < {MIN_OPSET} (BitShift, ScatterND)", reader)
+    if zeros < opts.min_sparsity:
+        return MatchFailure(Code.TOO_DENSE, f"{zeros:.1%} zeros < min_sparsity={opts.min_sparsity}", reader)
+    return PackSite(value, zeros)

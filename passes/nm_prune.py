@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sparsec.errors import OptionError
-from sparsec.pipeline import Kind, option, register
+from sparsec.pipeline import option, register
 from sparsec.sparsity import NMLayout
 from sparsec.targets import NM_2_4, NM_OTHER
 
@@ -28,8 +28,8 @@ from .prune import PruneOptions, WeightPrunePass
 
 @dataclass(frozen=True)
 class NMOptions(PruneOptions):
-    n: int = option(2, "non-zeros kept in each group", min=1, max=64)
-    m: int = option(4, "group size along the reduction axis", min=2, max=128)
+    n: int = option(2, "non-zeros kept in each group", min=1, max=64, search=(1, 2, 4))
+    m: int = option(4, "group size along the reduction axis", min=2, max=128, search=(4, 8))
 
     def validate(self) -> None:
         if self.n >= self.m:
@@ -42,7 +42,6 @@ class NMPrunePass(WeightPrunePass):
 
     id = "nm"
     summary = "N:M semi-structured pruning (2:4 default) along the reduction axis"
-    kind = Kind.LOSSY
     matches = "MatMul / Gemm / Conv with a constant float weight whose reduction size divides by M"
     Options = NMOptions
 

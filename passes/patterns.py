@@ -15,30 +15,85 @@ Matchers here:
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
 from sparsec.graph import ConstantRef, constant_ref, node_label
 
-# Stable skip codes. Tests and reports rely on these names.
-NOT_CONSTANT = "NOT_CONSTANT"  # the operand is computed at run time
-GRAPH_INPUT = "GRAPH_INPUT"  # an initializer that is also a graph input (overridable)
-QUANTIZED = "QUANTIZED"  # the weight comes out of DequantizeLinear
-DTYPE_UNSUPPORTED = "DTYPE_UNSUPPORTED"
-RANK_UNSUPPORTED = "RANK_UNSUPPORTED"
-NOT_DIVISIBLE = "NOT_DIVISIBLE"
-TOO_SMALL = "TOO_SMALL"
-SHARED_WEIGHT = "SHARED_WEIGHT"
-OUTPUT_LAYER = "OUTPUT_LAYER"
-NOT_SELECTED = "NOT_SELECTED"
-EXCLUDED = "EXCLUDED"
-ALREADY_SPARSE = "ALREADY_SPARSE"
-CUSTOM_DOMAIN = "CUSTOM_DOMAIN"
-COMPRESSED = "COMPRESSED"  # stored by the compress pass: prune before compressing
-IN_SUBGRAPH = "IN_SUBGRAPH"  # calibration cannot capture values inside If/Loop/Scan bodies
+
+class Code(str, enum.Enum):
+    """Why a site was skipped: one enumeration for every matcher and pass.
+
+    The names are stable (tests, reports and users' scripts rely on them); :attr:`meaning` is
+    the one-line explanation shown beside each code in summaries and reports.
+    """
+
+    NOT_LINEAR = "NOT_LINEAR"
+    NOT_CONSTANT = "NOT_CONSTANT"
+    GRAPH_INPUT = "GRAPH_INPUT"
+    QUANTIZED = "QUANTIZED"
+    DTYPE_UNSUPPORTED = "DTYPE_UNSUPPORTED"
+    RANK_UNSUPPORTED = "RANK_UNSUPPORTED"
+    NOT_DIVISIBLE = "NOT_DIVISIBLE"
+    TOO_SMALL = "TOO_SMALL"
+    SHARED_WEIGHT = "SHARED_WEIGHT"
+    OUTPUT_LAYER = "OUTPUT_LAYER"
+    NOT_SELECTED = "NOT_SELECTED"
+    EXCLUDED = "EXCLUDED"
+    ALREADY_SPARSE = "ALREADY_SPARSE"
+    CUSTOM_DOMAIN = "CUSTOM_DOMAIN"
+    COMPRESSED = "COMPRESSED"
+    IN_SUBGRAPH = "IN_SUBGRAPH"
+    METHOD_UNSUPPORTED = "METHOD_UNSUPPORTED"
+    NOT_A_REGION = "NOT_A_REGION"
+    ESCAPES = "ESCAPES"
+    UNKNOWN_LAYOUT = "UNKNOWN_LAYOUT"
+    NOTHING_TO_REMOVE = "NOTHING_TO_REMOVE"
+    TOO_DENSE = "TOO_DENSE"
+    OPSET_TOO_OLD = "OPSET_TOO_OLD"
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @property
+    def meaning(self) -> str:
+        return MEANINGS[self]
+
+
+MEANINGS: dict[Code, str] = {
+    Code.NOT_LINEAR: "the op is not a MatMul, Gemm or Conv",
+    Code.NOT_CONSTANT: "the weight is computed at run time, so it cannot be rewritten ahead of time",
+    Code.GRAPH_INPUT: "the weight is also a graph input: callers may override it at run time",
+    Code.QUANTIZED: "the weight comes out of DequantizeLinear (a quantized weight)",
+    Code.DTYPE_UNSUPPORTED: "the weight is not floating point",
+    Code.RANK_UNSUPPORTED: "the weight's rank does not fit the layout",
+    Code.NOT_DIVISIBLE: "the weight's shape does not divide into the layout's groups or tiles",
+    Code.TOO_SMALL: "fewer weights than min_params: pruning would not pay",
+    Code.SHARED_WEIGHT: "the weight is read by another node that needs it unchanged",
+    Code.OUTPUT_LAYER: "a head layer feeding a graph output (keep_output_layers=true keeps it dense)",
+    Code.NOT_SELECTED: "matches no include pattern",
+    Code.EXCLUDED: "matches an exclude pattern",
+    Code.ALREADY_SPARSE: "already in the layout: left bit-identical",
+    Code.CUSTOM_DOMAIN: "a custom-domain op sparsec does not know",
+    Code.COMPRESSED: "the weight is stored compressed: run pruning passes before compress",
+    Code.IN_SUBGRAPH: "inside an If/Loop/Scan body, where calibration cannot capture inputs",
+    Code.METHOD_UNSUPPORTED: "the method cannot score this weight layout",
+    Code.NOT_A_REGION: "not the exit of a region this pass rewrites (an FFN, attention block, conv chain)",
+    Code.ESCAPES: "a value inside the region is also read outside it",
+    Code.UNKNOWN_LAYOUT: "a constant or reshape inside the region has a layout sparsec does not understand",
+    Code.NOTHING_TO_REMOVE: "the ratio and multiple keep every unit",
+    Code.TOO_DENSE: "too few zeros for compression to pay",
+    Code.OPSET_TOO_OLD: "the model's opset lacks the ops the rewrite needs",
+}
+
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                          ir.DataType.DOUBLE})
@@ -47,9 +102,10 @@ LINEAR_OPS = ("MatMul", "Gemm", "Conv")
 
 @dataclass(frozen=True)
 class MatchFailure:
-    """Why a matcher did not match. Always falsy."""
+    """Why a matcher did not match: a code, the actual against the expected, and the node on
+    which the check failed. Always falsy, so ``if not match:`` reads naturally."""
 
-    code: str
+    code: Code
     message: str
     node: ir.Node | None = None
 
@@ -108,6 +164,10 @@ class LinearWeight:
     def op(self) -> str:
         return self.node.op_type
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (self.label, self.node.name or "", self.weight.name, self.op, "x".join(map(str, self.weight.shape)))
+
     def __bool__(self) -> bool:
         return True
 
@@ -117,79 +177,68 @@ def _int_attr(node: ir.Node, name: str, default: int) -> int:
     return default if attr is None or attr.is_ref() else int(attr.value)
 
 
-def _operand(node: ir.Node, index: int) -> tuple[ConstantRef | None, MatchFailure | None]:
+def constant_operand(node: ir.Node, index: int) -> ConstantRef | MatchFailure:
+    """The constant that input ``index`` of ``node`` reads, or why it is not one."""
     value = node.inputs[index] if index < len(node.inputs) else None
     if value is None:
-        return None, MatchFailure(NOT_CONSTANT, f"input {index} is missing", node)
+        return MatchFailure(Code.NOT_CONSTANT, f"input {index} is missing", node)
     if value.is_graph_input() and value.is_initializer():
-        return None, MatchFailure(
-            GRAPH_INPUT,
-            f"'{value.name}' is an initializer that is also a graph input: callers may"
-            " override it at run time, so it is not pruned",
-            node,
-        )
+        return MatchFailure(Code.GRAPH_INPUT, f"'{value.name}' is an initializer that is also a graph input:"
+                            " callers may override it at run time, so it is not rewritten", node)
     producer = value.producer()
     if producer is not None and producer.op_type == "DequantizeLinear":
-        return None, MatchFailure(
-            QUANTIZED, f"'{value.name}' comes out of DequantizeLinear (quantized weight)", node
-        )
+        return MatchFailure(Code.QUANTIZED, f"'{value.name}' comes out of DequantizeLinear (quantized weight)", node)
     ref = constant_ref(value)
     if ref is None:
-        return None, MatchFailure(NOT_CONSTANT, f"'{value.name}' is computed at run time", node)
-    return ref, None
+        return MatchFailure(Code.NOT_CONSTANT, f"'{value.name}' is computed at run time", node)
+    return ref
+
+
+def _weight_operand(node: ir.Node, first: int, second: int) -> tuple[ConstantRef, int] | MatchFailure:
+    """The constant among inputs ``first`` then ``second``; the failure of the usual position
+    (``first``) unless only ``second``'s failure says more than "computed at run time"."""
+    ref = constant_operand(node, first)
+    if not isinstance(ref, MatchFailure):
+        return ref, first
+    other = constant_operand(node, second)
+    if not isinstance(other, MatchFailure):
+        return other, second
+    return ref if ref.code != Code.NOT_CONSTANT else other
 
 
 def match_linear_weight(node: ir.Node) -> LinearWeight | MatchFailure:
     """Match a MatMul / Gemm / Conv with a constant floating-point weight."""
     if node.domain not in ("", "ai.onnx"):
-        return MatchFailure(CUSTOM_DOMAIN, f"op {node.domain}::{node.op_type} is not a standard op", node)
+        return MatchFailure(Code.CUSTOM_DOMAIN, f"op {node.domain}::{node.op_type} is not a standard op", node)
     op = node.op_type
+    if op not in LINEAR_OPS:
+        return MatchFailure(Code.NOT_LINEAR, f"op {op} is not a linear op ({', '.join(LINEAR_OPS)})", node)
+    found = constant_operand(node, 1) if op == "Conv" else _weight_operand(node, 1, 0)
+    if isinstance(found, MatchFailure):
+        return found
+    ref, index = (found, 1) if op == "Conv" else found
+    rank = len(ref.shape)
     if op == "MatMul":
-        ref, fail_b = _operand(node, 1)
-        index = 1
-        if ref is None:
-            ref, fail_a = _operand(node, 0)
-            index = 0
-            if ref is None:
-                # Report the reason for the usual weight position.
-                assert fail_b is not None
-                return fail_b if fail_b.code != NOT_CONSTANT else (fail_a or fail_b)
-        rank = len(ref.shape)
         if rank < 2:
-            return MatchFailure(RANK_UNSUPPORTED, f"weight '{ref.name}' has rank {rank}, expected >= 2", node)
+            return MatchFailure(Code.RANK_UNSUPPORTED, f"weight '{ref.name}' has rank {rank}, expected >= 2", node)
         # MatMul(X, W): W is (..., K, N); MatMul(W, X): W is (..., N, K).
         reduce_axis, out_axis = (rank - 2, rank - 1) if index == 1 else (rank - 1, rank - 2)
     elif op == "Gemm":
-        ref, fail = _operand(node, 1)
-        index = 1
-        if ref is None:
-            ref_a, _ = _operand(node, 0)
-            if ref_a is None:
-                assert fail is not None
-                return fail
-            ref, index = ref_a, 0
-        if len(ref.shape) != 2:
-            return MatchFailure(RANK_UNSUPPORTED, f"Gemm weight '{ref.name}' has rank {len(ref.shape)}", node)
+        if rank != 2:
+            return MatchFailure(Code.RANK_UNSUPPORTED, f"Gemm weight '{ref.name}' has rank {rank}, expected 2", node)
         if index == 1:  # B is (K, N), or (N, K) when transB
             reduce_axis = 1 if _int_attr(node, "transB", 0) else 0
         else:  # A is (M, K), or (K, M) when transA
             reduce_axis = 0 if _int_attr(node, "transA", 0) else 1
         out_axis = 1 - reduce_axis
-    elif op == "Conv":
-        ref, fail = _operand(node, 1)
-        index = 1
-        if ref is None:
-            assert fail is not None
-            return fail
-        if len(ref.shape) < 3:
-            return MatchFailure(RANK_UNSUPPORTED, f"Conv weight '{ref.name}' has rank {len(ref.shape)}", node)
+    else:
+        if rank < 3:
+            return MatchFailure(Code.RANK_UNSUPPORTED, f"Conv weight '{ref.name}' has rank {rank}, expected >= 3", node)
         # W is (C_out, C_in / groups, k...): products are summed over the input channels of
         # each group (and the kernel window); N:M groups run along the input channels.
         reduce_axis, out_axis = 1, 0
-    else:
-        return MatchFailure(NOT_CONSTANT, f"op {op} is not a linear op ({', '.join(LINEAR_OPS)})", node)
     if ref.dtype not in FLOAT_TYPES:
-        return MatchFailure(DTYPE_UNSUPPORTED, f"weight '{ref.name}' is {ref.dtype}, not floating point", node)
+        return MatchFailure(Code.DTYPE_UNSUPPORTED, f"weight '{ref.name}' is {ref.dtype}, not floating point", node)
     return LinearWeight(node, index, ref, reduce_axis, out_axis)
 
 
@@ -201,12 +250,8 @@ def check_shared_weight(site: LinearWeight) -> MatchFailure | None:
     for user, _ in users:
         other = match_linear_weight(user)
         if not other or other.weight.value is not site.weight.value or other.reduce_axis != site.reduce_axis:
-            return MatchFailure(
-                SHARED_WEIGHT,
-                f"weight '{site.weight.name}' is also read by {user.op_type} '{user.name}',"
-                " which does not accept the same layout",
-                site.node,
-            )
+            return MatchFailure(Code.SHARED_WEIGHT, f"weight '{site.weight.name}' is also read by"
+                                f" {user.op_type} '{user.name}', which does not accept the same layout", site.node)
     return None
 
 
@@ -227,13 +272,23 @@ def feeds_graph_output(node: ir.Node, model: ir.Model) -> bool:
     return False
 
 
-def select(site: LinearWeight, include: tuple[str, ...], exclude: tuple[str, ...]) -> MatchFailure | None:
-    """Apply include / exclude glob patterns to a site's label, node name, weight name, op type
-    and weight shape (written ``384x1536``)."""
-    names = (site.label, site.node.name or "", site.weight.name, site.op, "x".join(map(str, site.weight.shape)))
+class Selectable(Protocol):
+    """A matched site or region: the node it hangs on and the names include/exclude match."""
+
+    @property
+    def node(self) -> ir.Node: ...
+
+    @property
+    def names(self) -> tuple[str, ...]: ...
+
+
+def select(site: Selectable, include: tuple[str, ...], exclude: tuple[str, ...]) -> MatchFailure | None:
+    """Apply include / exclude glob patterns to a site's names (for a weight: module path, node
+    name, weight name, op type and weight shape written ``384x1536``)."""
+    names = site.names
     if include and not any(fnmatch.fnmatchcase(n, p) for p in include for n in names):
-        return MatchFailure(NOT_SELECTED, f"matches no include pattern ({'|'.join(include)})", site.node)
+        return MatchFailure(Code.NOT_SELECTED, f"matches no include pattern ({'|'.join(include)})", site.node)
     hit = next((p for p in exclude for n in names if fnmatch.fnmatchcase(n, p)), None)
     if hit is not None:
-        return MatchFailure(EXCLUDED, f"excluded by pattern '{hit}'", site.node)
+        return MatchFailure(Code.EXCLUDED, f"excluded by pattern '{hit}'", site.node)
     return None

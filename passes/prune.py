@@ -14,8 +14,8 @@ everything:
 
 Calibration-aware methods run sequentially: the sites are grouped by the value they read, in
 graph order; each group's input is captured with the weights pruned so far (one stage of
-:class:`~sparsec.calib.StagedRunner`), its statistics accumulated, and its weights pruned
-before the next group is captured.
+:class:`~sparsec.runtime.staged.StagedRunner`), its statistics accumulated, and its weights
+pruned before the next group is captured.
 """
 
 from __future__ import annotations
@@ -28,18 +28,19 @@ import onnx_ir as ir
 
 from sparsec.errors import OptionError
 from sparsec.graph import all_nodes, mark_changed
-from sparsec.pipeline import Pass, PassContext, PassOptions, PassRecord, SiteRecord, option
+from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option
 from sparsec.sparsity import Layout, zero_fraction
 
 from . import patterns, prune_methods
-from .patterns import LINEAR_OPS, LinearWeight, MatchFailure
+from .patterns import LINEAR_OPS, Code, LinearWeight, MatchFailure
 
 
 @dataclass(frozen=True)
 class PruneOptions(PassOptions):
     method: str = option("magnitude", "how weights are chosen: magnitude |W|; wanda |W|*||X||;"
                          " sparsegpt (OBS with reconstruction); wanda and sparsegpt need --calib",
-                         choices=prune_methods.METHODS)
+                         choices=prune_methods.METHODS, search=prune_methods.METHODS,
+                         calibrated=prune_methods.CALIBRATED, calibrated_default="sparsegpt")
     op_types: tuple[str, ...] = option(LINEAR_OPS, "op types whose constant weight is pruned",
                                        choices=LINEAR_OPS)
     include: tuple[str, ...] = option((), "glob patterns over module path, node name, weight name,"
@@ -63,43 +64,35 @@ class PruneOptions(PassOptions):
 @dataclass(frozen=True)
 class AllocationOptions(PruneOptions):
     allocation: str = option("uniform", "sparsity per layer: uniform, or owl (outlier-weighted;"
-                             " needs --calib)", choices=("uniform", "owl"))
+                             " needs --calib)", choices=("uniform", "owl"), search=("uniform", "owl"),
+                             calibrated=("owl",))
     owl_lambda: float = option(0.08, "owl: layers' sparsity stays within sparsity +- lambda", min=0.0, max=0.5)
     owl_m: float = option(5.0, "owl: a score is an outlier above m times its layer's mean", min=1.0)
 
 
-def skip(record: PassRecord, failure: MatchFailure, site: LinearWeight | None = None) -> None:
-    """Record a skipped site from a matcher failure."""
-    node = failure.node
-    record.sites.append(SiteRecord(
-        site=site.label if site else (patterns.node_label(node) if node else ""),
-        node=node.name if node else "",
-        action="skipped",
-        code=failure.code,
-        message=failure.message,
-        weight=site.weight.name if site else "",
-        shape=site.weight.shape if site else (),
-    ))
+def _skip(record: PassRecord, failure: MatchFailure, site: LinearWeight) -> None:
+    record.skip(failure, site=site.label, node=site.node, weight=site.weight.name, shape=site.weight.shape)
 
 
 class WeightPrunePass(Pass):
     """Base of the passes that zero weights of linear ops in a given layout."""
 
     Options = PruneOptions
+    kinds = (Kind.LOSSY,)
 
     @abc.abstractmethod
     def layout(self, sparsity: float | None = None) -> Layout:
         """The layout this pass makes (with another sparsity, for non-uniform allocation)."""
 
-    def needs_calibration(self) -> bool:
-        opts = self.options
-        return prune_methods.needs_calibration(opts.method) or getattr(opts, "allocation", "uniform") == "owl"
+    def match(self, model: ir.Model, ctx: PassContext, record: PassRecord) -> list[LinearWeight]:
+        return self.select_sites(model, record)
 
     def select_sites(self, model: ir.Model, record: PassRecord) -> list[LinearWeight]:
         """Every site this pass will prune; the others go into ``record`` as skipped."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
         layout = self.layout()
         calibrated = prune_methods.needs_calibration(opts.method)
+        uniform = getattr(opts, "allocation", "uniform") == "uniform"
         chosen: list[LinearWeight] = []
         seen_weights: set[ir.Value] = set()
         for node in all_nodes(model):
@@ -107,7 +100,7 @@ class WeightPrunePass(Pass):
                 continue
             site = patterns.match_linear_weight(node)
             if not site:
-                skip(record, site)
+                record.skip(site, node=node)
                 continue
             if site.weight.value in seen_weights:
                 continue  # a shared weight accepted through another reader: pruned once
@@ -121,10 +114,11 @@ class WeightPrunePass(Pass):
                 lambda: self._output_layer(site, model) if opts.keep_output_layers else None,
                 lambda: prune_methods.supports(site, opts.method),
                 lambda: self._in_subgraph(site, model) if calibrated else None,
+                lambda: self._already(site, layout) if uniform else None,
             )
             failure = next((f for f in (check() for check in checks) if f is not None), None)
             if failure is not None:
-                skip(record, failure, site)
+                _skip(record, failure, site)
                 continue
             seen_weights.add(site.weight.value)
             chosen.append(site)
@@ -132,8 +126,8 @@ class WeightPrunePass(Pass):
 
     @staticmethod
     def _compressed(site: LinearWeight) -> MatchFailure | None:
-        if site.weight.compressed is not None:
-            return MatchFailure(patterns.COMPRESSED, f"'{site.weight.name}' is stored compressed;"
+        if site.weight.packed is not None:
+            return MatchFailure(Code.COMPRESSED, f"'{site.weight.name}' is stored compressed;"
                                 " run pruning passes before compress", site.node)
         return None
 
@@ -141,21 +135,28 @@ class WeightPrunePass(Pass):
     def _size_check(site: LinearWeight, min_params: int) -> MatchFailure | None:
         params = int(np.prod(site.weight.shape))
         if params < min_params:
-            return MatchFailure(patterns.TOO_SMALL, f"{params} weights < min_params={min_params}", site.node)
+            return MatchFailure(Code.TOO_SMALL, f"{params} weights < min_params={min_params}", site.node)
         return None
 
     @staticmethod
     def _admits(site: LinearWeight, layout: Layout) -> MatchFailure | None:
         reason = layout.admits(*site.matrix_shape)
         if reason:
-            return MatchFailure(patterns.NOT_DIVISIBLE, f"'{site.weight.name}': {reason}", site.node)
+            return MatchFailure(Code.NOT_DIVISIBLE, f"'{site.weight.name}': {reason}", site.node)
+        return None
+
+    @staticmethod
+    def _already(site: LinearWeight, layout: Layout) -> MatchFailure | None:
+        """A weight already in the layout is left bit-identical (and costs no calibration)."""
+        if layout.complies(site.to_matrix(site.weight.numpy())):
+            return MatchFailure(Code.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node)
         return None
 
     @staticmethod
     def _output_layer(site: LinearWeight, model: ir.Model) -> MatchFailure | None:
         if patterns.feeds_graph_output(site.node, model):
             return MatchFailure(
-                patterns.OUTPUT_LAYER,
+                Code.OUTPUT_LAYER,
                 "feeds a graph output directly (head layer); set keep_output_layers=false to prune it",
                 site.node,
             )
@@ -164,7 +165,7 @@ class WeightPrunePass(Pass):
     @staticmethod
     def _in_subgraph(site: LinearWeight, model: ir.Model) -> MatchFailure | None:
         if site.node.graph is not model.graph:
-            return MatchFailure(patterns.IN_SUBGRAPH, "calibration cannot capture inputs inside"
+            return MatchFailure(Code.IN_SUBGRAPH, "calibration cannot capture inputs inside"
                                 " an If/Loop/Scan body", site.node)
         return None
 
@@ -192,12 +193,10 @@ class WeightPrunePass(Pass):
     def _owl_layouts(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
                      record: PassRecord) -> dict[int, Layout]:
         """OWL: per-layer sparsity from the outliers of Wanda scores on the dense model."""
-        from sparsec.calib import StagedRunner
-
         from .allocation import owl_allocation
 
         opts = self.options
-        runner = StagedRunner(model, ctx.calibration.feeds, progress=ctx.progress)
+        runner = ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
         norms: dict[int, np.ndarray] = {}
         for value, group in ctx.progress.track(list(_groups(sites).items()), f"{self.id}: OWL statistics"):
             stats = prune_methods.group_statistics(group, ctx.calibration.feeds, runner.capture(value),
@@ -210,17 +209,15 @@ class WeightPrunePass(Pass):
 
     def _run_sequential(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
                         record: PassRecord, layouts: dict[int, Layout]) -> None:
-        from sparsec.calib import StagedRunner
-
         opts: PruneOptions = self.options  # type: ignore[assignment]
         device = prune_methods.resolve_device(opts.device)
         groups = _groups(sites)
         feeds = ctx.calibration.feeds
-        runner = StagedRunner(model, feeds, progress=ctx.progress)
+        runner = ctx.runner.staged(model, feeds, progress=ctx.progress)
         dense = None
         if opts.method == "sparsegpt" and opts.targets == "dense":
             # The same graph with the original weights: the dense model, run in lock-step.
-            dense = StagedRunner(model, feeds, overrides={s.weight.value: s.weight.tensor for s in sites})
+            dense = ctx.runner.staged(model, feeds, overrides={s.weight.value: s.weight.tensor for s in sites})
         tokens = 0
         for value, group in ctx.progress.track(list(groups.items()), f"{self.id}: {opts.method},"
                                                f" {len(sites)} weights in {len(groups)} groups", total=len(groups)):
@@ -241,9 +238,8 @@ class WeightPrunePass(Pass):
         array = site.weight.numpy()
         matrix = site.to_matrix(array)
         before = zero_fraction(array)
-        if layout.complies(matrix):
-            skip(record, MatchFailure(
-                patterns.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
+        if layout.complies(matrix):  # with a non-uniform allocation, known only now
+            _skip(record, MatchFailure(Code.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
             return
         result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout, statistic,
                                             blocksize=opts.blocksize, damp=opts.damp)
@@ -252,7 +248,6 @@ class WeightPrunePass(Pass):
         else:
             new_matrix = result.values.astype(array.dtype)
         pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
-        assert pruned.shape == array.shape and pruned.dtype == array.dtype
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")

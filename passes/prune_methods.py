@@ -24,11 +24,10 @@ import numpy as np
 from sparsec.errors import InputError
 from sparsec.sparsity import BlockLayout, Layout, NMLayout, UnstructuredLayout
 
-from . import patterns
-from .patterns import LinearWeight, MatchFailure
+from .patterns import Code, LinearWeight, MatchFailure
 
-METHOD_UNSUPPORTED = "METHOD_UNSUPPORTED"
 METHODS = ("magnitude", "wanda", "sparsegpt")
+CALIBRATED = ("wanda", "sparsegpt")  # methods that need calibration data
 
 
 @dataclass
@@ -40,7 +39,7 @@ class PruneResult:
 
 
 def needs_calibration(method: str) -> bool:
-    return method in ("wanda", "sparsegpt")
+    return method in CALIBRATED
 
 
 # --- calibration statistics ------------------------------------------------------------------
@@ -51,15 +50,15 @@ def supports(site: LinearWeight, method: str) -> MatchFailure | None:
         return None
     rank = len(site.weight.shape)
     if site.op == "MatMul" and (site.input_index == 0 or rank != 2):
-        return MatchFailure(METHOD_UNSUPPORTED, f"{method} supports 2-D MatMul weights on the right"
+        return MatchFailure(Code.METHOD_UNSUPPORTED, f"{method} supports 2-D MatMul weights on the right"
                             " (X @ W) only; this one is batched or on the left", site.node)
     if site.op == "Conv":
         group = site.node.attributes.get("group")
         if (group is not None and int(group.value) != 1) or rank != 4:
-            return MatchFailure(METHOD_UNSUPPORTED, f"{method} supports 2-D convolutions with"
+            return MatchFailure(Code.METHOD_UNSUPPORTED, f"{method} supports 2-D convolutions with"
                                 " group=1 only", site.node)
     if len(site.weight.users) > 1:
-        return MatchFailure(patterns.SHARED_WEIGHT, f"{method} needs one reader per weight;"
+        return MatchFailure(Code.SHARED_WEIGHT, f"{method} needs one reader per weight;"
                             f" '{site.weight.name}' has {len(site.weight.users)}", site.node)
     return None
 

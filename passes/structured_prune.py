@@ -19,7 +19,6 @@ ESCAPES, UNKNOWN_LAYOUT in the record).
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -28,21 +27,23 @@ from typing import ClassVar
 import numpy as np
 import onnx_ir as ir
 
-from sparsec.errors import OptionError
+from sparsec.errors import OptionError, PassError
 from sparsec.graph import add_constant, constant_ref, fresh_name, mark_changed
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
 from sparsec.targets import STRUCTURED
 
 from . import structured_patterns as sp
-from .patterns import MatchFailure
+from .patterns import Code, MatchFailure, select
 
 
 @dataclass(frozen=True)
 class StructuredOptions(PassOptions):
-    ratio: float = option(0.25, "fraction of units removed in each region", min=0.0, max=0.95)
+    ratio: float = option(0.25, "fraction of units removed in each region", min=0.0, max=0.95,
+                          search=(0.125, 0.25, 0.375, 0.5))
     method: str = option("magnitude", "unit scores: magnitude (weight norms) or activation"
                          " (activation norms on calibration data x exit weight norms)",
-                         choices=("magnitude", "activation"))
+                         choices=("magnitude", "activation"), calibrated=("activation",),
+                         calibrated_default="activation")
     multiple: int = option(8, "kept units are rounded up to a multiple of this", min=1)
     reconstruct: bool = option(True, "activation method: refit the exit weight by least squares")
     damp: float = option(0.01, "reconstruct: dampening as a fraction of the mean Gram diagonal",
@@ -69,64 +70,52 @@ def _unit_index(kept: np.ndarray, unit: int) -> np.ndarray:
 class StructuredPass(Pass):
     """Base: find regions, score units, remove the lowest-scoring ones, record."""
 
-    kind = Kind.LOSSY
+    kinds = (Kind.LOSSY,)
     exit_ops: ClassVar[tuple[str, ...]] = ("MatMul",)
     Options = StructuredOptions
 
     def sparse_form(self) -> str:
         return STRUCTURED
 
-    def needs_calibration(self) -> bool:
-        return self.options.method == "activation"
-
-    def match(self, node: ir.Node) -> sp.Region | MatchFailure:
+    def match_region(self, node: ir.Node, model: ir.Model) -> sp.Region | MatchFailure:
         raise NotImplementedError
 
-    def regions(self, model: ir.Model, record: PassRecord) -> list[sp.Region]:
+    def match(self, model: ir.Model, ctx: PassContext, record: PassRecord) -> list[sp.Region]:
+        """Every region whose units can go; the other candidate exits are recorded with a code."""
         opts: StructuredOptions = self.options  # type: ignore[assignment]
         found = []
-        unmatched: Counter[str] = Counter()
         for node in model.graph:
             if node.op_type not in self.exit_ops:
                 continue
-            region = self.match(node)
+            region = self.match_region(node, model)
             if not region:
-                unmatched[region.message.split(" node '")[0]] += 1
-                if region.code != sp.NOT_A_REGION:
-                    record.sites.append(SiteRecord(site=node.name or "", node=node.name or "", action="skipped",
-                                                   code=region.code, message=region.message))
+                record.skip(region, node=node)
                 continue
-            if any(t.ref.compressed is not None for t in region.tensors()):
-                record.sites.append(SiteRecord(site=region.label, node=node.name or "", action="skipped",
-                                               code="COMPRESSED", message="weights are stored compressed;"
-                                               " run structured passes before compress"))
-                continue
-            names = (region.label, node.name or "")
-            if (opts.include and not any(fnmatch.fnmatchcase(n, p) for p in opts.include for n in names)) or \
-                    any(fnmatch.fnmatchcase(n, p) for p in opts.exclude for n in names):
-                record.sites.append(SiteRecord(site=region.label, node=node.name or "", action="skipped",
-                                               code="NOT_SELECTED", message="include/exclude patterns"))
+            packed = next((t.ref for t in region.tensors() if t.ref.packed is not None), None)
+            failure = select(region, opts.include, opts.exclude) or (MatchFailure(
+                Code.COMPRESSED, f"'{packed.name}' is stored compressed; run structured passes before"
+                " compress", node) if packed is not None else None)
+            if failure is not None:
+                record.skip(failure, site=region.label, node=node)
                 continue
             found.append(region)
-        if not found and unmatched:
-            reasons = "; ".join(f"{n} x {why}" for why, n in unmatched.most_common(3))
-            record.notes.append(f"no region matched among {sum(unmatched.values())} {'/'.join(self.exit_ops)}"
-                                f" nodes; most common reasons: {reasons}")
+        if not found and record.skipped:
+            common = Counter(s.code for s in record.skipped).most_common(3)
+            record.notes.append(f"no region matched among {len(record.skipped)} {'/'.join(self.exit_ops)} nodes;"
+                                f" codes: {', '.join(f'{code} x {n}' for code, n in common)}")
         return found
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassRecord:
         opts: StructuredOptions = self.options  # type: ignore[assignment]
         record = self.new_record()
-        regions = self.regions(model, record)
+        regions = self.match(model, ctx, record)
         if opts.method == "magnitude":
             for region in ctx.progress.track(regions, f"{self.id}: {len(regions)} regions", total=len(regions)):
                 self.apply(region, self.magnitude_scores(region), None, record)
             return record
         if ctx.calibration is None:
             raise OptionError(f"{self.id}: method 'activation' needs --calib")
-        from sparsec.calib import StagedRunner
-
-        runner = StagedRunner(model, ctx.calibration.feeds, progress=ctx.progress)
+        runner = ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
         for region in ctx.progress.track(regions, f"{self.id}: {len(regions)} regions", total=len(regions)):
             sq, gram = None, None
             features = region.exit.ref.shape[region.exit.axis]
@@ -136,7 +125,9 @@ class StructuredPass(Pass):
                 if opts.reconstruct and region.kind != "channels":
                     g = a.T.astype(np.float64) @ a
                     gram = g if gram is None else gram + g
-            assert sq is not None and sq.shape == (features,)
+            if sq is None or sq.shape != (features,):
+                raise PassError(f"{self.id}: captured {None if sq is None else sq.shape} features at"
+                                f" '{region.exit_input.name}', expected ({features},)")
             per_unit = sq.reshape(region.units, -1).sum(1)
             scores = np.sqrt(per_unit) * self._exit_norms(region)
             kept = self.apply(region, scores, gram, record)
@@ -165,8 +156,8 @@ class StructuredPass(Pass):
         opts: StructuredOptions = self.options  # type: ignore[assignment]
         keep = _keep_count(region.units, opts.ratio, opts.multiple)
         if keep >= region.units:
-            record.sites.append(SiteRecord(site=region.label, node=region.exit_node.name or "", action="skipped",
-                                           code="NOTHING_TO_REMOVE", message=f"keeps all {region.units} units"))
+            record.skip(MatchFailure(Code.NOTHING_TO_REMOVE, f"keeps all {region.units} units", region.exit_node),
+                        site=region.label)
             return None
         kept = np.sort(np.argsort(-scores, kind="stable")[:keep])
         params_before = sum(int(np.prod(s.ref.shape)) for s in region.tensors())
@@ -257,7 +248,7 @@ class FfnNeuronsPass(StructuredPass):
     matches = "MatMul(s) -> element-wise ops -> MatMul with constant weights, hidden values read nowhere else"
     unit_name = "neurons"
 
-    def match(self, node):
+    def match_region(self, node, model):
         return sp.match_ffn(node)
 
 
@@ -269,8 +260,8 @@ class AttentionHeadsPass(StructuredPass):
     unit_name = "KV groups (heads)"
     Options = HeadOptions
 
-    def match(self, node):
-        return sp.match_attention(node)
+    def match_region(self, node, model):
+        return sp.match_attention(node, model)
 
 
 @register
@@ -281,5 +272,5 @@ class ConvChannelsPass(StructuredPass):
     exit_ops = ("Conv",)
     unit_name = "channels"
 
-    def match(self, node):
+    def match_region(self, node, model):
         return sp.match_conv_channels(node)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sparsec.pipeline import Kind, option, register
+from sparsec.pipeline import option, register
 from sparsec.sparsity import UnstructuredLayout
 from sparsec.targets import UNSTRUCTURED
 
@@ -24,7 +24,7 @@ from .prune import AllocationOptions, WeightPrunePass
 @dataclass(frozen=True)
 class UnstructuredOptions(AllocationOptions):
     sparsity: float = option(0.5, "fraction of zeros in each pruned weight (the mean over layers"
-                             " with allocation=owl)", min=0.01, max=0.99)
+                             " with allocation=owl)", min=0.01, max=0.99, search=(0.3, 0.5, 0.7))
 
 
 @register
@@ -33,7 +33,6 @@ class UnstructuredPrunePass(WeightPrunePass):
 
     id = "unstructured"
     summary = "unstructured pruning to a given fraction of zeros"
-    kind = Kind.LOSSY
     matches = "MatMul / Gemm / Conv with a constant float weight"
     Options = UnstructuredOptions
 

@@ -1,8 +1,11 @@
 """Side-by-side timing of models in ONNX Runtime: the one way sparsec measures speed.
 
-Models are timed interleaved (model A run, model B run, ... repeated), after warm-up runs, and
-reported as the median of the repeats, so machine noise hits every model alike. Ratios are
-what to report, never absolute times from a shared machine.
+Models are timed interleaved (A, B, C, A, B, C, ...) after warm-up runs, so machine noise hits
+every model alike. Speed is reported as ratios against a baseline: for each round, the
+baseline's time over the model's time; the ratio's median and its p10-p90 spread over rounds.
+:func:`compare_speed` repeats rounds until the spread of every ratio is within ``tolerance`` of
+its median (or ``max_repeats`` is reached, and then says that the ratio is not stable).
+Absolute times from a shared machine are reported but never the point.
 """
 
 from __future__ import annotations
@@ -10,12 +13,13 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-from .session import create_session, run
+from .session import Runner, cpu_runner
 
 
 @dataclass
@@ -27,43 +31,123 @@ class Timing:
     load_ms: float  # session creation (graph optimizations, constant folding)
 
 
-def time_models(models: Mapping[str, str | os.PathLike], feeds: Mapping[str, np.ndarray], *,
-                warmup: int = 3, repeats: int = 15, threads: int | None = None) -> dict[str, Timing]:
-    """Median latency of each model on the same ``feeds``, measured interleaved."""
+@dataclass
+class Ratio:
+    """Baseline time / model time, per round."""
+
+    label: str
+    median: float
+    p10: float
+    p90: float
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the relative width of the ratio's middle 80%."""
+        return (self.p90 - self.p10) / self.median if self.median else float("inf")
+
+
+@dataclass
+class SpeedComparison:
+    baseline: str
+    timings: dict[str, Timing]
+    ratios: dict[str, Ratio]
+    repeats: int
+    stable: bool  # every ratio's spread within the tolerance
+    tolerance: float
+    threads: int
+    providers: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def line(self, label: str) -> str:
+        r, t, b = self.ratios[label], self.timings[label], self.timings[self.baseline]
+        stable = "" if self.stable else f"; NOT STABLE: spread above {self.tolerance:.0%} after {self.repeats} rounds"
+        return (f"{r.median:.2f}x (p10-p90 {r.p10:.2f}-{r.p90:.2f}x over {self.repeats} rounds{stable};"
+                f" {b.median_ms:.2f} -> {t.median_ms:.2f} ms median, {self.threads} threads)")
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q = statistics.quantiles(values, n=10)
+    return statistics.median(values), q[0], q[-1]
+
+
+def compare_speed(models: Mapping[str, str | os.PathLike], feed: Mapping[str, np.ndarray], *,
+                  baseline: str | None = None, runner: Runner | None = None, threads: int | None = None,
+                  warmup: int = 3, min_repeats: int = 15, max_repeats: int = 60, tolerance: float = 0.2,
+                  batch: int = 5) -> SpeedComparison:
+    """Time ``models`` interleaved on ``feed``; ratios against ``baseline`` (default: the first).
+
+    Rounds are added ``batch`` at a time after ``min_repeats`` until every ratio's p10-p90 spread
+    is at most ``tolerance`` times its median, or ``max_repeats`` rounds were run.
+    """
+    runner = runner or cpu_runner()
+    threads = threads or runner.threads or os.cpu_count() or 1
+    baseline = baseline or next(iter(models))
     sessions, load = {}, {}
     for label, path in models.items():
         start = time.perf_counter()
-        sessions[label] = create_session(path, threads=threads)
+        sessions[label] = runner.session(path, threads=threads)
         load[label] = (time.perf_counter() - start) * 1e3
     for _ in range(warmup):
         for session in sessions.values():
-            run(session, feeds)
+            runner.run(session, feed)
     samples: dict[str, list[float]] = {label: [] for label in sessions}
-    for _ in range(repeats):
+
+    def one_round() -> None:
         for label, session in sessions.items():
             start = time.perf_counter()
-            run(session, feeds)
+            runner.run(session, feed)
             samples[label].append((time.perf_counter() - start) * 1e3)
-    out = {}
+
+    def ratios() -> dict[str, Ratio]:
+        base = samples[baseline]
+        out = {}
+        for label, values in samples.items():
+            med, p10, p90 = _quantiles([b / v for b, v in zip(base, values)])
+            out[label] = Ratio(label, med, p10, p90)
+        return out
+
+    for _ in range(min_repeats):
+        one_round()
+    current = ratios()
+    while any(r.spread > tolerance for r in current.values()) and len(samples[baseline]) < max_repeats:
+        for _ in range(batch):
+            one_round()
+        current = ratios()
+    timings = {}
     for label, values in samples.items():
-        q = statistics.quantiles(values, n=10) if len(values) >= 2 else [values[0]] * 9
-        out[label] = Timing(label, statistics.median(values), q[0], q[-1], load[label])
-    return out
+        med, p10, p90 = _quantiles(values)
+        timings[label] = Timing(label, med, p10, p90, load[label])
+    stable = all(r.spread <= tolerance for r in current.values())
+    return SpeedComparison(baseline, timings, current, len(samples[baseline]), stable, tolerance, threads,
+                           runner.provider_names)
+
+
+def time_models(models: Mapping[str, str | os.PathLike], feeds: Mapping[str, np.ndarray], *,
+                warmup: int = 3, repeats: int = 15, threads: int | None = None) -> dict[str, Timing]:
+    """Median latency of each model on the same ``feeds``, measured interleaved (fixed rounds)."""
+    result = compare_speed(models, feeds, threads=threads, warmup=warmup, min_repeats=repeats,
+                           max_repeats=repeats)
+    return result.timings
 
 
 def time_session_creation(models: Mapping[str, str | os.PathLike], *, repeats: int = 5,
                           threads: int | None = None) -> dict[str, float]:
     """Median session-creation time in ms per model, interleaved."""
+    runner = cpu_runner(threads)
     samples: dict[str, list[float]] = {label: [] for label in models}
     for _ in range(repeats):
         for label, path in models.items():
             start = time.perf_counter()
-            create_session(path, threads=threads)
+            runner.session(path)
             samples[label].append((time.perf_counter() - start) * 1e3)
     return {label: statistics.median(v) for label, v in samples.items()}
 
 
-def ratio_table(timings: Sequence[Timing], baseline: str) -> list[str]:
+def ratio_table(timings, baseline: str) -> list[str]:
     base = next(t for t in timings if t.label == baseline).median_ms
     lines = ["| model | median ms | p10-p90 ms | speedup |", "|---|---|---|---|"]
     for t in timings:

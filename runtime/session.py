@@ -1,26 +1,34 @@
 """The one way sparsec creates and runs ONNX Runtime sessions.
 
-Everything that runs a model (verification, calibration, benchmarks) goes through
-:func:`create_session` and :func:`run`, so providers, threads and error messages are handled
-in one place. ORT's multi-line errors become a one-line :class:`RuntimeFailure`.
+Everything that runs a model (verification, calibration, benchmarks, sweeps) goes through a
+:class:`Runner`: it holds the execution providers of the target (those this onnxruntime build
+has; the others are named in ``notes``), the thread count and the session options, and it
+creates sessions, runs them (plainly or through IOBinding, which lets an input and an output
+share one buffer), and runs a model in stages (:meth:`Runner.staged`). ORT's multi-line errors
+become a one-line :class:`~sparsec.errors.RuntimeFailure`, and ORT's own log lines stay off the
+user's terminal.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from sparsec.errors import RuntimeFailure
 
 CPU = "CPUExecutionProvider"
+Provider = str | tuple[str, dict[str, Any]]
 
 
 def _ort():
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # errors only: ORT's warnings are not the user's business
     return ort
 
 
@@ -36,10 +44,14 @@ def available_providers() -> list[str]:
     return list(_ort().get_available_providers())
 
 
+def provider_name(provider: Provider) -> str:
+    return provider if isinstance(provider, str) else provider[0]
+
+
 def create_session(
     model: str | os.PathLike | bytes,
     *,
-    providers: Sequence[str | tuple[str, dict]] = (CPU,),
+    providers: Sequence[Provider] = (CPU,),
     threads: int | None = None,
     optimize: bool = True,
     log_severity: int = 3,
@@ -65,8 +77,7 @@ def create_session(
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     available = set(ort.get_available_providers())
-    names = [p[0] if isinstance(p, tuple) else p for p in providers]
-    missing = [n for n in names if n not in available]
+    missing = [provider_name(p) for p in providers if provider_name(p) not in available]
     if missing:
         raise RuntimeFailure(
             f"execution provider {missing[0]} is not available in this onnxruntime build"
@@ -88,3 +99,93 @@ def run(session, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | 
     except Exception as exc:
         raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_one_line(exc)}") from None
     return dict(zip(names, values))
+
+
+def run_bound(session, feeds: Mapping[str, np.ndarray], *, shared: Mapping[str, str] | None = None,
+              output_names: Sequence[str] | None = None, device: str = "cpu", device_id: int = 0
+              ) -> dict[str, np.ndarray]:
+    """Run ``session`` through IOBinding; ``shared`` maps an input to the output that writes into
+    the same buffer (ORT's SparseAttention and GQA's shared past/present KV cache need that).
+
+    Inputs are copied to ``device`` once; outputs not shared are allocated by ORT there.
+    """
+    ort = _ort()
+    shared = dict(shared or {})
+    names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    try:
+        binding = session.io_binding()
+        values = {}
+        for name, array in feeds.items():
+            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
+            binding.bind_ortvalue_input(name, values[name])
+        for name in names:
+            source = next((i for i, o in shared.items() if o == name), None)
+            if source is not None:
+                binding.bind_ortvalue_output(name, values[source])
+            else:
+                binding.bind_output(name, device, device_id)
+        session.run_with_iobinding(binding)
+        outputs = binding.copy_outputs_to_cpu()
+    except Exception as exc:
+        raise RuntimeFailure(f"ONNX Runtime failed to run the model: {_one_line(exc)}") from None
+    return dict(zip(names, outputs))
+
+
+@dataclass
+class Runner:
+    """How one compile (or verify, sweep, bench) runs models: providers, threads, options.
+
+    Build it with :meth:`for_providers` (or ``Target.runner()``): providers this onnxruntime
+    build lacks are dropped and named in ``notes``, the CPU provider always stays last.
+    """
+
+    providers: tuple[Provider, ...] = (CPU,)
+    threads: int | None = None
+    optimize: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_providers(cls, wanted: Sequence[Provider], *, threads: int | None = None,
+                      what: str = "") -> Runner:
+        available = set(available_providers())
+        kept = [p for p in wanted if provider_name(p) in available]
+        dropped = [provider_name(p) for p in wanted if provider_name(p) not in available]
+        if not any(provider_name(p) == CPU for p in kept):
+            kept.append(CPU)
+        notes = []
+        if dropped:
+            notes.append(f"{', '.join(dropped)} not available in this onnxruntime build:"
+                         f" {what or 'models'} ran on {', '.join(provider_name(p) for p in kept)}")
+        return cls(tuple(kept), threads, True, notes)
+
+    @property
+    def provider_names(self) -> list[str]:
+        return [provider_name(p) for p in self.providers]
+
+    @property
+    def on_gpu(self) -> bool:
+        return any(n in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for n in self.provider_names)
+
+    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None):
+        return create_session(model, providers=self.providers, threads=threads or self.threads,
+                              optimize=self.optimize)
+
+    def run(self, session, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
+            *, shared: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        """Run a session of this runner; with ``shared`` through IOBinding (on the GPU when the
+        runner has a GPU provider)."""
+        if shared:
+            device = "cuda" if self.on_gpu else "cpu"
+            return run_bound(session, feeds, shared=shared, output_names=output_names, device=device)
+        return run(session, feeds, output_names)
+
+    def staged(self, model, feeds, *, overrides=None, progress=None):
+        """A :class:`~sparsec.runtime.staged.StagedRunner` of ``model`` on these providers."""
+        from .staged import StagedRunner
+
+        return StagedRunner(model, feeds, runner=self, overrides=overrides, progress=progress)
+
+
+def cpu_runner(threads: int | None = None) -> Runner:
+    """The runner of everything that has no target: the CPU provider."""
+    return Runner((CPU,), threads)

@@ -7,9 +7,9 @@ an internal error. Errors are one line on stderr (``sparsec: error: ...``), neve
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +78,20 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
               help="Replay a recipe (YAML/JSON: target, passes, budget, calibration, verification).")
 @click.option("--save-recipe", type=click.Path(dir_okay=False), default=None,
               help="Write this compile as a recipe (YAML or JSON by extension).")
-@click.option("--benchmark", is_flag=True, help="Also time original and compiled side by side on the CPU.")
+@click.option("--benchmark", is_flag=True, help="Also time original and compiled side by side on the target's providers.")
 @_inputs_option
 @_dim_option
 @_seed_option
 @_samples_option
 @click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
-              help="Fidelity budget: fail and write nothing when an output's cosine falls below it.")
+              help="Fidelity budget: every output's cosine against the original must reach this.")
+@click.option("--min-embedding-cosine", type=click.FloatRange(-1.0, 1.0), default=None,
+              help="Fidelity budget for encoders with real evaluation data: mean sentence-embedding cosine.")
+@click.option("--max-ppl-increase", "max_ppl_ratio", type=click.FloatRange(1.0), default=None,
+              help="Fidelity budget for decoders with real evaluation text: perplexity at most this times"
+              " the original's (e.g. 1.2).")
+@click.option("--best-effort", is_flag=True,
+              help="Write the result even when it falls below its fidelity budget (exit 0).")
 @click.option("--calib", default=None, metavar="SOURCE",
               help="Calibration data for wanda / sparsegpt / activation scores: a .npz of input sets, a"
               " text file (with --tokenizer), or 'builtin' (example models; their default).")
@@ -95,78 +102,89 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads for verification.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads.")
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
-                dims, seed, samples, min_cosine, calib, calib_samples, calib_seqlen, tokenizer, verify_each,
-                threads, as_json) -> None:
+                dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
+                calib_samples, calib_seqlen, tokenizer, verify_each, threads, as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
-    from sparsec.recipe import load_recipe, recipe_from, save_recipe as write_recipe
-    from sparsec.verify import parse_dims
+    from sparsec.errors import VerificationError
+    from sparsec.feeds import parse_dims
+    from sparsec.recipe import Recipe, load_recipe
 
     progress = _progress()
     if (model is None) == (example is None):
         raise click.UsageError("give either MODEL or --example NAME")
-    dim_values = parse_dims(dims)
     if recipe is not None:
         ctx = click.get_current_context()
-        given = [name for name in ("target", "passes", "min_cosine", "calib", "calib_samples", "calib_seqlen",
-                                   "tokenizer", "seed", "samples", "dims")
-                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        given = [name for name in _RECIPE_FLAGS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
             raise click.UsageError(f"--recipe replays a compile exactly; do not also give --{given[0].replace('_', '-')}")
-        r = load_recipe(recipe)
-        target, passes, min_cosine = r.target, r.pass_objects(), r.budget.get("min_cosine")
-        calib, calib_samples = r.calibration.get("source"), r.calibration.get("samples")
-        calib_seqlen, tokenizer = r.calibration.get("seqlen"), r.calibration.get("tokenizer")
-        seed, samples = r.verification.get("seed", 0), r.verification.get("samples", 2)
-        dim_values = dict(r.verification.get("dims") or {})
+        the_recipe = load_recipe(recipe)
+    else:
+        the_recipe = Recipe.from_options(
+            target=target, passes=passes, min_cosine=min_cosine, min_embedding_cosine=min_embedding_cosine,
+            max_ppl_ratio=max_ppl_ratio, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+            tokenizer=tokenizer, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs)
     if example is not None:
         from sparsec.models import build
 
         model = build(example, progress=progress)
         output = output or f"{example}.sparse.onnx"
-    result = run_compile(model, target=target, passes=passes, output=output, report=list(reports) or None,
-                         inputs=inputs, dims=dim_values, seed=seed, samples=samples,
-                         min_cosine=min_cosine, calib=calib, calib_samples=calib_samples,
-                         calib_seqlen=calib_seqlen, tokenizer=tokenizer, verify_each=verify_each,
-                         benchmark=benchmark, progress=progress, threads=threads)
-    if save_recipe:
-        write_recipe(recipe_from(result.target, result.plan.passes, min_cosine=min_cosine, calib=calib,
-                                 calib_samples=calib_samples, calib_seqlen=calib_seqlen, tokenizer=tokenizer,
-                                 seed=seed, samples=samples, dims=dim_values), save_recipe)
+    show_plan = None if as_json else (lambda plan: [_echo(line) for line in plan.lines() + [""]])
+    try:
+        result = run_compile(model, the_recipe, output=output, report=list(reports) or None, save_recipe=save_recipe,
+                             benchmark=benchmark, verify_each=verify_each, best_effort=best_effort,
+                             progress=progress, threads=threads, on_plan=show_plan)
+    except VerificationError as exc:
+        if exc.result is not None and not as_json:
+            _print_compile(exc.result)
+        raise
     if as_json:
         _print_json(result.report())
         return
     _print_compile(result)
 
 
+_RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "calib", "calib_samples",
+                 "calib_seqlen", "tokenizer", "seed", "samples", "dims", "inputs")
+
+
 def _print_compile(result) -> None:
     from sparsec.compiler import summary_rows
-    from sparsec.report import format_table, human_bytes
+    from sparsec.report import format_table, human_bytes, skip_legend
 
-    for line in result.plan.lines():
-        _echo(line)
-    _echo()
     rows = summary_rows(result)
     if rows:
-        for line in format_table(rows, ["pass", "kind", "matched", "changed", "skipped", "params", "sparsity", "seconds"]):
+        for line in format_table(rows, ["pass", "kind", "sites", "changed", "skipped", "params", "sparsity", "seconds"]):
+            _echo(line)
+        for line in skip_legend(result.records):
             _echo(line)
         _echo()
+    for record in result.records:
+        if record.fidelity is not None:
+            _echo(f"after pass '{record.pass_id}' ({record.fidelity['inputs']}):"
+                  f" min output cosine {min((o['cosine'] for o in record.fidelity['outputs']), default=0.0):.6f}")
     for name, verdict in result.verdicts.items():
         _echo(f"verification on {name} inputs:")
         for line in verdict.lines():
+            _echo("  " + line)
+    if result.judgement is not None:
+        _echo(f"verdict: {result.judgement.status}")
+        for line in result.judgement.lines():
             _echo("  " + line)
     for note in result.notes:
         _echo(f"note: {note}")
     sizes = result.sizes
     if result.speed:
-        sp = result.speed
-        _echo(f"speed: {sp['speedup']:.2f}x ({sp['original_ms']:.2f} -> {sp['compiled_ms']:.2f} ms median,"
-              f" {sp['threads']} threads, {sp['inputs']})")
-    _echo(f"wrote {result.output} ({human_bytes(sizes['output_bytes'])}; input {human_bytes(sizes['input_bytes'])})"
-          f" and {', '.join(map(str, result.report_paths))}")
+        _echo(f"speed: {result.speed['line']} ({result.speed['inputs']})")
+    reports = ", ".join(map(str, result.report_paths))
+    if result.output is not None:
+        _echo(f"wrote {result.output} ({human_bytes(sizes['output_bytes'])}; input {human_bytes(sizes['input_bytes'])})"
+              f" and {reports}")
+    else:
+        _echo(f"wrote no model; the report explains why: {reports}")
 
 
 @cli.command("verify")
@@ -186,24 +204,23 @@ def verify_cmd(reference, candidate, inputs, dims, seed, samples, atol, rtol, th
     An element fails only where both |a-b| > atol and |a-b| > rtol*|ref|. Default tolerances
     per dtype: float32 1e-5/1e-4, float16 1e-3/1e-2, bfloat16 1e-2/5e-2; integers exact.
     """
+    from sparsec.feeds import make_feeds, parse_dims
     from sparsec.model_io import load_model
-    from sparsec.verify import input_specs, load_feeds, parse_dims, random_feeds, verify_models
+    from sparsec.runtime.session import cpu_runner
+    from sparsec.verify import judge, verify_models
 
     ref = load_model(reference)
     load_model(candidate)  # same input checks for the candidate
-    specs = input_specs(ref.model)
-    if inputs:
-        feeds, note = load_feeds(inputs, specs), f"inputs from {inputs}"
-    else:
-        feeds, note = random_feeds(specs, seed=seed, dims=parse_dims(dims), samples=samples), f"random inputs (seed {seed})"
-    verdict = verify_models(ref.path, candidate, feeds, atol=atol, rtol=rtol, inputs=note,
-                            threads=threads, progress=_progress())
+    feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=parse_dims(dims), samples=samples)
+    verdict = verify_models(ref.path, candidate, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
+                            runner=cpu_runner(threads), progress=_progress())
+    judgement = judge({"given": verdict}, exact=True)
     if as_json:
-        _print_json(verdict.to_dict())
+        _print_json({**verdict.to_dict(), "judgement": judgement.to_dict()})
     else:
         for line in verdict.lines():
             _echo(line)
-    if not verdict.passed:
+    if not judgement.passed:
         sys.exit(EXIT_VERIFY_FAILED)
 
 
@@ -239,35 +256,41 @@ def inspect_cmd(model, all_weights, as_json) -> None:
 @click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=None)
 @click.option("--tokenizer", default=None, metavar="PATH")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ORT threads for timing (default: all cores).")
-@click.option("--repeats", type=click.IntRange(3, 1000), default=15, show_default=True)
+@click.option("--repeats", type=click.IntRange(3, 1000), default=15, show_default=True,
+              help="Timing rounds at least (more until the speed ratios are stable).")
 @click.option("--report", "reports", type=click.Path(dir_okay=False), multiple=True,
               help="Report path (.json, .md or .html with the Pareto plot); repeatable.")
 @_json_option
 def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenizer, threads, repeats, reports,
               as_json) -> None:
     """Compile several candidates, time them side by side, show speed against fidelity."""
-    from sparsec.compiler import write_text_atomic
-    from sparsec.errors import OptionError
+    from sparsec.outputs import Outputs
+    from sparsec.pipeline import parse_pass_specs
     from sparsec.sweep import sweep
 
-    for path in reports:
-        if Path(path).suffix not in (".json", ".md", ".html"):
-            raise OptionError(f"--report {path}: unknown format (use .json, .md or .html)")
+    outputs = Outputs(reports=[Path(r) for r in reports])
+    outputs.check()
+    for spec in specs:
+        parse_pass_specs(spec)  # every candidate's options are checked before any work
     result = sweep(model, list(specs), target=target, threads=threads, repeats=repeats, progress=_progress(),
                    calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, tokenizer=tokenizer,
                    samples=1)
+    stable = "" if result.stable else " (NOT STABLE: the machine is too noisy for these ratios)"
     header = [f"# sparsec sweep: {result.model}", "",
-              f"Timed interleaved on the CPU, {result.threads} threads, median of {result.repeats}"
-              f" ({result.inputs}); fidelity = min output cosine against the original.", ""]
-    for path in map(Path, reports):
+              f"Timed interleaved, {result.threads} threads, {result.repeats} rounds; speedup = median of"
+              f" original / candidate per round{stable} ({result.inputs}); fidelity = min output cosine"
+              " against the original.", ""]
+    texts = {}
+    for path in outputs.reports:
         if path.suffix == ".json":
-            write_text_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
+            texts[path] = json.dumps(result.to_dict(), indent=2) + "\n"
         elif path.suffix == ".md":
-            write_text_atomic(path, "\n".join(header + result.table()) + "\n")
+            texts[path] = "\n".join(header + result.table()) + "\n"
         else:
             from sparsec.report_html import sweep_html
 
-            write_text_atomic(path, sweep_html(result))
+            texts[path] = sweep_html(result)
+    outputs.commit(texts)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -295,10 +318,10 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
 def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, method, sparsity, by, reports,
                 as_json) -> None:
     """Per-layer sensitivity (output drop per layer per sparsity) and the OWL allocation."""
-    from sparsec.calib import load_calibration
+    from sparsec.data import load_calibration
     from sparsec.errors import OptionError
     from sparsec.model_io import load_model
-    from sparsec.models import entry_for
+    from sparsec.outputs import Outputs
     from sparsec.sensitivity import layer_sensitivity
 
     try:
@@ -307,29 +330,24 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, me
         raise OptionError(f"--levels expects numbers like 0.3,0.5, got '{levels}'") from None
     if not level_list or any(not 0 < x < 1 for x in level_list):
         raise OptionError(f"--levels must be sparsities between 0 and 1, got '{levels}'")
+    outputs = Outputs(reports=[Path(r) for r in reports])
+    outputs.check()
     loaded = load_model(model)
-    if calib is None:
-        if entry_for(loaded.model.metadata_props) is None:
-            raise OptionError("analyze needs --calib (a .npz of input sets, or a text file with --tokenizer)")
-        calib = "builtin"
     calibration = load_calibration(calib, loaded.model, samples=calib_samples, seqlen=calib_seqlen,
                                    tokenizer=tokenizer)
-    for path in reports:
-        if Path(path).suffix not in (".json", ".md", ".html"):
-            raise OptionError(f"--report {path}: unknown format (use .json, .md or .html)")
     result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
                                target=sparsity, progress=_progress())
-    from sparsec.compiler import write_text_atomic
-
-    for path in map(Path, reports):
+    texts = {}
+    for path in outputs.reports:
         if path.suffix == ".json":
-            write_text_atomic(path, json.dumps(result.to_dict(), indent=2) + "\n")
+            texts[path] = json.dumps(result.to_dict(), indent=2) + "\n"
         elif path.suffix == ".md":
-            write_text_atomic(path, "\n".join(["# sparsec analyze: " + str(model), "", *result.lines()]) + "\n")
+            texts[path] = "\n".join(["# sparsec analyze: " + str(model), "", *result.lines()]) + "\n"
         else:
             from sparsec.report_html import sensitivity_html
 
-            write_text_atomic(path, sensitivity_html(result.to_dict(), str(model)))
+            texts[path] = sensitivity_html(result.to_dict(), str(model))
+    outputs.commit(texts)
     if as_json:
         _print_json(result.to_dict())
         return
@@ -337,21 +355,41 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, me
         _echo(line)
 
 
+@cli.command("match")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--pass", "pass_spec", required=True, metavar="SPEC",
+              help='The pass whose matching to trace, with options, e.g. "ffn-neurons" or "nm:include=*ffn*".')
+@click.option("--node", default=None, metavar="GLOB", help="Only candidates whose node name or site matches.")
+@_json_option
+def match_cmd(model, pass_spec, node, as_json) -> None:
+    """Trace a pass's matching: per candidate site, MATCH or the check that failed (nothing is rewritten)."""
+    from sparsec.model_io import load_model
+    from sparsec.trace import trace
+
+    result = trace(load_model(model).model, pass_spec, node)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for row in result.rows:
+        _echo(row.line())
+    _echo()
+    _echo(f"{result.pass_spec}: {len(result.rows)} candidate(s): "
+          + ", ".join(f"{code} {n}" for code, n in result.counts().items()))
+    for row in {r.status: r for r in result.rows if r.meaning}.values():
+        _echo(f"  {row.status}: {row.meaning}")
+
+
 def options_markdown(cls) -> list[str]:
     """A pass's options as a Markdown table (docs/passes/*.md embed exactly this)."""
+    from sparsec.pipeline import option_infos
+
     lines = ["| option | default | valid | meaning |", "|---|---|---|---|"]
-    for f in dataclasses.fields(cls.Options):
-        meta = f.metadata
-        if meta.get("choices"):
-            valid = " / ".join(map(str, meta["choices"]))
-        elif meta.get("min") is not None or meta.get("max") is not None:
-            valid = f"{meta.get('min') if meta.get('min') is not None else ''}..{meta.get('max') if meta.get('max') is not None else ''}"
-        else:
-            valid = ""
-        default = "\\|".join(f.default) if isinstance(f.default, tuple) else f.default
+    for info in option_infos(cls):
+        valid = info.valid.removeprefix("one of ").replace("|", " / ")
+        default = info.default_text().replace("|", "\\|")
         default = f"`{default}`" if default != "" else "(none)"
-        help_text = meta.get("help", "").replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {default} | {valid} | {help_text} |")
+        help_text = info.help.replace("|", "\\|")
+        lines.append(f"| `{info.name}` | {default} | {valid} | {help_text} |")
     return lines
 
 
@@ -360,7 +398,7 @@ def options_markdown(cls) -> list[str]:
 @_json_option
 def passes_cmd(markdown_id, as_json) -> None:
     """List every pass with its options."""
-    from sparsec.pipeline import get_pass, registry
+    from sparsec.pipeline import get_pass, option_infos, registry
 
     if markdown_id:
         for line in options_markdown(get_pass(markdown_id)):
@@ -368,18 +406,10 @@ def passes_cmd(markdown_id, as_json) -> None:
         return
     data = []
     for pass_id, cls in registry().items():
-        options = []
-        for f in dataclasses.fields(cls.Options):
-            meta = f.metadata
-            valid = ""
-            if meta.get("choices"):
-                valid = "one of " + "|".join(map(str, meta["choices"]))
-            elif meta.get("min") is not None or meta.get("max") is not None:
-                valid = f"{meta.get('min', '')}..{meta.get('max', '') if meta.get('max') is not None else ''}"
-            default = f.default if not isinstance(f.default, tuple) else "|".join(f.default)
-            options.append({"name": f.name, "default": default, "valid": valid, "help": meta.get("help", "")})
-        data.append({"id": pass_id, "kind": cls.kind.value, "summary": cls.summary, "matches": cls.matches,
-                     "options": options})
+        options = [{"name": o.name, "default": o.default_text(), "valid": o.valid, "help": o.help,
+                    "search": list(o.search) if o.search else None} for o in option_infos(cls)]
+        data.append({"id": pass_id, "kind": "/".join(k.value for k in cls.kinds), "summary": cls.summary,
+                     "matches": cls.matches, "options": options})
     if as_json:
         _print_json(data)
         return
@@ -395,19 +425,25 @@ def passes_cmd(markdown_id, as_json) -> None:
 @cli.command("targets")
 @_json_option
 def targets_cmd(as_json) -> None:
-    """List the hardware targets, their execution providers and what each sparse form gains."""
-    from sparsec.targets import TARGETS
+    """List the hardware targets, their execution providers and what each sparse form gains, with the evidence."""
+    from sparsec.targets import FORMS, targets
 
     if as_json:
-        _print_json([t.to_dict() for t in TARGETS.values()])
+        _print_json([t.to_dict() for t in targets().values()])
         return
-    for t in TARGETS.values():
+    for t in targets().values():
         providers = ", ".join(p if isinstance(p, str) else f"{p[0]} {p[1]}" for p in t.providers)
         _echo(f"{t.name}: {t.description}")
         _echo(f"  providers: {providers}")
         _echo(f"  default passes: {t.default_passes or '(none)'}")
-        for form, gain in t.gains.items():
-            _echo(f"  {form:<13} {'SPEEDUP' if gain.speedup else 'no speedup':<10} {gain.how}")
+        for form in FORMS:
+            gain = t.gain(form)
+            word = ("DEPENDS" if gain.depends else "SPEEDUP") if gain.speedup else "no speedup"
+            _echo(f"  {form:<23} {word:<10} {gain.how}")
+            _echo(f"  {'':<23} {'':<10} evidence: {gain.evidence}")
+            for fact in gain.facts:
+                if fact.provider != gain.provider:
+                    _echo(f"  {'':<23} {'':<10} {fact.provider}: {fact.speedup}: {fact.how}")
         _echo()
 
 
@@ -457,7 +493,8 @@ def demo_cmd(target, output_dir) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model = build("minilm", progress=progress)
     result = run_compile(model, target=target, passes=None if target in ("ampere", "hopper") else "nm:n=2,m=4",
-                         output=out / "minilm.sparse.onnx", progress=progress)
+                         output=out / "minilm.sparse.onnx", progress=progress, best_effort=True,
+                         on_plan=lambda plan: [_echo(line) for line in plan.lines() + [""]])
     _print_compile(result)
 
 
@@ -477,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except SparsecError as exc:
         if _State.debug:
-            raise
+            traceback.print_exc()
         click.echo(f"sparsec: error: {exc}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
@@ -487,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     except Exception as exc:  # a bug: one line, ask for a report
         if _State.debug:
-            raise
+            traceback.print_exc()
         text = " ".join(str(exc).split())[:300]
         click.echo(f"sparsec: internal error: {type(exc).__name__}: {text}"
                    " (rerun with --debug for the traceback, and please report it)", err=True)

@@ -1,19 +1,22 @@
-"""The compile driver: load -> analyze -> plan -> passes -> stage -> verify -> commit -> report.
+"""The compile driver: load -> analyze -> plan -> calibrate -> passes -> save -> verify -> write.
 
-Data flows one way; each stage returns a plain object the next takes. The output is written
-into a temporary directory beside the destination, verified there against the original with
-ONNX Runtime, and only then renamed into place: a model that fails verification (or falls
-below ``min_cosine``) is never written, and the input is never modified.
+Data flows one way; each stage is a function whose input and output are plain objects that
+serialize into the report (LoadedModel, Analysis, Plan, Calibration, PassRecords, Verdicts,
+Judgement). Every destination is checked before the work starts; the output is written into a
+temporary directory beside its destination, verified there against the original with ONNX
+Runtime, judged (:func:`sparsec.verify.judge`) and only then renamed into place together with
+the reports: a model that fails verification or falls below its fidelity budget is never
+written (unless ``best_effort``), and the input is never modified.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,14 +26,22 @@ import onnx_ir as ir
 
 from sparsec import __version__
 from sparsec.analyze import Analysis, analyze, summarize_sparsity
-from sparsec.calib import DEFAULT_SAMPLES, DEFAULT_SEQLEN, Calibration, load_calibration
-from sparsec.errors import OptionError, OutputError, PassError, VerificationError
+from sparsec.data import Calibration, EvaluationData, calibration_source, evaluation_data, has_builtin_data, timing_feed
+from sparsec.errors import OptionError, PassError, VerificationError
+from sparsec.feeds import Feeds, make_feeds
 from sparsec.model_io import LoadedModel, check_output_path, fingerprint, load_model, stage_model
+from sparsec.outputs import Outputs
 from sparsec.pipeline import Pass, PassContext, PassRecord, run_passes
 from sparsec.plan import Plan, make_plan
 from sparsec.progress import Progress, silent
-from sparsec.targets import get_target
-from sparsec.verify import Verdict, input_specs, load_feeds, random_feeds, verify_models
+from sparsec.recipe import Recipe, recipe_text, replayable, validate
+from sparsec.runtime.session import Runner
+from sparsec.targets import Target, get_target
+from sparsec.verify import Judgement, Verdict, judge, verify_models, verify_staged
+
+# Models with more weight bytes than this are compiled streamed: rewritten weights spill to
+# disk, verification runs in stages (never two whole models in memory), no onnx.checker.
+STREAM_BYTES = 1 << 30
 
 
 @dataclass
@@ -46,15 +57,23 @@ class CompileResult:
     before: Analysis
     after: Analysis
     output_fingerprint: str
+    judgement: Judgement | None = None
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     speed: dict[str, Any] | None = None
-    passed: bool = True
-    failure: str = ""
+    recipe: Recipe | None = None
     model: ir.Model | None = field(default=None, repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return self.judgement is not None and self.judgement.passed
+
+    @property
+    def failure(self) -> str:
+        return self.judgement.failure if self.judgement is not None else ""
 
     def report(self) -> dict[str, Any]:
         return {
@@ -65,6 +84,7 @@ class CompileResult:
             "target": self.target,
             "passed": self.passed,
             "failure": self.failure,
+            "judgement": self.judgement.to_dict() if self.judgement else None,
             "plan": self.plan.to_dict(),
             "records": [r.to_dict() for r in self.records],
             "calibration": self.calibration,
@@ -77,7 +97,6 @@ class CompileResult:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "notes": self.notes,
         }
-
 
     @property
     def report_path(self) -> Path | None:
@@ -99,41 +118,256 @@ def default_report(output: Path) -> Path:
     return output.with_name(output.stem + ".report.json")
 
 
-REPORT_FORMATS = (".json", ".md", ".html")
+def render_report(path: Path, report: dict[str, Any]) -> str:
+    """A report as text; its format follows the extension (.json, .md, .html)."""
+    import json
 
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write a report; its format follows the extension (.json, .md, .html)."""
     if path.suffix == ".md":
         from sparsec.report_html import render_markdown
 
-        text = render_markdown(report)
-    elif path.suffix == ".html":
+        return render_markdown(report)
+    if path.suffix == ".html":
         from sparsec.report_html import render_html
 
         pareto = None
         if report.get("speed"):
-            s, fid = report["speed"], report["speed"]["fidelity"]
+            s = report["speed"]
             pareto = [{"label": "original", "speedup": 1.0, "fidelity": 1.0},
-                      {"label": "compiled", "speedup": s["speedup"], "fidelity": fid}]
-        text = render_html(report, pareto=pareto)
+                      {"label": "compiled", "speedup": s["speedup"], "fidelity": s["fidelity_cosine"]}]
+        return render_html(report, pareto=pareto)
+    return json.dumps(report, indent=2, default=str) + "\n"
+
+
+class _Clock:
+    """Seconds per stage, for the report."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+def compile(
+    model: str | os.PathLike | LoadedModel,
+    recipe: Recipe | None = None,
+    *,
+    output: str | os.PathLike | None = None,
+    report: str | os.PathLike | list[str | os.PathLike] | None = None,
+    save_recipe: str | os.PathLike | None = None,
+    benchmark: bool = False,
+    verify_each: bool = False,
+    best_effort: bool = False,
+    progress: Progress | None = None,
+    threads: int | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
+    **options: Any,
+) -> CompileResult:
+    """Compile an ONNX model; write the result and its reports.
+
+    Args:
+        model: path of the input model (never modified) or an already loaded model.
+        recipe: what to compile (target, passes, budget, calibration, verification). Instead
+            of a recipe, give its fields as keyword ``options``: target, passes (a pass spec or
+            pass objects; None takes the target's plan), min_cosine, min_embedding_cosine,
+            max_ppl_ratio, calib (a .npz, a text file with tokenizer, 'builtin', a callable or a
+            DataSource), calib_samples, calib_seqlen, tokenizer, seed, samples, dims, inputs.
+        output: the compiled model's path; default ``<input>.sparse.onnx``.
+        report: report path(s); the format follows the extension (.json, .md, .html).
+            Default ``<output>.report.json``.
+        save_recipe: also write the recipe of this compile (YAML or JSON by extension).
+        benchmark: also time the original and the compiled model side by side.
+        verify_each: also measure each pass's effect against the original, in its record.
+        best_effort: write the result even when it falls below its fidelity budget.
+        progress: where progress goes; silent by default.
+        threads: ONNX Runtime intra-op threads.
+        on_plan: called with the plan as soon as it is made (the CLI prints it first).
+
+    Raises:
+        InputError, OptionError, OutputError: bad input (exit code 2), before any work.
+        VerificationError: the result failed verification or its budget (exit code 1);
+            nothing was written but the reports.
+    """
+    progress = progress or silent()
+    clock = _Clock()
+    if recipe is not None and options:
+        raise OptionError(f"give either a recipe or compile options, not both ('{next(iter(options))}')")
+    recipe = recipe if recipe is not None else Recipe.from_options(**options)
+    validate(recipe, "compile")
+    target = get_target(recipe.target)
+    loaded = load_stage(model, progress)
+    outputs = output_stage(loaded, output, report, save_recipe)
+    clock.lap("load")
+    analysis = analyze_stage(loaded, progress)
+    evaluation = evaluation_data(loaded.model)
+    clock.lap("analyze")
+    plan = plan_stage(target, recipe, loaded.model, evaluation)
+    if on_plan is not None:
+        on_plan(plan)
+    runner = target.runner(threads)
+    calibration = calibrate_stage(plan, recipe, loaded.model, progress)
+    feeds = make_feeds(loaded.model, inputs=recipe.verification.get("inputs"), seed=recipe.seed,
+                       dims=recipe.verification.get("dims"), samples=recipe.verification.get("samples", 2))
+    clock.lap("calibrate")
+    streamed = analysis.weight_bytes > STREAM_BYTES
+    with _spill(streamed, outputs.model):
+        ctx = PassContext(target=target, calibration=calibration, seed=recipe.seed, progress=progress, runner=runner)
+        after_each = _pass_verifier(loaded, feeds, runner, progress) if verify_each else None
+        records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
+        clock.lap("passes")
+        result = CompileResult(
+            input_path=loaded.path, output=None, report_paths=outputs.reports, target=target.name, plan=plan,
+            records=records, before=analysis, after=analysis, output_fingerprint="",
+            notes=list(loaded.notes) + list(runner.notes), model=loaded.model,
+            calibration=calibration.to_dict() if calibration is not None else None,
+            recipe=replayable(recipe, plan.passes))
+        with progress.task("analyzing the result"):
+            result.output_fingerprint = fingerprint(loaded.model)
+            result.after = analyze(loaded.model, result.output_fingerprint)
+        with progress.task(f"writing {outputs.model.name}"):
+            # The output keeps the input's layout: external data when the input had some.
+            staged = stage_model(loaded.model, outputs.model, protect=(loaded.path, *loaded.external_files),
+                                 external_data=True if loaded.external_files else None)
+        clock.lap("save")
+        with staged:
+            _check_model(staged.path, loaded, streamed, result.notes)
+            result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress,
+                                           result.notes)
+            result.judgement = judge(result.verdicts, plan.budget, exact=plan.exact)
+            clock.lap("verify")
+            if benchmark:
+                primary = result.verdicts.get("real") or result.verdicts["random"]
+                result.speed = bench_stage(loaded, staged.path, result.judgement, primary.min_cosine, runner,
+                                           threads, progress)
+                clock.lap("benchmark")
+            result.sizes = {"input_bytes": loaded.total_bytes,
+                            "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
+            write = result.passed or best_effort
+            if write:
+                result.output = outputs.model
+                if not result.passed:
+                    result.notes.append("written below its fidelity budget because --best-effort was given")
+            result.seconds = clock.seconds
+            outputs.commit(_texts(result, outputs, write), staged if write else None)
+        if write and streamed:  # the in-memory model reads spilled weights that are about to go
+            result.model = load_model(result.output).model
+    if not result.passed and not best_effort:
+        raise VerificationError(result.failure, result)
+    return result
+
+
+# --- the stages ------------------------------------------------------------------------------
+
+def load_stage(model: str | os.PathLike | LoadedModel, progress: Progress) -> LoadedModel:
+    with progress.task("loading model"):
+        return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def output_stage(loaded: LoadedModel, output, report, save_recipe) -> Outputs:
+    """Every destination of the compile, checked before any work."""
+    out_path = Path(output) if output is not None else default_output(loaded.path)
+    check_output_path(out_path, protect=(loaded.path, *loaded.external_files), model=loaded.model)
+    if report is None:
+        reports = [default_report(out_path)]
     else:
-        text = json.dumps(report, indent=2, default=str) + "\n"
-    write_text_atomic(path, text)
+        reports = [Path(r) for r in (report if isinstance(report, list) else [report])]
+    outputs = Outputs(out_path, reports, Path(save_recipe) if save_recipe is not None else None)
+    outputs.check()
+    return outputs
+
+
+def analyze_stage(loaded: LoadedModel, progress: Progress) -> Analysis:
+    with progress.task("analyzing"):
+        return analyze(loaded.model, fingerprint(loaded.model))
+
+
+def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: EvaluationData | None) -> Plan:
+    """The plan for ``target``: the recipe's passes or the target's, and the fidelity budget."""
+    source = recipe.calibration.get("source")
+    available = ""
+    if source is not None:
+        available = str(source) if isinstance(source, (str, os.PathLike)) else "user data"
+    elif has_builtin_data(model):
+        available = "builtin"
+    return make_plan(target, recipe.pass_objects(), task=evaluation.task if evaluation else "",
+                     budget=recipe.fidelity_budget(), calibration=available)
+
+
+def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progress) -> Calibration | None:
+    """Calibration input sets, when a pass needs them or the user gave some."""
+    spec = recipe.calibration.get("source")
+    if spec is None and not plan.needs_calibration:
+        return None
+    needed_by = next((f"pass '{s.pass_id}' ({s.spec})" for s in plan.steps if s.calibrated), "a pass")
+    source = calibration_source(spec, model, tokenizer=recipe.calibration.get("tokenizer"), needed_by=needed_by)
+    with progress.task("preparing calibration data"):
+        from sparsec.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+
+        return source.calibration(model, recipe.calibration.get("samples") or DEFAULT_SAMPLES,
+                                  recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
+
+
+def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluation: EvaluationData | None,
+                 runner: Runner, streamed: bool, progress: Progress, notes: list[str]) -> dict[str, Verdict]:
+    """The staged output against the original: on the input sets, and on real inputs if any."""
+    inputs = {"random": (feeds.sets, feeds.note, ())}
+    if evaluation is not None:
+        inputs["real"] = (evaluation.feeds, evaluation.note, evaluation.metrics())
+    verdicts = {}
+    for name, (sets, note, metrics) in inputs.items():
+        if streamed:  # never two whole models in memory: both run stage by stage
+            with progress.task(f"verifying in stages on {name} inputs"):
+                verdicts[name] = verify_staged(load_model(loaded.path).model, load_model(staged.path).model, sets,
+                                               inputs=note, exact=plan.exact, metrics=metrics, runner=runner,
+                                               progress=progress)
+        else:
+            verdicts[name] = verify_models(loaded.path, staged.path, sets, inputs=note, exact=plan.exact,
+                                           metrics=metrics, runner=runner, progress=progress)
+    return verdicts
+
+
+def bench_stage(loaded: LoadedModel, candidate: Path, judgement: Judgement, fidelity: float, runner: Runner,
+                threads: int | None, progress: Progress) -> dict[str, Any]:
+    """Original against compiled, interleaved, on a real input when the model has some."""
+    from sparsec.runtime.bench import compare_speed
+
+    feed, note = timing_feed(loaded.model)
+    with progress.task("timing original and compiled side by side"):
+        speed = compare_speed({"original": loaded.path, "compiled": candidate}, feed, runner=runner, threads=threads)
+    ratio, t = speed.ratios["compiled"], speed.timings
+    return {"original_ms": t["original"].median_ms, "compiled_ms": t["compiled"].median_ms,
+            "speedup": ratio.median, "speedup_p10": ratio.p10, "speedup_p90": ratio.p90,
+            "repeats": speed.repeats, "stable": speed.stable, "threads": speed.threads,
+            "providers": speed.providers, "inputs": note, "line": speed.line("compiled"),
+            "fidelity": judgement.status, "fidelity_cosine": fidelity,
+            "session_ms": {"original": t["original"].load_ms, "compiled": t["compiled"].load_ms}}
+
+
+def _texts(result: CompileResult, outputs: Outputs, written: bool) -> dict[Path, str]:
+    """The reports (and recipe) of a compile; the recipe only when the model is written."""
+    data = result.report()
+    texts = {path: render_report(path, data) for path in outputs.reports}
+    if outputs.recipe is not None and written:
+        texts[outputs.recipe] = recipe_text(result.recipe, outputs.recipe)
+    return texts
+
+
+def _check_model(path: Path, loaded: LoadedModel, streamed: bool, notes: list[str]) -> None:
+    """onnx.checker (full_check) on the staged output, unless streamed; a rejection that the
+    input shares is a note, anything else a bug."""
+    if streamed:
+        notes.append(f"{loaded.total_bytes / 2**30:.1f} GiB model: compiled streamed"
+                     " (weights spilled to disk, verification in stages, onnx.checker skipped)")
+        return
+    problem = _checker(path)
+    if problem:
+        if _checker(loaded.path):
+            notes.append(f"onnx.checker rejects the input model too: {problem}")
+        else:
+            raise PassError(f"the compiled model fails onnx.checker: {problem}")
 
 
 def _checker(path: Path) -> str:
@@ -145,246 +379,32 @@ def _checker(path: Path) -> str:
     return ""
 
 
-# Models with more weight bytes than this are compiled streamed: rewritten weights spill to
-# disk, verification runs in stages (never two whole models in memory), no onnx.checker.
-STREAM_BYTES = 1 << 30
+@contextlib.contextmanager
+def _spill(streamed: bool, out_path: Path):
+    """While compiling a model over STREAM_BYTES, rewritten weights go to a file beside the output."""
+    if not streamed:
+        yield
+        return
+    from sparsec.graph import spilling
+    from sparsec.model_io import TMP_SUFFIX
+
+    spill_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.{os.getpid()}.", suffix=TMP_SUFFIX,
+                                      dir=out_path.parent if str(out_path.parent) else "."))
+    try:
+        with spilling(spill_dir):
+            yield
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
-def compile(
-    model: str | os.PathLike | LoadedModel,
-    *,
-    target: str = "cpu",
-    passes: str | list[Pass] | None = None,
-    output: str | os.PathLike | None = None,
-    report: str | os.PathLike | list[str | os.PathLike] | None = None,
-    inputs: str | os.PathLike | None = None,
-    dims: dict[str, int] | None = None,
-    seed: int = 0,
-    samples: int = 2,
-    min_cosine: float | None = None,
-    calib: str | None = None,
-    calib_samples: int | None = None,
-    calib_seqlen: int | None = None,
-    tokenizer: str | None = None,
-    verify_each: bool = False,
-    benchmark: bool = False,
-    progress: Progress | None = None,
-    threads: int | None = None,
-) -> CompileResult:
-    """Compile an ONNX model for ``target``; write the result and a JSON report.
-
-    Args:
-        model: path of the input model (never modified) or an already loaded model.
-        target: a name from ``sparsec targets``.
-        passes: a pass spec (``"nm:n=2,m=4"``) or pass objects; None takes the target's plan.
-        output: the compiled model's path; default ``<input>.sparse.onnx``.
-        report: report path(s); the format follows the extension (.json, .md, .html; HTML
-            needs matplotlib for its plots). Default ``<output>.report.json``.
-        inputs: a .npz of input sets to verify on; default ``samples`` seeded random sets.
-        dims: values for symbolic input dimensions (``{"sequence": 128}``).
-        seed: seed of the random inputs (and of any randomized pass).
-        samples: number of random input sets.
-        min_cosine: fidelity budget: fail (and write nothing) when an output's cosine against
-            the original falls below it (on real inputs for zoo models, else random inputs).
-        calib: calibration data for calibration-aware methods (wanda, sparsegpt): a .npz of
-            input sets, a text file (with ``tokenizer``), or ``builtin`` (example models; the
-            default for them when a pass needs calibration).
-        calib_samples: calibration windows (text) or sentences (encoders); default 32.
-        calib_seqlen: tokens per calibration window; default 512.
-        tokenizer: tokenizer folder or tokenizer.json for a text ``calib`` file.
-        verify_each: also measure each pass's effect against the original, in its record.
-        benchmark: also time the original and the compiled model side by side on the CPU
-            (median of repeats; the ratio goes into the report as ``speed``).
-        progress: where progress goes; silent by default.
-        threads: ONNX Runtime intra-op threads for verification.
-
-    Raises:
-        InputError, OptionError, OutputError: bad input (exit code 2).
-        VerificationError: the result failed verification (exit code 1); nothing was written.
-    """
-    progress = progress or silent()
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = seconds.get(stage, 0.0) + now - clock
-        clock = now
-
-    tgt = get_target(target)
-    plan = make_plan(tgt, passes)  # option errors surface before any heavy work
-    with progress.task("loading model"):
-        loaded = model if isinstance(model, LoadedModel) else load_model(model)
-    out_path = Path(output) if output is not None else default_output(loaded.path)
-    if report is None:
-        report_paths = [default_report(out_path)]
-    else:
-        report_paths = [Path(r) for r in (report if isinstance(report, list) else [report])]
-    check_output_path(out_path, protect=(loaded.path, *loaded.external_files), model=loaded.model)
-    for path in report_paths:
-        if path.suffix not in REPORT_FORMATS:
-            raise OptionError(f"--report {path}: unknown format '{path.suffix}' (use {', '.join(REPORT_FORMATS)})")
-        if not path.resolve().parent.is_dir():
-            raise OutputError(f"{path}: directory {path.parent} does not exist")
-    lap("load")
-    with progress.task("analyzing"):
-        before = analyze(loaded.model, fingerprint(loaded.model))
-    specs = input_specs(loaded.model)
-    feeds = load_feeds(inputs, specs) if inputs else random_feeds(specs, seed=seed, dims=dims, samples=samples)
-    feeds_note = f"inputs from {inputs}" if inputs else f"random inputs (seed {seed})"
-    lap("analyze")
-
-    streamed = before.weight_bytes > STREAM_BYTES
-    stack = contextlib.ExitStack()
-    if streamed:
-        from sparsec.graph import spilling
-        from sparsec.model_io import TMP_SUFFIX
-
-        spill_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.{os.getpid()}.", suffix=TMP_SUFFIX,
-                                          dir=out_path.parent if str(out_path.parent) else "."))
-        stack.callback(shutil.rmtree, spill_dir, ignore_errors=True)
-        stack.enter_context(spilling(spill_dir))
-    with stack:
-        ctx = PassContext(target=tgt, seed=seed, progress=progress)
-        if calib is not None or any(p.needs_calibration() for p in plan.passes):
-            with progress.task("preparing calibration data"):
-                ctx.calibration = _calibration(loaded, calib, calib_samples, calib_seqlen, tokenizer)
-        lap("calibrate")
-        after_each = _pass_verifier(loaded, feeds, feeds_note, threads, progress) if verify_each else None
-        records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
-        lap("passes")
-
-        result = CompileResult(
-            input_path=loaded.path, output=None, report_paths=report_paths, target=tgt.name, plan=plan,
-            records=records, before=before, after=before, output_fingerprint="",
-            notes=list(loaded.notes), model=loaded.model,
-            calibration=ctx.calibration.to_dict() if ctx.calibration is not None else None,
-        )
-        with progress.task("analyzing the result"):
-            result.output_fingerprint = fingerprint(loaded.model)
-            result.after = analyze(loaded.model, result.output_fingerprint)
-        with progress.task(f"writing {out_path.name}"):
-            # The output keeps the input's layout: external data when the input had some.
-            staged = stage_model(loaded.model, out_path, protect=(loaded.path, *loaded.external_files),
-                                 external_data=True if loaded.external_files else None)
-        lap("save")
-        with staged:
-            problem = "" if streamed else _checker(staged.path)
-            if problem:
-                if _checker(loaded.path):
-                    result.notes.append(f"onnx.checker rejects the input model too: {problem}")
-                else:
-                    raise PassError(f"the compiled model fails onnx.checker: {problem}")
-            if streamed:
-                result.notes.append(f"{before.weight_bytes / 2**30:.1f} GiB of weights: compiled streamed"
-                                    " (weights spilled to disk, verification in stages, onnx.checker skipped)")
-                from sparsec.verify import verify_staged
-
-                with progress.task("verifying in stages"):
-                    result.verdicts = {"random": verify_staged(load_model(loaded.path).model, load_model(staged.path).model,
-                                                               feeds, inputs=feeds_note, exact=plan.exact, progress=progress)}
-            else:
-                result.verdicts = _verify(loaded, staged.path, plan, feeds, feeds_note, threads, progress)
-            lap("verify")
-            result.passed, result.failure = _judge(result.verdicts, plan, min_cosine)
-            if benchmark:
-                result.speed = _benchmark(loaded, staged.path, result.verdicts, feeds, progress)
-                lap("benchmark")
-            result.sizes = {"input_bytes": loaded.total_bytes,
-                            "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
-            if result.passed:
-                result.output = staged.commit()
-                if streamed:  # the in-memory model reads spilled weights that are about to go
-                    result.model = load_model(result.output).model
-        lap("commit")
-        result.seconds = seconds
-        data = result.report()
-        for path in report_paths:
-            write_report(path, data)
-        if not result.passed:
-            raise VerificationError(result.failure)
-        return result
-
-
-def _benchmark(loaded: LoadedModel, candidate: Path, verdicts: dict[str, Verdict], feeds,
-               progress: Progress) -> dict[str, Any]:
-    """Original against compiled on the CPU, interleaved, on real inputs when there are some."""
-    from sparsec.models import entry_for
-    from sparsec.runtime.bench import time_models
-
-    entry = entry_for(loaded.model.metadata_props)
-    if entry is not None and entry.real_inputs is not None:
-        feed, note = entry.real_inputs(1)[0], entry.inputs_note
-    else:
-        feed, note = feeds[0], "random inputs"
-    threads = os.cpu_count() or 1
-    with progress.task("timing original and compiled side by side"):
-        t = time_models({"original": loaded.path, "compiled": candidate}, feed, threads=threads)
-    verdict = verdicts.get("real") or verdicts["random"]
-    return {"original_ms": t["original"].median_ms, "compiled_ms": t["compiled"].median_ms,
-            "speedup": t["original"].median_ms / t["compiled"].median_ms, "threads": threads,
-            "inputs": note, "fidelity": verdict.min_cosine,
-            "session_ms": {"original": t["original"].load_ms, "compiled": t["compiled"].load_ms}}
-
-
-def _calibration(loaded: LoadedModel, spec: str | None, samples: int | None, seqlen: int | None,
-                 tokenizer: str | None) -> Calibration:
-    from sparsec.models import entry_for
-
-    if spec is None:
-        if entry_for(loaded.model.metadata_props) is None:
-            raise OptionError("a calibration-aware method needs --calib (a .npz of input sets, or a"
-                              " text file with --tokenizer)")
-        spec = "builtin"
-    return load_calibration(spec, loaded.model, samples=samples or DEFAULT_SAMPLES,
-                            seqlen=seqlen or DEFAULT_SEQLEN, tokenizer=tokenizer)
-
-
-def _verify(loaded: LoadedModel, candidate: Path, plan: Plan, feeds, feeds_note: str,
-            threads: int | None, progress: Progress) -> dict[str, Verdict]:
-    verdicts = {"random": verify_models(loaded.path, candidate, feeds, inputs=feeds_note,
-                                        exact=plan.exact, threads=threads, progress=progress)}
-    from sparsec.models import entry_for
-
-    entry = entry_for(loaded.model.metadata_props)
-    if entry is not None and entry.real_inputs is not None:
-        with progress.task(f"preparing real inputs for '{entry.name}'"):
-            real = entry.real_inputs(entry.real_sets)
-        verdicts["real"] = verify_models(
-            loaded.path, candidate, real, inputs=entry.inputs_note, exact=plan.exact,
-            metrics=entry.metrics() if entry.metrics else (), threads=threads, progress=progress)
-    return verdicts
-
-
-def _judge(verdicts: dict[str, Verdict], plan: Plan, min_cosine: float | None) -> tuple[bool, str]:
-    """Exact plans must match to tolerance; lossy ones must meet the cosine budget, if any."""
-    if plan.exact:
-        for name, verdict in verdicts.items():
-            if not verdict.passed:
-                bad = next(o for o in verdict.outputs if not o.passed) if verdict.outputs else None
-                return False, (f"exact rewrite changed the outputs on {name} inputs: "
-                               + (bad.line() if bad else "no outputs compared"))
-        return True, ""
-    if min_cosine is not None:
-        verdict = verdicts.get("real") or verdicts["random"]
-        low = [o for o in verdict.outputs if o.cosine < min_cosine]
-        if low or not verdict.outputs:
-            return False, (f"fidelity below the budget: output '{low[0].name}' cosine"
-                           f" {low[0].cosine:.6f} < min_cosine {min_cosine}" if low
-                           else "no outputs compared")
-    return True, ""
-
-
-def _pass_verifier(loaded: LoadedModel, feeds, feeds_note: str, threads: int | None, progress: Progress):
+def _pass_verifier(loaded: LoadedModel, feeds: Feeds, runner: Runner, progress: Progress):
     """An after-each-pass hook measuring the model so far against the original."""
 
     def after(p: Pass, record: PassRecord, model: ir.Model) -> None:
         with tempfile.TemporaryDirectory(prefix="sparsec-verify-") as tmp:
             with stage_model(model, Path(tmp) / "model.onnx", external_data=True) as staged:
-                verdict = verify_models(loaded.path, staged.path, feeds, inputs=feeds_note,
-                                        exact=p.kind.value == "exact", threads=threads,
-                                        progress=progress)
+                verdict = verify_models(loaded.path, staged.path, feeds.sets, inputs=feeds.note,
+                                        exact=p.kind.value == "exact", runner=runner, progress=progress)
         record.fidelity = verdict.to_dict()
         if p.kind.value == "exact" and not verdict.passed:
             raise VerificationError(f"pass '{p.id}' is exact but changed the outputs: {verdict.lines()[0]}")
@@ -398,7 +418,7 @@ def summary_rows(result: CompileResult) -> list[dict[str, Any]]:
     for record in result.records:
         sparsity = record.sparsity()
         rows.append({
-            "pass": record.pass_id, "kind": record.kind, "matched": len(record.sites),
+            "pass": record.pass_id, "kind": record.kind, "sites": len(record.sites),
             "changed": len(record.changed),
             "skipped": ", ".join(f"{k} {v}" for k, v in record.skip_counts().items()) or "-",
             "params": record.params_touched,
@@ -408,11 +428,10 @@ def summary_rows(result: CompileResult) -> list[dict[str, Any]]:
     return rows
 
 
-
-def compile_any(model: Any, **options: Any) -> CompileResult:
+def compile_any(model: Any, recipe: Recipe | None = None, **options: Any) -> CompileResult:
     """:func:`compile` for a path, a loaded model, an ``onnx.ModelProto`` or an ``onnx_ir.Model``."""
     if isinstance(model, (str, os.PathLike, LoadedModel)):
-        return compile(model, **options)
+        return compile(model, recipe, **options)
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
     if not isinstance(model, ir.Model):
@@ -423,4 +442,4 @@ def compile_any(model: Any, **options: Any) -> CompileResult:
         from sparsec.model_io import save_model
 
         path = save_model(model, Path(tmp) / "input.onnx", external_data=True)
-        return compile(path, **options)
+        return compile(path, recipe, **options)

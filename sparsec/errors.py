@@ -45,6 +45,10 @@ class VerificationError(SparsecError):
 
     exit_code = EXIT_VERIFY_FAILED
 
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result  # the CompileResult, when a compile failed its judgement
+
 
 class PassError(SparsecError):
     """A pass broke an invariant (a precondition or postcondition failed)."""

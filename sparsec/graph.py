@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +14,12 @@ import onnx_ir as ir
 # The node metadata keys through which sparsec records provenance.
 PROVENANCE_PASS = "sparsec.pass"
 PROVENANCE_REASON = "sparsec.reason"
-# On the last node of a compressed weight's rebuild subgraph: "values_name,mask_name".
-COMPRESSED_KEY = "sparsec.compressed"
+# Packed constants: a weight a pass stores in another form (compressed storage) is rebuilt by a
+# subgraph of constants. Its last node carries PACKED_KEY = "<codec>:<codec data>"; every node
+# of the subgraph carries PACKED_PART. Only the codec (registered by the pass that packs) knows
+# the format; everything else sees a read-only constant.
+PACKED_KEY = "sparsec.packed"
+PACKED_PART = "sparsec.packed_part"
 
 
 # Rewritten weights at least this large go to the spill file while a spill is active.
@@ -130,7 +134,7 @@ class ConstantRef:
 
     value: ir.Value
     constant_node: ir.Node | None = None
-    compressed: ir.Node | None = None  # the rebuild node of a weight sparsec stored compressed
+    packed: ir.Node | None = None  # the last node of the subgraph rebuilding a packed weight
 
     @property
     def name(self) -> str:
@@ -138,8 +142,8 @@ class ConstantRef:
 
     @property
     def tensor(self) -> ir.TensorProtocol:
-        if self.compressed is not None:
-            return _rebuild(self.compressed)
+        if self.packed is not None:
+            return unpack_constant(self.packed)
         if self.constant_node is not None:
             return self.constant_node.attributes["value"].value
         assert self.value.const_value is not None
@@ -158,8 +162,8 @@ class ConstantRef:
 
     def replace(self, array: np.ndarray, *, resize: bool = False, **metadata: str) -> None:
         """Give the constant new contents of the same dtype (and shape, unless ``resize``)."""
-        if self.compressed is not None:
-            raise ValueError(f"{self.name}: a compressed weight is read-only")
+        if self.packed is not None:
+            raise ValueError(f"{self.name}: a packed (compressed) weight is read-only")
         old = self.tensor
         if tuple(array.shape) != self.shape and not resize:
             raise ValueError(f"{self.name}: shape {array.shape} != {self.shape}")
@@ -190,8 +194,8 @@ def constant_ref(value: ir.Value | None) -> ConstantRef | None:
     if value.is_initializer() and value.const_value is not None:
         return ConstantRef(value)
     producer = value.producer()
-    if producer is not None and COMPRESSED_KEY in producer.metadata_props:
-        return ConstantRef(value, compressed=producer)
+    if producer is not None and PACKED_KEY in producer.metadata_props:
+        return ConstantRef(value, packed=producer)
     if producer is not None and producer.op_type == "Constant" and producer.domain in ("", "ai.onnx"):
         attr = producer.attributes.get("value")
         if attr is not None and not attr.is_ref() and attr.type == ir.AttributeType.TENSOR:
@@ -211,57 +215,31 @@ def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def _rebuild(node: ir.Node) -> ir.Tensor:
-    """The dense weight behind a compress rebuild subgraph (see sparsec.passes.compress)."""
-    from sparsec.passes.compress import unpack
-
-    graph = node.graph
-    values_name, mask_name = node.metadata_props[COMPRESSED_KEY].split(",")
-    values = graph.initializers[values_name].const_value.numpy()
-    mask = graph.initializers[mask_name].const_value.numpy()
-    shape = tuple(int(d) for d in graph.initializers[node.inputs[1].name].const_value.numpy())
-    return ir.Tensor(unpack(values, mask, shape), name=node.outputs[0].name)
+Codec = Callable[[ir.Node, str], ir.Tensor]
+_CODECS: dict[str, Codec] = {}
 
 
-def infer_missing_types(model: ir.Model, small_bytes: int = 4096) -> int:
-    """Fill in the dtype (and shape) of main-graph values that have none; return how many.
+def register_codec(name: str, decode: Codec) -> None:
+    """Let ``decode(last_node, data)`` rebuild constants packed under codec ``name``."""
+    _CODECS[name] = decode
 
-    ONNX shape inference runs on a skeleton of the graph: weights become typed graph inputs
-    (no data is copied), small constants stay so Reshape targets and the like resolve.
-    """
-    import onnx
 
-    graph = model.graph
-    missing = [v for n in graph for v in n.outputs if v.dtype is None]
-    if not missing:
-        return 0
-    inputs = [ir.serde.serialize_value(v) for v in graph.inputs]
-    initializers = []
-    for value in graph.initializers.values():
-        tensor = value.const_value
-        if value.is_graph_input() or tensor is None:
-            continue
-        if tensor.nbytes <= small_bytes:
-            initializers.append(ir.serde.serialize_tensor(tensor))
-        else:
-            inputs.append(onnx.helper.make_tensor_value_info(
-                value.name, tensor.dtype.value, [int(d) for d in tensor.shape]))
-    skeleton = onnx.helper.make_model(
-        onnx.helper.make_graph([ir.serde.serialize_node(n) for n in graph], "skeleton", inputs,
-                               [ir.serde.serialize_value(v) for v in graph.outputs], initializers),
-        opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model.opset_imports.items()])
-    skeleton.ir_version = model.ir_version
-    skeleton.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
-    # No data propagation: it can materialize huge intermediate tensors; types are what we need.
-    inferred = onnx.shape_inference.infer_shapes(skeleton)
-    known = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-    filled = 0
-    for value in missing:
-        info = known.get(value.name or "")
-        if info is None or not info.type.tensor_type.elem_type:
-            continue
-        value.dtype = ir.DataType(info.type.tensor_type.elem_type)
-        if value.shape is None and info.type.tensor_type.HasField("shape"):
-            value.shape = ir.serde.deserialize_type_proto_for_shape(info.type)
-        filled += 1
-    return filled
+def mark_packed(nodes: list[ir.Node], codec: str, data: str) -> None:
+    """Tag the subgraph ``nodes`` (rebuilding one constant, last node last) as packed."""
+    for node in nodes:
+        node.metadata_props[PACKED_PART] = codec
+    nodes[-1].metadata_props[PACKED_KEY] = f"{codec}:{data}"
+
+
+def is_packed_part(node: ir.Node) -> bool:
+    return PACKED_PART in node.metadata_props
+
+
+def unpack_constant(node: ir.Node) -> ir.Tensor:
+    """The dense tensor a packed subgraph ending in ``node`` rebuilds."""
+    codec, _, data = node.metadata_props[PACKED_KEY].partition(":")
+    if codec not in _CODECS:
+        import sparsec.passes  # noqa: F401  (the passes register their codecs)
+    if codec not in _CODECS:
+        raise ValueError(f"node '{node.name}': unknown packed-constant codec '{codec}'")
+    return _CODECS[codec](node, data)

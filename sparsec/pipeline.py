@@ -1,9 +1,12 @@
 """The pass framework: options schemas, the registry, records, and the pass manager.
 
 A pass is a class with a stable kebab-case ``id``, a frozen-dataclass ``Options`` whose fields
-carry their description and valid range, a ``kind`` (exact or lossy), a one-line ``matches``
-and a ``run(model, ctx)`` that rewrites the model in place and returns a ``PassRecord``. Passes
-keep no per-model state between runs: everything a run needs comes in through ``ctx``.
+carry their description, valid range and search space, the ``kinds`` it can be (its ``kind``
+follows from its configured options: exact or lossy), a one-line ``matches``, a
+``match(model, ctx, record)`` that finds the sites it would rewrite (recording every skipped
+site with its code, rewriting nothing) and a ``run(model, ctx)`` that rewrites the model in
+place and returns a ``PassRecord``. Passes keep no per-model state between runs: everything a
+run needs comes in through ``ctx``.
 
 Pass specs on the command line read ``id:key=value,key=value``; several passes are separated
 by ``;`` and list values by ``|``, e.g. ``nm:n=2,m=4,include=*ffn*|*attn*``.
@@ -33,9 +36,22 @@ class Kind(str, enum.Enum):
 
 
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None,
-           min: float | None = None, max: float | None = None) -> Any:
-    """Declare one pass option: its default, a description and its valid values."""
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max}
+           min: float | None = None, max: float | None = None, search: Sequence[Any] | None = None,
+           calibrated: Sequence[Any] | None = None, calibrated_default: Any = None) -> Any:
+    """Declare one pass option.
+
+    Args:
+        default: the value when none is given.
+        help: a one-line description (``sparsec passes``, docs/passes/).
+        choices, min, max: the valid values.
+        search: the values a planner or sweep may try (None: the option is not searched).
+        calibrated: values for which the pass needs calibration data (a method such as wanda).
+        calibrated_default: the value the plan takes instead of ``default`` when calibration
+            data is available and the user did not set the option.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "min": min, "max": max,
+            "search": tuple(search) if search else None,
+            "calibrated": tuple(calibrated) if calibrated else None, "calibrated_default": calibrated_default}
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -116,6 +132,42 @@ def options_dict(options: PassOptions) -> dict[str, Any]:
     return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option as users and planners see it (``sparsec passes``, docs, search spaces)."""
+
+    name: str
+    default: Any
+    help: str
+    valid: str  # "one of a|b", "0.0..1.0" or ""
+    search: tuple[Any, ...] | None
+
+    def default_text(self) -> str:
+        return "|".join(map(str, self.default)) if isinstance(self.default, tuple) else str(self.default)
+
+
+def option_infos(pass_cls: type[Pass]) -> list[OptionInfo]:
+    """The options of a pass, in declaration order: the one source of help, docs and recipes."""
+    infos = []
+    for f in dataclasses.fields(pass_cls.Options):
+        meta = f.metadata
+        if meta.get("choices"):
+            valid = "one of " + "|".join(map(str, meta["choices"]))
+        elif meta.get("min") is not None or meta.get("max") is not None:
+            low = meta.get("min") if meta.get("min") is not None else ""
+            high = meta.get("max") if meta.get("max") is not None else ""
+            valid = f"{low}..{high}"
+        else:
+            valid = ""
+        infos.append(OptionInfo(f.name, f.default, meta.get("help", ""), valid, meta.get("search")))
+    return infos
+
+
+def search_space(pass_cls: type[Pass]) -> dict[str, tuple[Any, ...]]:
+    """The options a planner may vary, with the values it may try."""
+    return {info.name: info.search for info in option_infos(pass_cls) if info.search}
+
+
 @dataclass
 class SiteRecord:
     """What a pass did at one site (a weight, a block): changed, unchanged or skipped."""
@@ -123,8 +175,9 @@ class SiteRecord:
     site: str  # a readable label (module path, node or weight name)
     node: str
     action: str  # "changed" | "skipped"
-    code: str = ""  # stable skip code, e.g. NOT_DIVISIBLE; "" when changed
+    code: str = ""  # stable skip code (sparsec.passes.patterns.Code), e.g. NOT_DIVISIBLE; "" when changed
     message: str = ""
+    at: str = ""  # the node on which the failing check looked, when not the site's node
     weight: str = ""
     shape: tuple[int, ...] = ()
     params: int = 0
@@ -155,7 +208,20 @@ class PassRecord:
         return [s for s in self.sites if s.action == "skipped"]
 
     def skip_counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(s.code for s in self.skipped).items()))
+        return dict(sorted(Counter(str(s.code) for s in self.skipped).items()))
+
+    def skip(self, failure: Any, *, site: str = "", node: ir.Node | None = None, weight: str = "",
+             shape: tuple[int, ...] = ()) -> None:
+        """Record a skipped site from a :class:`~sparsec.passes.patterns.MatchFailure`: the one
+        way every pass records a skip. ``node`` is the site's node (default: the failure's)."""
+        from sparsec.graph import node_label
+
+        anchor = node if node is not None else failure.node
+        at = failure.node.name if failure.node is not None and failure.node is not anchor else ""
+        self.sites.append(SiteRecord(
+            site=site or (node_label(anchor) if anchor is not None else ""),
+            node=(anchor.name or "") if anchor is not None else "", action="skipped",
+            code=str(failure.code), message=failure.message, at=at or "", weight=weight, shape=tuple(shape)))
 
     @property
     def params_touched(self) -> int:
@@ -173,7 +239,7 @@ class PassRecord:
             "pass": self.pass_id,
             "kind": self.kind,
             "options": _jsonable(self.options),
-            "matched": len(self.sites),
+            "candidates": len(self.sites),
             "changed": len(self.changed),
             "skipped": self.skip_counts(),
             "params_touched": self.params_touched,
@@ -203,25 +269,42 @@ class PassContext:
     """What a pass may use besides the model. Built once per compile."""
 
     target: Any = None  # sparsec.targets.Target
-    calibration: Any = None  # sparsec.calib.Calibration, for calibration-aware passes
+    calibration: Any = None  # sparsec.data.Calibration, for calibration-aware passes
     seed: int = 0
     progress: Progress = field(default_factory=silent)
+    runner: Any = None  # sparsec.runtime.session.Runner: how passes run the model (staged captures)
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.runner is None:
+            from sparsec.runtime.session import cpu_runner
+
+            self.runner = cpu_runner()
 
 
 class Pass(abc.ABC):
-    """Base class of every pass. Subclasses set the class attributes and implement ``run``."""
+    """Base class of every pass. Subclasses set the class attributes and implement ``run``
+    (and ``match``, which ``run`` uses and ``sparsec match`` traces)."""
 
     id: ClassVar[str]
     summary: ClassVar[str]
-    kind: ClassVar[Kind]
+    kinds: ClassVar[tuple[Kind, ...]]  # what the pass can be; ``kind`` says what it is as configured
     matches: ClassVar[str]
     Options: ClassVar[type[PassOptions]] = PassOptions
 
-    def __init__(self, options: PassOptions | None = None, **values: Any) -> None:
+    @property
+    def kind(self) -> Kind:
+        """Exact or lossy as configured (e.g. MoE with every expert active is exact)."""
+        return self.kinds[0]
+
+    def __init__(self, options: PassOptions | None = None, *, _explicit: frozenset[str] | None = None,
+                 **values: Any) -> None:
         if options is not None and values:
             raise TypeError("give either an Options object or keyword values, not both")
         self.options = options if options is not None else make_options(type(self), values)
+        # The options the user set: the plan may change the others (calibration-aware defaults).
+        given = {f.name for f in dataclasses.fields(self.options)} if options is not None else set(values)
+        self.explicit = frozenset(given if _explicit is None else _explicit)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"
@@ -237,9 +320,13 @@ class Pass(abc.ABC):
         return self.id + (":" + ",".join(parts) if parts else "")
 
     def needs_calibration(self) -> bool:
-        """True when this configured pass needs calibration data (ctx.calibration)."""
-        method = getattr(self.options, "method", None)
-        return method in ("wanda", "sparsegpt")
+        """True when this configured pass needs calibration data (ctx.calibration): some option
+        holds a value its declaration marks ``calibrated``."""
+        for f in dataclasses.fields(self.options):
+            marked = f.metadata.get("calibrated")
+            if marked and getattr(self.options, f.name) in marked:
+                return True
+        return False
 
     def sparse_form(self) -> str:
         """The sparse form this configured pass produces (a key of ``Target.gains``)."""
@@ -247,6 +334,12 @@ class Pass(abc.ABC):
 
     def requires(self, model: ir.Model, ctx: PassContext) -> None:
         """Preconditions; raise PassError or OptionError when the pass cannot run."""
+
+    def match(self, model: ir.Model, ctx: PassContext, record: PassRecord) -> list[Any]:
+        """The sites this pass would rewrite, in graph order; every other candidate goes into
+        ``record`` as skipped, with its code. Changes nothing. Each site has ``node`` and
+        ``label``."""
+        raise NotImplementedError(f"pass '{self.id}' has no matcher to trace")
 
     @abc.abstractmethod
     def run(self, model: ir.Model, ctx: PassContext) -> PassRecord:
@@ -261,11 +354,13 @@ _REGISTRY: dict[str, type[Pass]] = {}
 
 def register(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available under its id. A duplicate id is an error."""
-    for attr in ("id", "summary", "kind", "matches"):
-        if not hasattr(cls, attr):
-            raise TypeError(f"{cls.__name__} must define '{attr}'")
+    if not hasattr(cls, "id"):
+        raise TypeError(f"{cls.__name__} must define 'id'")
     if cls.id in _REGISTRY and _REGISTRY[cls.id] is not cls:
         raise ValueError(f"duplicate pass id '{cls.id}' ({_REGISTRY[cls.id].__name__}, {cls.__name__})")
+    for attr in ("summary", "kinds", "matches"):
+        if not hasattr(cls, attr):
+            raise TypeError(f"{cls.__name__} must define '{attr}'")
     _REGISTRY[cls.id] = cls
     return cls
 

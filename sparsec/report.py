@@ -34,6 +34,20 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str], *, inde
     return [line(columns), indent + "  ".join("-" * w for w in widths)] + [line(r) for r in cells]
 
 
+def skip_legend(records) -> list[str]:
+    """One line per skip code that occurs in ``records``: the code, its count and its meaning."""
+    from collections import Counter
+
+    from sparsec.passes.patterns import Code
+
+    counts = Counter(s.code for r in records for s in r.skipped)
+    lines = []
+    for code, n in sorted(counts.items()):
+        meaning = Code(code).meaning if code in Code.__members__ else ""
+        lines.append(f"  {code} ({n}): {meaning}")
+    return (["skip codes:"] + lines) if lines else []
+
+
 def inspect_lines(analysis: Analysis, *, all_weights: bool = False, path: str = "") -> list[str]:
     """What ``sparsec inspect`` prints."""
     out = []

@@ -34,7 +34,7 @@ def _verification_rows(report: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def _pass_rows(report: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"pass": r["pass"], "kind": r["kind"], "matched": str(r["matched"]), "changed": str(r["changed"]),
+    return [{"pass": r["pass"], "kind": r["kind"], "sites": str(r["candidates"]), "changed": str(r["changed"]),
              "skipped": ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "-",
              "params": human_count(r["params_touched"]),
              "sparsity": f"{r['sparsity']:.1%}" if r["sparsity"] is not None else "-",
@@ -89,6 +89,16 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 
 # --- plots -------------------------------------------------------------------------------------
+
+def check_html_dependencies() -> None:
+    """HTML reports draw their plots with matplotlib: say how to get it before any work."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from sparsec.errors import OptionError
+
+        raise OptionError("HTML reports need matplotlib: pip install 'sparsec[report]'") from None
+
 
 def _png(fig) -> str:
     buf = io.BytesIO()

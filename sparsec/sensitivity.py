@@ -21,10 +21,11 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from sparsec.calib import Calibration, StagedRunner
+from sparsec.data import Calibration
 from sparsec.model_io import stage_model
 from sparsec.pipeline import PassRecord
 from sparsec.progress import Progress, silent
+from sparsec.runtime.session import Runner
 from sparsec.sparsity import UnstructuredLayout
 
 
@@ -79,13 +80,14 @@ def _compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> tuple[f
 def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3, 0.5, 0.7),
                       method: str = "magnitude", by: str = "layer", target: float = 0.5,
                       owl_lambda: float = 0.08, owl_m: float = 5.0, sets: int = 2,
-                      progress: Progress | None = None) -> Sensitivity:
+                      runner: Runner | None = None, progress: Progress | None = None) -> Sensitivity:
     """Measure per-layer sensitivity on ``calibration`` (the first ``sets`` input sets)."""
     from sparsec.passes import prune_methods
     from sparsec.passes.allocation import layer_of, owl_allocation
     from sparsec.passes.unstructured_prune import UnstructuredPrunePass
-    from sparsec.runtime.session import create_session, run
+    from sparsec.runtime.session import cpu_runner
 
+    runner = runner or cpu_runner()
     progress = progress or silent()
     probe = UnstructuredPrunePass(min_params=1)
     record = PassRecord("sensitivity", "analysis", {})
@@ -94,12 +96,12 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
     norms: dict[int, np.ndarray] = {}
     allocation = None
     if method == "wanda":
-        runner = StagedRunner(model, calibration.feeds, progress=progress)
+        capturer = runner.staged(model, calibration.feeds, progress=progress)
         groups: dict[ir.Value, list] = defaultdict(list)
         for site in sites:
             groups[site.node.inputs[1 - site.input_index]].append(site)
         for value, group in progress.track(list(groups.items()), "sensitivity: Wanda statistics"):
-            stats = prune_methods.group_statistics(group, calibration.feeds, runner.capture(value),
+            stats = prune_methods.group_statistics(group, calibration.feeds, capturer.capture(value),
                                                    prune_methods.ColumnNorms)
             for site in group:
                 norms[id(site)] = np.sqrt(stats[prune_methods.statistic_key(site)].sq)
@@ -114,8 +116,8 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
     try:
         with tempfile.TemporaryDirectory(prefix="sparsec-sensitivity-") as tmp:
             with stage_model(model, Path(tmp) / "model.onnx", external_data=True) as staged:
-                session = create_session(staged.path)
-                reference = [run(session, feed) for feed in feeds]
+                session = runner.session(staged.path)
+                reference = [runner.run(session, feed) for feed in feeds]
                 layers = []
                 work = [(name, group) for name, group in by_layer.items()]
                 for name, group in progress.track(work, "sensitivity: pruning one layer at a time", total=len(work)):
@@ -130,7 +132,7 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
                             override[site.weight.name] = np.ascontiguousarray(
                                 site.from_matrix(np.where(mask, matrix, 0).astype(matrix.dtype))).astype(
                                 site.weight.numpy().dtype)
-                        d, r = zip(*(_compare(ref, run(session, {**feed, **override}))
+                        d, r = zip(*(_compare(ref, runner.run(session, {**feed, **override}))
                                      for feed, ref in zip(feeds, reference)))
                         drop[str(level)], rel[str(level)] = float(np.mean(d)), float(np.mean(r))
                     layers.append(LayerSensitivity(name, sum(int(np.prod(s.weight.shape)) for s in group), drop, rel))

@@ -1,9 +1,10 @@
 """Sweep: compile several pass specs, then time them all against the original side by side.
 
-Each candidate is compiled (and verified) like ``sparsec compile``; the original and every
-candidate are then timed interleaved in one process (median of repeats after warm-up), so the
-speedups are comparable. The points and their Pareto front (no other point is both faster and
-more faithful) go into a table and, as a plot, into an HTML report.
+Each candidate is compiled (and verified) like ``sparsec compile`` with ``best_effort`` (so a
+candidate below its budget is still measured, and marked); the original and every candidate
+are then timed interleaved in one process (:func:`sparsec.runtime.bench.compare_speed`), so
+the speedups are comparable. The points and their Pareto front (no other point is both faster
+and more faithful) go into a table and, as a plot, into an HTML report.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from sparsec.progress import Progress, silent
 class SweepPoint:
     label: str
     fidelity: float  # min output cosine against the original (real inputs when the model has some)
-    speedup: float
+    speedup: float  # median of original time / candidate time over rounds
     median_ms: float
     output_bytes: int
     metrics: dict[str, Any] = field(default_factory=dict)
     params_removed: int = 0
     pareto: bool = False
+    verdict: str = ""  # EXACT | WITHIN BUDGET | BELOW BUDGET | FAILED
+    speedup_p10: float = 0.0
+    speedup_p90: float = 0.0
 
 
 @dataclass
@@ -36,16 +40,19 @@ class Sweep:
     threads: int
     repeats: int
     points: list[SweepPoint]
+    stable: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def table(self) -> list[str]:
-        head = "| config | fidelity (min cos) | task metrics | speedup | median ms | size MiB | Pareto |"
-        lines = [head, "|---|---|---|---|---|---|---|"]
+        head = ("| config | verdict | fidelity (min cos) | task metrics | speedup (p10-p90) | median ms | size MiB"
+                " | Pareto |")
+        lines = [head, "|---|---|---|---|---|---|---|---|"]
         for p in self.points:
             metrics = ", ".join(f"{k} {v:.4g}" for k, v in p.metrics.items() if isinstance(v, float))
-            lines.append(f"| {p.label} | {p.fidelity:.4f} | {metrics or '-'} | {p.speedup:.2f}x | {p.median_ms:.2f}"
+            lines.append(f"| {p.label} | {p.verdict or '-'} | {p.fidelity:.4f} | {metrics or '-'} | {p.speedup:.2f}x"
+                         f" ({p.speedup_p10:.2f}-{p.speedup_p90:.2f}) | {p.median_ms:.2f}"
                          f" | {p.output_bytes / 2**20:.1f} | {'*' if p.pareto else ''} |")
         return lines
 
@@ -60,36 +67,34 @@ def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", th
           repeats: int = 15, progress: Progress | None = None, **compile_options: Any) -> Sweep:
     """Compile ``specs`` and time them against the original (see the module docstring)."""
     from sparsec.compiler import compile
+    from sparsec.data import timing_feed
     from sparsec.model_io import load_model
-    from sparsec.models import entry_for
-    from sparsec.runtime.bench import time_models
-    from sparsec.verify import input_specs, random_feeds
+    from sparsec.runtime.bench import compare_speed
+    from sparsec.targets import get_target
 
     progress = progress or silent()
-    threads = threads or os.cpu_count() or 1
+    runner = get_target(target).runner(threads)
     loaded = load_model(model)
-    entry = entry_for(loaded.model.metadata_props)
-    if entry is not None and entry.real_inputs is not None:
-        feed, note = entry.real_inputs(1)[0], entry.inputs_note
-    else:
-        feed, note = random_feeds(input_specs(loaded.model), samples=1)[0], "random inputs"
-    input_bytes = loaded.total_bytes
+    feed, note = timing_feed(loaded.model)
     rows = []
     with tempfile.TemporaryDirectory(prefix="sparsec-sweep-") as tmp:
         paths = {"original": loaded.path}
         for i, spec in enumerate(specs):
             result = compile(loaded.path, target=target, passes=spec, output=Path(tmp) / f"c{i}.onnx",
-                             report=Path(tmp) / f"c{i}.json", progress=progress, **compile_options)
+                             report=Path(tmp) / f"c{i}.json", progress=progress, best_effort=True,
+                             threads=threads, **compile_options)
             verdict = result.verdicts.get("real") or result.verdicts["random"]
             removed = sum(s.details.get("params_removed", 0) for r in result.records for s in r.changed)
-            rows.append((spec, verdict.min_cosine, dict(verdict.metrics), result.sizes["output_bytes"], removed))
+            rows.append((spec, verdict.min_cosine, dict(verdict.metrics), result.sizes["output_bytes"], removed,
+                         result.judgement.status))
             paths[spec] = result.output
         with progress.task(f"timing {len(paths)} models side by side"):
-            timings = time_models(paths, feed, repeats=repeats, threads=threads)
-    base = timings["original"].median_ms
-    points = [SweepPoint("original", 1.0, base / base, base, input_bytes)]
-    for spec, fidelity, metrics, size, removed in rows:
-        t = timings[spec].median_ms
-        points.append(SweepPoint(spec, fidelity, base / t, t, size, metrics, removed))
+            speed = compare_speed(paths, feed, runner=runner, threads=threads, min_repeats=repeats)
+    base = speed.timings["original"].median_ms
+    points = [SweepPoint("original", 1.0, 1.0, base, loaded.total_bytes, speedup_p10=1.0, speedup_p90=1.0)]
+    for spec, fidelity, metrics, size, removed, status in rows:
+        r = speed.ratios[spec]
+        points.append(SweepPoint(spec, fidelity, r.median, speed.timings[spec].median_ms, size, metrics, removed,
+                                 verdict=status, speedup_p10=r.p10, speedup_p90=r.p90))
     mark_pareto(points)
-    return Sweep(str(loaded.path), note, threads, repeats, points)
+    return Sweep(str(loaded.path), note, speed.threads, speed.repeats, points, speed.stable)

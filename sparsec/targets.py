@@ -1,14 +1,17 @@
-"""Hardware targets: which execution provider runs the model and which sparse forms it speeds up.
+"""Hardware targets: which execution providers run the model and which sparse forms they speed up.
 
-A target never claims speed that no kernel delivers. Each entry of ``gains`` says, for one
-sparse form, whether an ONNX Runtime execution provider on that target has a kernel that turns
-it into speed, and where the figure comes from (measured here, or not measured). The facts are
-those of ../shared/DESIGN.md and the tables under docs/.
+The registry is data (``targets.yaml`` beside this module): per execution provider and sparse
+form, whether a kernel turns the form into speed (yes / no / depends), how, and the evidence --
+measured speedup ranges with their conditions and sources. A target lists its providers in
+priority order; what a form gains on a target is what its best provider for that form gains.
+A target never claims speed that no kernel delivers; a cost model reads the same facts.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from sparsec.errors import OptionError
@@ -19,111 +22,146 @@ NM_OTHER = "nm-other"
 UNSTRUCTURED = "unstructured"
 BLOCK = "block"
 STRUCTURED = "structured"
+STORAGE = "storage"
+MOE = "moe"
+ATTENTION_WINDOW = "attention-window"
+ATTENTION_BLOCK_SPARSE = "attention-block-sparse"
+KV_WINDOW = "kv-window"
+ATTENTION_MASK = "attention-mask"
+FORMS = (NM_2_4, NM_OTHER, UNSTRUCTURED, BLOCK, STRUCTURED, STORAGE, MOE, ATTENTION_WINDOW,
+         ATTENTION_BLOCK_SPARSE, KV_WINDOW, ATTENTION_MASK)
+
+REGISTRY = Path(__file__).with_name("targets.yaml")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """One measurement or statement behind a fact."""
+
+    source: str  # "measured by sparsec: <file>", "published: <reference>", "not measured ..."
+    speedup: tuple[float, float] | None = None  # dense time / sparse time, low..high
+    conditions: str = ""
+
+    def line(self) -> str:
+        figure = (f"{self.speedup[0]:g}x" if self.speedup[0] == self.speedup[1]
+                  else f"{self.speedup[0]:g}-{self.speedup[1]:g}x") if self.speedup else ""
+        parts = [p for p in (figure, self.conditions) if p]
+        return f"{', '.join(parts)} ({self.source})" if parts else self.source
+
+
+@dataclass(frozen=True)
+class Fact:
+    """What one execution provider does with one sparse form."""
+
+    provider: str
+    form: str
+    speedup: str  # yes | no | depends
+    how: str
+    evidence: tuple[Evidence, ...] = ()
 
 
 @dataclass(frozen=True)
 class Gain:
-    """What one sparse form buys on a target."""
+    """What one sparse form buys on a target: the best provider's fact."""
 
-    speedup: bool  # does any provider on this target run it faster?
-    how: str  # which provider / kernel, or why nothing does
+    speedup: bool  # does some provider of this target run it faster, at least under some conditions?
+    how: str
     evidence: str = "not measured by sparsec"
+    depends: bool = False  # pays only under the conditions the evidence names
+    provider: str = ""
+    facts: tuple[Fact, ...] = ()
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     description: str
-    providers: tuple[Any, ...]  # in priority order, as ORT takes them
-    gains: dict[str, Gain] = field(default_factory=dict)
+    providers: tuple[Any, ...]  # in priority order, as ORT takes them (name or (name, options))
+    facts: dict[str, dict[str, Fact]] = field(default_factory=dict)  # provider -> form -> fact
     default_passes: str = ""  # pass spec the plan uses when none is given
     default_reason: str = ""
 
+    @property
+    def provider_names(self) -> list[str]:
+        return [p if isinstance(p, str) else p[0] for p in self.providers]
+
     def gain(self, form: str) -> Gain:
-        return self.gains.get(form, Gain(False, "no kernel on this target"))
+        """The best any of this target's providers does with ``form`` (yes > depends > no)."""
+        facts = tuple(self.facts[p][form] for p in self.provider_names if form in self.facts.get(p, {}))
+        if not facts:
+            return Gain(False, "no kernel on this target", "not measured by sparsec")
+        rank = {"yes": 2, "depends": 1, "no": 0}
+        best = max(facts, key=lambda f: rank[f.speedup])
+        evidence = "; ".join(e.line() for e in best.evidence) or "no kernel"
+        return Gain(best.speedup != "no", f"{_short(best.provider)}: {best.how}", evidence,
+                    best.speedup == "depends", best.provider, facts)
+
+    def runner(self, threads: int | None = None):
+        """The session runner of this target: its providers this onnxruntime build has."""
+        from sparsec.runtime.session import Runner
+
+        return Runner.for_providers(self.providers, threads=threads, what=f"target '{self.name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["providers"] = [p if isinstance(p, str) else p[0] for p in self.providers]
-        return data
+        return {
+            "name": self.name, "description": self.description, "providers": self.provider_names,
+            "default_passes": self.default_passes, "default_reason": self.default_reason,
+            "gains": {form: _gain_dict(self.gain(form)) for form in FORMS},
+        }
 
 
-_STORAGE_ONLY = "no sparse GEMM kernel: ORT densifies the weights; the gain is a smaller file once compressed storage is used"
+def _gain_dict(gain: Gain) -> dict[str, Any]:
+    data = asdict(gain)
+    data["facts"] = [{**asdict(f), "evidence": [asdict(e) for e in f.evidence]} for f in gain.facts]
+    return data
 
-_CPU_GAINS = {
-    NM_2_4: Gain(False, f"CPU EP: {_STORAGE_ONLY}"),
-    NM_OTHER: Gain(False, f"CPU EP: {_STORAGE_ONLY}"),
-    UNSTRUCTURED: Gain(False, f"CPU EP: {_STORAGE_ONLY}"),
-    BLOCK: Gain(False, f"CPU EP: {_STORAGE_ONLY}"),
-    STRUCTURED: Gain(True, "CPU EP: smaller dense matrices, every kernel runs less work"),
-}
 
-_GPU_NM = (
-    "TensorRT EP with trt_sparsity_enable=1 (fp16/int8 engines) picks 2:4 sparse tactics;"
-    " the CUDA EP has no 2:4 kernel and runs the weights dense"
-)
+def _short(provider: str) -> str:
+    return {"CPUExecutionProvider": "CPU EP", "CUDAExecutionProvider": "CUDA EP",
+            "TensorrtExecutionProvider": "TensorRT EP"}.get(provider, provider)
 
-TARGETS: dict[str, Target] = {
-    t.name: t
-    for t in (
-        Target(
-            "cpu",
-            "x86-64 / Arm server CPU, ONNX Runtime CPU execution provider",
-            ("CPUExecutionProvider",),
-            _CPU_GAINS,
-            default_passes="",
-            default_reason="the CPU EP turns no weight-sparsity layout into speed; structured"
-            " pruning (removing whole neurons) is the form that pays here",
-        ),
-        Target(
-            "edge",
-            "small Arm / x86 CPU (phones, boards), ONNX Runtime CPU execution provider",
-            ("CPUExecutionProvider",),
-            _CPU_GAINS,
-            default_passes="",
-            default_reason="like cpu: only smaller dense matrices pay; N:M only shrinks storage",
-        ),
-        Target(
-            "ampere",
-            "NVIDIA Ampere (A100, A10, RTX 30): ORT TensorRT EP, CUDA EP as fallback",
-            (("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": True}),
-             "CUDAExecutionProvider", "CPUExecutionProvider"),
-            {
-                NM_2_4: Gain(True, _GPU_NM, "not measured by sparsec (TensorRT is not installable"
-                             " on the test machines); published figures are per-GEMM and size-dependent"),
-                NM_OTHER: Gain(False, "no kernel for N:M other than 2:4"),
-                UNSTRUCTURED: Gain(False, "CUDA / TensorRT EP: no unstructured sparse GEMM"),
-                BLOCK: Gain(False, "CUDA / TensorRT EP: no block-sparse weight GEMM"),
-                STRUCTURED: Gain(True, "smaller dense matrices on every EP"),
-            },
-            default_passes="nm:n=2,m=4",
-            default_reason="2:4 along the reduction axis is the layout Ampere sparse tensor cores"
-            " run; only the TensorRT EP uses them",
-        ),
-        Target(
-            "hopper",
-            "NVIDIA Hopper (H100, H200): ORT TensorRT EP, CUDA EP as fallback",
-            (("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": True}),
-             "CUDAExecutionProvider", "CPUExecutionProvider"),
-            {
-                NM_2_4: Gain(True, _GPU_NM + "; on H100 2:4 GEMMs measured slower than dense at"
-                             " small and medium sizes (published H100 results 0.4-1.2x)",
-                             "cuSPARSELt probe on an H100 (../shared/DESIGN.md); TensorRT not run"),
-                NM_OTHER: Gain(False, "no kernel for N:M other than 2:4"),
-                UNSTRUCTURED: Gain(False, "CUDA / TensorRT EP: no unstructured sparse GEMM"),
-                BLOCK: Gain(False, "CUDA / TensorRT EP: no block-sparse weight GEMM"),
-                STRUCTURED: Gain(True, "smaller dense matrices on every EP"),
-            },
-            default_passes="nm:n=2,m=4",
-            default_reason="2:4 is the only weight layout Hopper tensor cores accelerate; expect"
-            " little or no gain below large GEMMs",
-        ),
-    )
-}
+
+def _yes_no(value: Any) -> str:
+    # YAML reads bare yes/no as booleans.
+    if value is True:
+        return "yes"
+    if value is False:
+        return "no"
+    if value not in ("yes", "no", "depends"):
+        raise ValueError(f"speedup must be yes, no or depends, not {value!r}")
+    return value
+
+
+@lru_cache(maxsize=1)
+def _load() -> dict[str, Target]:
+    import yaml
+
+    data = yaml.safe_load(REGISTRY.read_text(encoding="utf-8"))
+    facts: dict[str, dict[str, Fact]] = {}
+    for provider, forms in data["providers"].items():
+        facts[provider] = {}
+        for form, fact in forms.items():
+            if form not in FORMS:
+                raise ValueError(f"{REGISTRY.name}: unknown form '{form}' for {provider}")
+            evidence = tuple(Evidence(e["source"], tuple(e["speedup"]) if e.get("speedup") else None,
+                                      e.get("conditions", "")) for e in fact.get("evidence") or ())
+            facts[provider][form] = Fact(provider, form, _yes_no(fact["speedup"]), fact["how"], evidence)
+    targets = {}
+    for name, entry in data["targets"].items():
+        providers = tuple(p if isinstance(p, str) else (p[0], dict(p[1])) for p in entry["providers"])
+        names = [p if isinstance(p, str) else p[0] for p in providers]
+        targets[name] = Target(name, entry["description"], providers, {p: facts.get(p, {}) for p in names},
+                               entry.get("default_passes", ""), entry.get("default_reason", ""))
+    return targets
+
+
+def targets() -> dict[str, Target]:
+    """Every target of the registry, by name."""
+    return dict(_load())
 
 
 def get_target(name: str) -> Target:
-    if name not in TARGETS:
-        raise OptionError(f"unknown target '{name}' (known: {', '.join(TARGETS)})")
-    return TARGETS[name]
-
+    known = _load()
+    if name not in known:
+        raise OptionError(f"unknown target '{name}' (known: {', '.join(known)})")
+    return known[name]

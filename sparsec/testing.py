@@ -43,31 +43,23 @@ def assert_equivalent(
         AssertionError: an output differs beyond tolerance or falls below ``min_cosine``.
         sparsec.errors.SparsecError: a model or the inputs cannot be used.
     """
+    from sparsec.feeds import make_feeds
     from sparsec.model_io import load_model
-    from sparsec.verify import input_specs, load_feeds, random_feeds, verify_models
+    from sparsec.verify import Budget, judge, verify_models
 
     ref = load_model(reference)
     load_model(candidate)
-    specs = input_specs(ref.model)
-    if inputs is None:
-        feeds, note = random_feeds(specs, seed=seed, dims=dims, samples=samples), f"random inputs (seed {seed})"
-    elif isinstance(inputs, (str, os.PathLike)):
-        feeds, note = load_feeds(inputs, specs), f"inputs from {inputs}"
-    else:
-        feeds, note = [dict(f) for f in inputs], "given inputs"
+    feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=dims, samples=samples)
     judge_tolerance = min_cosine is None or atol is not None or rtol is not None
-    verdict = verify_models(ref.path, candidate, feeds, atol=atol, rtol=rtol, inputs=note,
+    verdict = verify_models(ref.path, candidate, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
                             exact=judge_tolerance)
-    problems = []
-    if not verdict.outputs:
-        problems.append("no outputs were compared")
-    if judge_tolerance and not verdict.passed:
-        problems.append("outputs differ beyond tolerance")
-    if min_cosine is not None:
-        low = [o for o in verdict.outputs if o.error or o.cosine < min_cosine]
-        problems.extend(f"output '{o.name}' cosine {o.cosine:.6f} < min_cosine {min_cosine}"
-                        if not o.error else f"output '{o.name}': {o.error}" for o in low)
-    if problems:
-        raise AssertionError(f"{candidate} is not equivalent to {reference}: {'; '.join(problems)}\n"
+    budget = Budget(min_cosine=min_cosine) if min_cosine is not None else None
+    judgement = judge({"given": verdict}, budget, exact=judge_tolerance)
+    if not judgement.passed:
+        bad = [c for c in judgement.checks if not c.ok]
+        problems = "; ".join(dict.fromkeys(
+            "outputs differ beyond tolerance" if c.kind == "tolerance"
+            else f"{c.what}{f' {c.value:.6f}' if c.value is not None else ''} {c.threshold}".strip() for c in bad))
+        raise AssertionError(f"{candidate} is not equivalent to {reference}: {judgement.status}: {problems}\n"
                              + "\n".join(verdict.lines()))
     return verdict

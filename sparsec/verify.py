@@ -1,31 +1,35 @@
-"""Equivalence and fidelity checks: seeded inputs, both models in ORT, statistics, verdicts.
+"""Equivalence and fidelity checks: both models in ORT, statistics, verdicts, and the judge.
 
 Compare semantics follow Polygraphy: an element fails only where BOTH ``|a - b| > atol`` and
 ``|a - b| > rtol * |b|`` (``b`` the reference); NaN or Inf in the candidate where the reference
 is finite fails; shapes must match; a verdict over zero compared outputs fails. Tolerances are
 explicit and per dtype (:data:`DEFAULT_TOLERANCES`). Statistics are accumulated over every
-input set without holding all outputs in memory.
+input set without holding all outputs in memory. String tensors, empty tensors, sequences and
+optional outputs compare equal when they are equal.
 
 Results are data (:class:`OutputStats`, :class:`Verdict`); printing only displays them.
+:func:`judge` is the one place that turns verdicts and a fidelity :class:`Budget` into a
+:class:`Judgement` (EXACT, WITHIN BUDGET, BELOW BUDGET or FAILED): compile, verify, sweep and
+:mod:`sparsec.testing` all use it.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx_ir as ir
 
 from sparsec.errors import InputError
-from sparsec.graph import constant_ref
 from sparsec.metrics import Metric
 from sparsec.progress import Progress, silent
+
+if TYPE_CHECKING:
+    from sparsec.runtime.session import Runner
 
 # (atol, rtol) per output dtype for exact rewrites. Integers and booleans must match exactly.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
@@ -34,166 +38,7 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "float16": (1e-3, 1e-2),
     "bfloat16": (1e-2, 5e-2),
 }
-# Symbolic dimensions default to 1 when their name says batch, else to this.
-DEFAULT_DIM = 16
 _SAMPLE_LIMIT = 200_000  # abs differences kept per output for the median / p99
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input and how to fill it with valid random data."""
-
-    name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int | str | None, ...]
-    fill: str  # normal | randint | ones | zeros | arange | bool
-    high: int = 2  # exclusive upper bound for randint
-
-
-def _np_dtype(dtype: ir.DataType) -> np.dtype:
-    return np.dtype(dtype.numpy())
-
-
-def _index_range(value: ir.Value, depth: int = 3) -> int | None:
-    """Rows of the table an integer input indexes (Gather indices), following cheap ops."""
-    frontier = [value]
-    for _ in range(depth):
-        nxt = []
-        for v in frontier:
-            for use in v.uses():
-                node = use.node
-                if node.op_type == "Gather" and use.idx == 1:
-                    table = constant_ref(node.inputs[0])
-                    if table is not None:
-                        axis_attr = node.attributes.get("axis")
-                        axis = int(axis_attr.value) if axis_attr is not None else 0
-                        return table.shape[axis]
-                if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
-                    nxt.extend(node.outputs)
-        frontier = nxt
-    return None
-
-
-def input_specs(model: ir.Model) -> list[InputSpec]:
-    """The inputs a caller must feed (initializer-backed inputs have defaults and are left out)."""
-    specs = []
-    for value in model.graph.inputs:
-        if value.is_initializer():
-            continue
-        if value.dtype is None or value.shape is None:
-            raise InputError(f"graph input '{value.name}' has no type or shape; cannot make inputs for it")
-        dtype = _np_dtype(value.dtype)
-        dims = tuple(d if isinstance(d, int) else (d.value if d.value is not None else None)
-                     for d in value.shape)
-        lname = (value.name or "").lower()
-        high = 2
-        if dtype == np.bool_:
-            fill = "bool"
-        elif np.issubdtype(dtype, np.integer):
-            if "mask" in lname:
-                fill = "ones"
-            elif "position" in lname:
-                fill = "arange"
-            elif "token_type" in lname or "segment" in lname:
-                fill = "zeros"
-            else:
-                fill = "randint"
-                high = _index_range(value) or 2
-        else:
-            fill = "normal"
-        specs.append(InputSpec(value.name or "", dtype.name, dims, fill, high))
-    return specs
-
-
-def parse_dims(items: Iterable[str]) -> dict[str, int]:
-    """``["seq=128", "batch=2"]`` -> ``{"seq": 128, "batch": 2}``."""
-    dims = {}
-    for item in items:
-        name, sep, raw = item.partition("=")
-        if not sep or not name or not re.fullmatch(r"\d+", raw.strip()) or int(raw) <= 0:
-            raise InputError(f"--dim expects NAME=POSITIVE_INT, got '{item}'")
-        dims[name.strip()] = int(raw)
-    return dims
-
-
-def resolve_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
-    shape = []
-    for i, d in enumerate(spec.shape):
-        if isinstance(d, int):
-            shape.append(d)
-        elif d is not None and d in dims:
-            shape.append(dims[d])
-        elif d is not None and "batch" in d.lower():
-            shape.append(1)
-        else:
-            shape.append(dims.get(f"{spec.name}.{i}", DEFAULT_DIM))
-    return tuple(shape)
-
-
-def random_feeds(specs: Sequence[InputSpec], *, seed: int = 0, dims: Mapping[str, int] | None = None,
-                 samples: int = 1) -> list[dict[str, np.ndarray]]:
-    """Seeded, valid random inputs: the same seed gives the same arrays."""
-    dims = dims or {}
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(samples):
-        feed = {}
-        for spec in specs:
-            shape = resolve_shape(spec, dims)
-            dtype = np.dtype(spec.dtype)
-            if spec.fill == "normal":
-                arr = rng.standard_normal(shape).astype(dtype)
-            elif spec.fill == "randint":
-                arr = rng.integers(0, spec.high, size=shape).astype(dtype)
-            elif spec.fill == "ones":
-                arr = np.ones(shape, dtype=dtype)
-            elif spec.fill == "zeros":
-                arr = np.zeros(shape, dtype=dtype)
-            elif spec.fill == "arange":
-                arr = np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=dtype), shape).copy()
-            else:
-                arr = rng.integers(0, 2, size=shape).astype(bool)
-            feed[spec.name] = arr
-        feeds.append(feed)
-    return feeds
-
-
-def load_feeds(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[dict[str, np.ndarray]]:
-    """Input sets from a .npz: keys are input names (one set) or ``K/name`` (set K).
-
-    Raises:
-        InputError: unreadable file, unknown or missing inputs, wrong dtype or rank.
-    """
-    path = Path(path)
-    try:
-        archive = np.load(path, allow_pickle=False)
-        arrays = {k: archive[k] for k in archive.files}
-    except Exception as exc:
-        raise InputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in arrays.items():
-        set_name, _, name = key.rpartition("/")
-        groups.setdefault(set_name, {})[name] = arr
-    by_name = {s.name: s for s in specs}
-    feeds = []
-    for set_name in sorted(groups, key=lambda k: (len(k), k)):
-        feed = groups[set_name]
-        for name, arr in feed.items():
-            if name not in by_name:
-                raise InputError(f"{path}: '{name}' is not an input of the model (inputs: {', '.join(by_name)})")
-            spec = by_name[name]
-            expected = tuple(d if isinstance(d, int) else (d or "?") for d in spec.shape)
-            if arr.dtype != np.dtype(spec.dtype):
-                raise InputError(f"{path}: input '{name}' is {arr.dtype}, the model expects {spec.dtype} {list(expected)}")
-            if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)):
-                raise InputError(f"{path}: input '{name}' has shape {list(arr.shape)}, the model expects {list(expected)}")
-        missing = [n for n in by_name if n not in feed]
-        if missing:
-            raise InputError(f"{path}: no array for input '{missing[0]}'")
-        feeds.append(feed)
-    if not feeds:
-        raise InputError(f"{path}: contains no arrays")
-    return feeds
 
 
 def tolerances_for(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
@@ -223,11 +68,13 @@ class OutputStats:
     cosine: float = 1.0
     row_cosine_mean: float | None = None
     row_cosine_min: float | None = None
-    error: str = ""  # a shape or presence mismatch
+    error: str = ""  # a shape, type or presence mismatch
+    compared: int = 0  # input sets on which the output was compared
 
     @property
     def passed(self) -> bool:
-        return not self.error and self.elements > 0 and self.failing == 0 and self.nonfinite == 0
+        """Within tolerance on every input set (an empty tensor equal to an empty reference is)."""
+        return not self.error and self.compared > 0 and self.failing == 0 and self.nonfinite == 0
 
     def line(self, exact: bool = True) -> str:
         if self.error:
@@ -244,9 +91,22 @@ class OutputStats:
         return f"{verdict} | output '{self.name}' | {diff}; {beyond} | {cos}"
 
 
+def _flatten(value: Any, name: str) -> list[tuple[str, Any]]:
+    """An output as (label, array or None) leaves: sequences become their elements."""
+    if isinstance(value, (list, tuple)):
+        out = [(f"{name}[#len]", np.asarray(len(value), np.int64))]
+        for i, item in enumerate(value):
+            out.extend(_flatten(item, f"{name}[{i}]"))
+        return out
+    if value is None:
+        return [(name, None)]
+    return [(name, np.asarray(value))]
+
+
 class _Accumulator:
-    def __init__(self, name: str, dtype: np.dtype, atol: float, rtol: float, seed: int) -> None:
-        self.stats = OutputStats(name, np.dtype(dtype).name, atol=atol, rtol=rtol)
+    def __init__(self, name: str, atol: float | None, rtol: float | None, seed: int) -> None:
+        self.stats = OutputStats(name, "")
+        self.atol, self.rtol = atol, rtol
         self.sum_abs = 0.0
         self.sq_diff = 0.0
         self.sq_ref = 0.0
@@ -256,22 +116,50 @@ class _Accumulator:
         self.samples: list[np.ndarray] = []
         self.rng = np.random.default_rng(seed)
 
-    def add(self, ref: np.ndarray, cand: np.ndarray) -> None:
+    def add(self, ref: Any, cand: Any) -> None:
         s = self.stats
         if s.error:
             return
+        refs, cands = _flatten(ref, s.name), _flatten(cand, s.name)
+        if [label for label, _ in refs] != [label for label, _ in cands]:
+            s.error = f"sequence of {len(cands) - 1} items != reference's {len(refs) - 1}" \
+                if isinstance(ref, (list, tuple)) else "not the same kind of value as the reference"
+            return
+        s.compared += 1
+        for (label, r), (_, c) in zip(refs, cands):
+            if (r is None) != (c is None):
+                s.error = f"{label}: {'absent' if c is None else 'present'} where the reference's is not"
+                return
+            if r is not None:
+                self._add_array(label, r, c)
+
+    def _add_array(self, label: str, ref: np.ndarray, cand: np.ndarray) -> None:
+        s = self.stats
+        if not s.dtype:
+            s.dtype = ref.dtype.name
+            s.atol, s.rtol = tolerances_for(ref.dtype, self.atol, self.rtol)
         if ref.shape != cand.shape:
-            s.error = f"shape {list(cand.shape)} != reference {list(ref.shape)}"
+            s.error = f"{label}: shape {list(cand.shape)} != reference {list(ref.shape)}"
             return
         if ref.dtype != cand.dtype:
-            s.error = f"dtype {cand.dtype} != reference {ref.dtype}"
+            s.error = f"{label}: dtype {cand.dtype} != reference {ref.dtype}"
             return
-        s.shape = list(ref.shape)
+        if label == s.name:
+            s.shape = list(ref.shape)
+        if not (np.issubdtype(ref.dtype, np.number) or ref.dtype == np.bool_):
+            # Strings and objects: equal or not, element by element.
+            unequal = int(np.count_nonzero(ref != cand)) if ref.size else 0
+            s.failing += unequal
+            s.elements += int(ref.size)
+            self.sq_ref += float(ref.size)
+            self.dot += float(ref.size - unequal)
+            self.sq_cand += float(ref.size)
+            self.sq_diff += float(unequal)
+            return
         a = ref.astype(np.float64).ravel()
         b = cand.astype(np.float64).ravel()
         finite = np.isfinite(a)
-        bad = finite & ~np.isfinite(b)
-        s.nonfinite += int(bad.sum())
+        s.nonfinite += int((finite & ~np.isfinite(b)).sum())
         ok = finite & np.isfinite(b)
         a, b = a[ok], b[ok]
         diff = np.abs(a - b)
@@ -289,7 +177,7 @@ class _Accumulator:
         self.sq_ref += float(np.dot(a, a))
         self.sq_cand += float(np.dot(b, b))
         self.dot += float(np.dot(a, b))
-        if ref.ndim >= 2 and np.issubdtype(ref.dtype, np.floating):
+        if ref.ndim >= 2 and ref.size and np.issubdtype(ref.dtype, np.floating):
             ra = ref.astype(np.float64).reshape(-1, ref.shape[-1])
             rb = cand.astype(np.float64).reshape(-1, ref.shape[-1])
             den = np.linalg.norm(ra, axis=1) * np.linalg.norm(rb, axis=1)
@@ -299,9 +187,13 @@ class _Accumulator:
 
     def finish(self) -> OutputStats:
         s = self.stats
-        if s.error or not s.elements:
+        if s.error:
+            s.cosine = 0.0  # an output that is not comparable has no fidelity
             return s
-        s.mean_abs = self.sum_abs / s.elements
+        if not s.compared:
+            return s
+        if s.elements:
+            s.mean_abs = self.sum_abs / s.elements
         if self.samples:
             sample = np.concatenate(self.samples)
             s.median_abs = float(np.median(sample))
@@ -357,7 +249,7 @@ class Verdict:
 
 
 def compare(
-    results: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], Mapping[str, np.ndarray]]],
+    results: Iterable[tuple[Mapping[str, Any], Mapping[str, Any], Mapping[str, Any]]],
     *,
     atol: float | None = None,
     rtol: float | None = None,
@@ -373,12 +265,11 @@ def compare(
         count += 1
         for name, r in ref.items():
             if name not in accs:
-                a, rt = tolerances_for(r.dtype, atol, rtol)
-                accs[name] = _Accumulator(name, r.dtype, a, rt, seed)
+                accs[name] = _Accumulator(name, atol, rtol, seed)
             if name not in cand:
                 accs[name].stats.error = "missing from the candidate's outputs"
                 continue
-            accs[name].add(np.asarray(r), np.asarray(cand[name]))
+            accs[name].add(r, cand[name])
         for metric in metrics:
             metric.add(feed, ref, cand)
     figures: dict[str, Any] = {}
@@ -388,13 +279,14 @@ def compare(
 
 
 def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
-             feeds: Iterable[Mapping[str, np.ndarray]], *, threads: int | None = None,
+             feeds: Iterable[Mapping[str, np.ndarray]], *, runner: Runner | None = None,
              progress: Progress | None = None, total: int | None = None):
     """Yield (feed, reference outputs, candidate outputs) per input set, both run in ORT."""
-    from sparsec.runtime import session as rt
+    from sparsec.runtime.session import cpu_runner
 
-    ref_sess = rt.create_session(reference, threads=threads)
-    cand_sess = rt.create_session(candidate, threads=threads)
+    runner = runner or cpu_runner()
+    ref_sess = runner.session(reference)
+    cand_sess = runner.session(candidate)
     ref_names = [o.name for o in ref_sess.get_outputs()]
     cand_names = {o.name for o in cand_sess.get_outputs()}
     missing = [n for n in ref_names if n not in cand_names]
@@ -402,69 +294,195 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
         raise InputError(f"the candidate has no output '{missing[0]}' (reference outputs: {', '.join(ref_names)})")
     progress = progress or silent()
     for feed in progress.track(feeds, "running reference and candidate", total=total):
-        yield feed, rt.run(ref_sess, feed), rt.run(cand_sess, feed, ref_names)
+        yield feed, runner.run(ref_sess, feed), runner.run(cand_sess, feed, ref_names)
 
 
 def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
                   feeds: Sequence[Mapping[str, np.ndarray]], *, atol: float | None = None,
                   rtol: float | None = None, inputs: str = "", exact: bool = True,
-                  metrics: Sequence[Metric] = (), threads: int | None = None,
+                  metrics: Sequence[Metric] = (), runner: Runner | None = None,
                   progress: Progress | None = None) -> Verdict:
     """Run both models on ``feeds`` and compare every output of the reference."""
-    return compare(run_pair(reference, candidate, feeds, threads=threads, progress=progress,
+    return compare(run_pair(reference, candidate, feeds, runner=runner, progress=progress,
                             total=len(feeds)),
                    atol=atol, rtol=rtol, inputs=inputs, exact=exact, metrics=metrics)
 
 
-def _weight_bytes(value: ir.Value) -> int:
-    """Bytes of a constant as a stage holds it (a packed weight counts unpacked)."""
-    if value.shape is not None and value.dtype is not None and all(isinstance(d, int) for d in value.shape):
-        return int(int(np.prod(list(value.shape), dtype=np.int64)) * value.dtype.itemsize)
-    ref = constant_ref(value)
-    return ref.tensor.nbytes if ref is not None else 0
-
-
-def _cuts(model: ir.Model, budget_bytes: int) -> list[ir.Value]:
-    """Values to stop at so that each stage reads at most about ``budget_bytes`` of weights."""
-    from sparsec.graph import PROVENANCE_PASS
-
-    counted: set[ir.Value] = set()
-    cuts, acc = [], 0
-    for node in model.graph:
-        if node.metadata_props.get(PROVENANCE_PASS) == "compress":
-            continue  # rebuilds of packed weights: stages take their weights unpacked
-        for v in node.inputs:
-            if v is not None and v not in counted and constant_ref(v) is not None:
-                counted.add(v)
-                acc += _weight_bytes(v)
-        if acc >= budget_bytes and node.outputs:
-            cuts.append(node.outputs[0])
-            acc = 0
-    return cuts
-
-
-def staged_outputs(model: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *, budget_bytes: int,
-                   progress: Progress | None = None) -> list[dict[str, np.ndarray]]:
-    """The model's outputs for ``feeds``, computed stage by stage with bounded weights in memory."""
-    from sparsec.calib import StagedRunner
-
-    runner = StagedRunner(model, [dict(f) for f in feeds], progress=progress)
-    cuts = _cuts(model, budget_bytes)
-    for cut in (progress or silent()).track(cuts, "running in stages", total=len(cuts)):
-        for _ in runner.capture(cut):
-            pass
-    outputs: list[dict[str, np.ndarray]] = [{} for _ in feeds]
-    for value in model.graph.outputs:
-        for i, array in enumerate(runner.capture(value)):
-            outputs[i][value.name] = array
-    return outputs
-
-
 def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *,
                   budget_bytes: int = 256 << 20, inputs: str = "", exact: bool = True,
+                  metrics: Sequence[Metric] = (), runner: Runner | None = None,
                   progress: Progress | None = None) -> Verdict:
     """:func:`verify_models` for models too large to hold twice in memory: both run in stages."""
-    ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, progress=progress)
-    cand = staged_outputs(candidate, feeds, budget_bytes=budget_bytes, progress=progress)
+    from sparsec.runtime.staged import staged_outputs
+
+    ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
+    cand = staged_outputs(candidate, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
     return compare(zip(feeds, ref, cand), inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
-                   exact=exact)
+                   exact=exact, metrics=metrics)
+
+
+# --- the judge -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Budget:
+    """How far a lossy result may move from the original (None: not part of this budget).
+
+    ``min_cosine`` holds for every output (on real inputs when the model has some, else on
+    random inputs); the task criteria need the model's task metric: ``min_embedding_cosine``
+    (mean sentence-embedding cosine, encoders) and ``max_ppl_ratio`` (perplexity against the
+    original's, decoders). ``origin`` says who set it: "user", "recipe" or "default".
+    """
+
+    min_cosine: float | None = None
+    min_embedding_cosine: float | None = None
+    max_ppl_ratio: float | None = None
+    origin: str = "user"
+
+    @property
+    def empty(self) -> bool:
+        return self.min_cosine is None and self.min_embedding_cosine is None and self.max_ppl_ratio is None
+
+    def describe(self) -> str:
+        parts = []
+        if self.min_cosine is not None:
+            parts.append(f"every output's cosine >= {self.min_cosine:g}")
+        if self.min_embedding_cosine is not None:
+            parts.append(f"mean sentence-embedding cosine >= {self.min_embedding_cosine:g}")
+        if self.max_ppl_ratio is not None:
+            parts.append(f"perplexity <= {self.max_ppl_ratio:g}x the original's")
+        return " and ".join(parts) or "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+EXACT = "EXACT"
+WITHIN = "WITHIN BUDGET"
+BELOW = "BELOW BUDGET"
+FAILED = "FAILED"
+
+
+@dataclass
+class Check:
+    """One criterion of a judgement, with its figure."""
+
+    status: str  # EXACT | WITHIN BUDGET | BELOW BUDGET | FAILED
+    what: str
+    value: float | None = None
+    threshold: str = ""
+    inputs: str = ""
+    kind: str = "budget"  # tolerance | budget | broken
+
+    @property
+    def ok(self) -> bool:
+        return self.status in (EXACT, WITHIN)
+
+    def line(self) -> str:
+        figure = f" {self.value:.6g}" if self.value is not None else ""
+        bound = f" {self.threshold}" if self.threshold else ""
+        where = f" | {self.inputs}" if self.inputs else ""
+        return f"{self.status} | {self.what}{figure}{bound}{where}"
+
+
+@dataclass
+class Judgement:
+    """Whether a candidate may stand in for the original: the one verdict of sparsec."""
+
+    status: str  # EXACT | WITHIN BUDGET | BELOW BUDGET | FAILED
+    checks: list[Check]
+    budget: Budget | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status in (EXACT, WITHIN)
+
+    @property
+    def failure(self) -> str:
+        """One line: the first check that failed, '' when passed."""
+        bad = next((c for c in self.checks if not c.ok), None)
+        if bad is None:
+            return ""
+        if bad.status == BELOW:
+            return f"fidelity below the budget: {bad.what} {bad.value:.6g} {bad.threshold} ({bad.inputs})"
+        if bad.kind == "tolerance":
+            return f"exact rewrite changed the outputs: {bad.what} {bad.value:.6g} ({bad.inputs})"
+        return f"{bad.what}{f' {bad.value:.6g}' if bad.value is not None else ''} {bad.threshold}".strip() \
+            + (f" ({bad.inputs})" if bad.inputs else "")
+
+    def lines(self) -> list[str]:
+        return [c.line() for c in self.checks]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "passed": self.passed, "failure": self.failure,
+                "budget": self.budget.to_dict() if self.budget else None,
+                "checks": [asdict(c) for c in self.checks]}
+
+
+def _broken(verdict: Verdict) -> list[Check]:
+    """Outputs that cannot be compared at all: missing, reshaped, non-finite; no output."""
+    if not verdict.outputs:
+        return [Check(FAILED, "no outputs were compared", inputs=verdict.inputs, kind="broken")]
+    checks = []
+    for o in verdict.outputs:
+        if o.error:
+            checks.append(Check(FAILED, f"output '{o.name}': {o.error}", inputs=verdict.inputs, kind="broken"))
+        elif not o.compared:
+            checks.append(Check(FAILED, f"output '{o.name}' was not compared", inputs=verdict.inputs, kind="broken"))
+        elif o.nonfinite:
+            checks.append(Check(FAILED, f"output '{o.name}': {o.nonfinite} non-finite values where the"
+                                " reference is finite", inputs=verdict.inputs, kind="broken"))
+    return checks
+
+
+def judge(verdicts: Mapping[str, Verdict], budget: Budget | None = None, *, exact: bool) -> Judgement:
+    """The one verdict: EXACT when ``exact`` and every output is within tolerance on every input
+    set; else WITHIN / BELOW BUDGET against ``budget`` on the primary verdict (real inputs when
+    there are some). An output that is missing, changed shape or went non-finite is FAILED
+    whatever the budget, and so is a judgement over no outputs.
+    """
+    checks: list[Check] = []
+    if not verdicts:
+        return Judgement(FAILED, [Check(FAILED, "nothing was verified")], budget)
+    for verdict in verdicts.values():
+        checks.extend(_broken(verdict))
+    if checks:
+        return Judgement(FAILED, checks, budget)
+    if exact:
+        for verdict in verdicts.values():
+            for o in verdict.outputs:
+                if o.passed:
+                    checks.append(Check(EXACT, f"output '{o.name}' max_abs", o.max_abs,
+                                        f"(atol {o.atol:g}, rtol {o.rtol:g})", verdict.inputs, "tolerance"))
+                else:
+                    checks.append(Check(FAILED, f"output '{o.name}': {o.failing} of {o.elements} elements"
+                                        f" beyond atol {o.atol:g} and rtol {o.rtol:g}; max_abs", o.max_abs,
+                                        "", verdict.inputs, "tolerance"))
+    primary = verdicts.get("real") or next(iter(verdicts.values()))
+    if budget is not None:
+        if budget.min_cosine is not None:
+            for o in primary.outputs:
+                ok = o.cosine >= budget.min_cosine
+                checks.append(Check(WITHIN if ok else BELOW, f"output '{o.name}' cosine", o.cosine,
+                                    f"{'>=' if ok else '<'} min_cosine {budget.min_cosine}", primary.inputs))
+        for key, bound, label, higher in (
+                ("embedding_cosine_mean", budget.min_embedding_cosine, "sentence-embedding cosine (mean)", True),
+                ("perplexity_ratio", budget.max_ppl_ratio, "perplexity ratio", False)):
+            if bound is None:
+                continue
+            value = primary.metrics.get(key)
+            if value is None:
+                checks.append(Check(FAILED, f"{label} was not measured: it needs the model's real inputs"
+                                    " and task metric", inputs=primary.inputs, kind="broken"))
+                continue
+            ok = value >= bound if higher else value <= bound
+            sign = (">=" if ok else "<") if higher else ("<=" if ok else ">")
+            checks.append(Check(WITHIN if ok else BELOW, label, float(value), f"{sign} {bound}", primary.inputs))
+    if any(c.status == FAILED for c in checks):
+        return Judgement(FAILED, checks, budget)
+    if any(c.status == BELOW for c in checks):
+        return Judgement(BELOW, checks, budget)
+    if exact:
+        return Judgement(EXACT, checks, budget)
+    if budget is None or budget.empty:
+        return Judgement(BELOW, checks + [Check(BELOW, "a lossy result with no fidelity budget")], budget)
+    return Judgement(WITHIN, checks, budget)

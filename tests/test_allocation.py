@@ -28,7 +28,7 @@ def test_owl_keeps_the_mean_and_bounds():
 def test_owl_pass_on_tiny_llama(zoo_path, tmp_path):
     from sparsec.compiler import compile
 
-    result = compile(zoo_path("tiny-llama"), passes="unstructured:sparsity=0.5,allocation=owl,min_params=0",
+    result = compile(zoo_path("tiny-llama"), passes="unstructured:sparsity=0.5,allocation=owl,min_params=0", best_effort=True,
                      output=tmp_path / "o.onnx", calib_samples=8, calib_seqlen=64)
     record = result.records[0]
     layers = record.extra["allocation"]["layers"]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from sparsec.calib import StagedRunner, load_calibration
+from sparsec.data import load_calibration
+from sparsec.runtime.staged import StagedRunner
 from sparsec.errors import InputError
 from sparsec.graph import constant_ref
 from sparsec.model_io import load_model

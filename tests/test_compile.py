@@ -9,9 +9,10 @@ import pytest
 from sparsec.compiler import compile
 from sparsec.errors import VerificationError
 from sparsec.model_io import load_model
-from sparsec.passes.patterns import LINEAR_OPS, NOT_DIVISIBLE, match_linear_weight
+from sparsec.passes.patterns import LINEAR_OPS, Code, match_linear_weight
 from sparsec.sparsity import is_nm
-from sparsec.verify import input_specs, random_feeds, verify_models
+from sparsec.feeds import input_specs, random_feeds
+from sparsec.verify import verify_models
 
 
 def pruned_weights(path):
@@ -27,7 +28,7 @@ def pruned_weights(path):
 
 def test_minilm_ampere_every_pruned_weight_is_2_4(zoo_path, tmp_path):
     src = zoo_path("minilm")
-    result = compile(src, target="ampere", output=tmp_path / "minilm.sparse.onnx")
+    result = compile(src, target="ampere", output=tmp_path / "minilm.sparse.onnx", best_effort=True)
     out = result.output
     onnx.checker.check_model(str(out), full_check=True)
     weights = pruned_weights(out)
@@ -42,7 +43,7 @@ def test_minilm_ampere_every_pruned_weight_is_2_4(zoo_path, tmp_path):
     assert report["sparsity_after"]["nm_compliant"]["2:4"] == 36
 
     # Pruning the already-2:4 model again changes nothing and verifies exactly.
-    again = compile(out, target="ampere", output=tmp_path / "again.onnx")
+    again = compile(out, target="ampere", output=tmp_path / "again.onnx", best_effort=True)
     assert again.records[0].skip_counts()["ALREADY_SPARSE"] == 36 and not again.records[0].changed
     feeds = random_feeds(input_specs(load_model(out).model), samples=2)
     verdict = verify_models(out, again.output, feeds)
@@ -51,7 +52,7 @@ def test_minilm_ampere_every_pruned_weight_is_2_4(zoo_path, tmp_path):
 
 
 def test_tiny_llama_real_text_perplexity_and_verify_each(zoo_path, tmp_path):
-    result = compile(zoo_path("tiny-llama"), passes="nm:min_params=0", output=tmp_path / "o.onnx",
+    result = compile(zoo_path("tiny-llama"), passes="nm:min_params=0", output=tmp_path / "o.onnx", best_effort=True,
                      verify_each=True)
     record = result.records[0]
     assert len(record.changed) == 14  # 7 projections x 2 layers; lm_head is tied (NOT_CONSTANT)
@@ -61,11 +62,11 @@ def test_tiny_llama_real_text_perplexity_and_verify_each(zoo_path, tmp_path):
 
 
 def test_cnn_conv_layouts(zoo_path, tmp_path):
-    result = compile(zoo_path("cnn"), passes="nm:min_params=0", output=tmp_path / "cnn.onnx")
+    result = compile(zoo_path("cnn"), passes="nm:min_params=0", output=tmp_path / "cnn.onnx", best_effort=True)
     record = result.records[0]
     by_code = record.skip_counts()
     # First conv (3 input channels) and the depthwise conv (1 per group) cannot be 2:4.
-    assert by_code[NOT_DIVISIBLE] == 2
+    assert by_code[Code.NOT_DIVISIBLE] == 2
     assert len(record.changed) == 3  # dense 3x3, 1x1, grouped (16 channels per group)
     for w, axis in pruned_weights(result.output):
         assert axis == 1 and is_nm(w, 2, 4, 1)
@@ -89,11 +90,11 @@ def test_streamed_path_matches_in_memory_path(zoo_path, tmp_path, monkeypatch):
 
     src = zoo_path("tiny-bert")
     (tmp_path / "a").mkdir()
-    normal = compile(src, passes="nm:min_params=0;compress", output=tmp_path / "a" / "m.onnx")
+    normal = compile(src, passes="nm:min_params=0;compress", output=tmp_path / "a" / "m.onnx", best_effort=True)
     monkeypatch.setattr(compiler, "STREAM_BYTES", 0)
     monkeypatch.setattr("sparsec.graph.SPILL_MIN_BYTES", 1)
     (tmp_path / "b").mkdir()
-    streamed = compile(src, passes="nm:min_params=0;compress", output=tmp_path / "b" / "m.onnx")
+    streamed = compile(src, passes="nm:min_params=0;compress", output=tmp_path / "b" / "m.onnx", best_effort=True)
     assert any("compiled streamed" in n for n in streamed.notes)
     assert "run in stages" in streamed.verdicts["random"].inputs
     for name in ("m.onnx", "m.onnx.data"):

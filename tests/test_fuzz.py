@@ -148,7 +148,7 @@ def test_every_pass_leaves_a_valid_running_model(tmp_path_factory, proto, spec):
         assert all(s.action == "changed" or s.code for s in record.sites)
         event(f"{record.pass_id}: {'changed' if record.changed else 'nothing matched'}")
     onnx.checker.check_model(str(out), full_check=True)
-    from sparsec.verify import input_specs, random_feeds
+    from sparsec.feeds import input_specs, random_feeds
 
     feeds = random_feeds(input_specs(load_model(src).model), samples=1, dims=FEEDS[0])
     verdict = verify_models(src, out, feeds, exact=False)
@@ -165,7 +165,7 @@ def test_compress_is_bit_exact(tmp_path_factory, proto, spec):
     event(f"compress: {len(record.changed)} weight(s) packed")
     packed = save_model(model, tmp / "packed.onnx", external_data=True)
     onnx.checker.check_model(str(packed), full_check=True)
-    from sparsec.verify import input_specs, random_feeds
+    from sparsec.feeds import input_specs, random_feeds
 
     feeds = random_feeds(input_specs(model), samples=1, dims=FEEDS[0])
     verdict = verify_models(pruned, packed, feeds, atol=0, rtol=0)
@@ -186,7 +186,7 @@ def test_structured_removal_equals_masking(tmp_path_factory, proto, spec):
     match = {"ffn-neurons": sp.match_ffn, "attention-heads": sp.match_attention,
              "conv-channels": sp.match_conv_channels}[record.pass_id]
     reference = masked_reference(src, record, match, tmp)
-    from sparsec.verify import input_specs, random_feeds
+    from sparsec.feeds import input_specs, random_feeds
 
     feeds = random_feeds(input_specs(load_model(src).model), samples=1, dims=FEEDS[0])
     is_half = proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16

@@ -17,7 +17,8 @@ from sparsec.errors import InputError, RuntimeFailure
 from sparsec.model_io import load_model, save_model
 from sparsec.runtime.session import create_session, run
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
-from sparsec.verify import input_specs, random_feeds, verify_models
+from sparsec.feeds import input_specs, random_feeds
+from sparsec.verify import verify_models
 from tests.helpers import FLOAT, make_model, save, weights
 
 F16 = TensorProto.FLOAT16

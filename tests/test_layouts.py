@@ -7,6 +7,7 @@ from onnx import helper
 
 from sparsec.errors import OptionError
 from sparsec.passes import patterns
+from sparsec.passes.patterns import Code
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
 from sparsec.sparsity import BlockLayout, UnstructuredLayout
 from tests.helpers import FLOAT, linear, make_model, weights
@@ -25,7 +26,7 @@ def test_unstructured(sparsity):
     assert np.mean(w == 0) == pytest.approx(sparsity, abs=1 / w.size)
     assert record.changed[0].details["layout"] == f"{sparsity:.0%} unstructured"
     _, again = prune(ir.serde.serialize_model(model), f"unstructured:sparsity={sparsity},min_params=0")
-    assert again.skip_counts() == {patterns.ALREADY_SPARSE: 1}
+    assert again.skip_counts() == {Code.ALREADY_SPARSE: 1}
 
 
 @pytest.mark.parametrize("rows,cols", [(4, 4), (8, 16), (32, 32)])
@@ -40,7 +41,7 @@ def test_block_tiles_in_canonical_form(rows, cols):
 
 def test_block_not_divisible_and_options():
     _, record = prune(linear(k=64, n=30), "block:rows=4,cols=4,min_params=0")
-    assert record.skip_counts() == {patterns.NOT_DIVISIBLE: 1}
+    assert record.skip_counts() == {Code.NOT_DIVISIBLE: 1}
     with pytest.raises(OptionError, match="one of 4, 8, 16, 32"):
         parse_pass_specs("block:rows=3")
     with pytest.raises(OptionError, match="multiple of cols"):

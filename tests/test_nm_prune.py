@@ -10,11 +10,12 @@ from onnx import helper
 from sparsec.errors import OptionError
 from sparsec.graph import PROVENANCE_PASS
 from sparsec.model_io import load_model, save_model
-from sparsec.passes import patterns
+from sparsec.passes.patterns import Code
 from sparsec.passes.nm_prune import NMPrunePass
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
 from sparsec.sparsity import is_nm
-from sparsec.verify import random_feeds, input_specs, verify_models
+from sparsec.feeds import input_specs, random_feeds
+from sparsec.verify import verify_models
 from tests.helpers import FLOAT, linear, make_model, run_ort, weights
 
 
@@ -107,13 +108,13 @@ def test_float16_and_double_weights(tmp_path, dtype):
 def test_skip_codes(tmp_path):
     proto = linear("MatMul", 6, 32)  # K=6 not divisible by 4
     _, record = prune(proto, "nm:min_params=0")
-    assert record.skip_counts() == {patterns.NOT_DIVISIBLE: 1}
+    assert record.skip_counts() == {Code.NOT_DIVISIBLE: 1}
     _, record = prune(linear(), "nm")  # 64x32 = 2048 < default min_params
-    assert record.skip_counts() == {patterns.TOO_SMALL: 1}
+    assert record.skip_counts() == {Code.TOO_SMALL: 1}
     _, record = prune(linear(), "nm:min_params=0,exclude=lin")
-    assert record.skip_counts() == {patterns.EXCLUDED: 1}
+    assert record.skip_counts() == {Code.EXCLUDED: 1}
     _, record = prune(linear(), "nm:min_params=0,include=attn*")
-    assert record.skip_counts() == {patterns.NOT_SELECTED: 1}
+    assert record.skip_counts() == {Code.NOT_SELECTED: 1}
     _, record = prune(linear(), "nm:min_params=0,op_types=Gemm")
     assert record.sites == []
 
@@ -122,7 +123,7 @@ def test_output_layer_kept_unless_asked():
     head = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="lin")],
                       [("X", FLOAT, ["B", 64])], [("Y", FLOAT, ["B", 32])], {"W": weights(64, 32)})
     _, record = prune(head, "nm:min_params=0")
-    assert record.skip_counts() == {patterns.OUTPUT_LAYER: 1}
+    assert record.skip_counts() == {Code.OUTPUT_LAYER: 1}
     model, record = prune(head, "nm:min_params=0,keep_output_layers=false")
     assert len(record.changed) == 1
 
@@ -132,7 +133,7 @@ def test_shared_weight_with_incompatible_reader_is_skipped():
              helper.make_node("Add", ["A", "W"], ["H"]), helper.make_node("Relu", ["H"], ["Y"])]
     proto = make_model(nodes, [("X", FLOAT, [64, 64])], [("Y", FLOAT, [64, 64])], {"W": weights(64, 64)})
     _, record = prune(proto, "nm:min_params=0")
-    assert record.skip_counts() == {patterns.SHARED_WEIGHT: 1}
+    assert record.skip_counts() == {Code.SHARED_WEIGHT: 1}
 
 
 def test_idempotent_and_already_nm_is_exact(tmp_path):
@@ -141,7 +142,7 @@ def test_idempotent_and_already_nm_is_exact(tmp_path):
     save_model(model, first)
     again = load_model(first)
     (record,) = run_passes(again.model, parse_pass_specs("nm:min_params=0"), PassContext())
-    assert record.skip_counts() == {patterns.ALREADY_SPARSE: 1} and not record.changed
+    assert record.skip_counts() == {Code.ALREADY_SPARSE: 1} and not record.changed
     second = save_model(again.model, tmp_path / "second.onnx")
     assert second.read_bytes() == first.read_bytes()  # a second run changes nothing
     feeds = random_feeds(input_specs(again.model), samples=2)

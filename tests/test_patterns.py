@@ -6,6 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from sparsec.passes import patterns
+from sparsec.passes.patterns import Code
 from tests.helpers import FLOAT, linear, make_model, weights
 
 
@@ -67,14 +68,14 @@ def test_not_constant():
     nodes = [helper.make_node("MatMul", ["X", "Z"], ["Y"], name="lin")]
     m = make_model(nodes, [("X", FLOAT, [4, 8]), ("Z", FLOAT, [8, 4])], [("Y", FLOAT, [4, 4])])
     fail = patterns.match_linear_weight(_node(m))
-    assert not fail and fail.code == patterns.NOT_CONSTANT and fail.node.name == "lin"
+    assert not fail and fail.code == Code.NOT_CONSTANT and fail.node.name == "lin"
 
 
 def test_initializer_that_is_a_graph_input():
     m = linear()
     m.graph.input.append(helper.make_tensor_value_info("W", FLOAT, [64, 32]))
     fail = patterns.match_linear_weight(_node(m))
-    assert fail.code == patterns.GRAPH_INPUT
+    assert fail.code == Code.GRAPH_INPUT
 
 
 def test_quantized_weight():
@@ -82,23 +83,23 @@ def test_quantized_weight():
              helper.make_node("MatMul", ["X", "W"], ["Y"], name="lin")]
     m = make_model(nodes, [("X", FLOAT, [4, 8])], [("Y", FLOAT, [4, 4])],
                    {"Wq": np.ones((8, 4), np.int8), "s": np.float32(0.1), "z": np.int8(0)})
-    assert patterns.match_linear_weight(_node(m)).code == patterns.QUANTIZED
+    assert patterns.match_linear_weight(_node(m)).code == Code.QUANTIZED
 
 
 def test_integer_weight_and_rank():
     nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="lin")]
     m = make_model(nodes, [("X", TensorProto.INT32, [4, 8])], [("Y", TensorProto.INT32, [4, 4])],
                    {"W": np.ones((8, 4), np.int32)})
-    assert patterns.match_linear_weight(_node(m)).code == patterns.DTYPE_UNSUPPORTED
+    assert patterns.match_linear_weight(_node(m)).code == Code.DTYPE_UNSUPPORTED
     m = make_model(nodes, [("X", FLOAT, [4, 8])], [("Y", FLOAT, [4])], {"W": weights(8)})
-    assert patterns.match_linear_weight(_node(m)).code == patterns.RANK_UNSUPPORTED
+    assert patterns.match_linear_weight(_node(m)).code == Code.RANK_UNSUPPORTED
 
 
 def test_custom_domain():
     nodes = [helper.make_node("MatMul", ["X", "W"], ["Y"], name="lin", domain="com.example")]
     m = make_model(nodes, [("X", FLOAT, [4, 8])], [("Y", FLOAT, [4, 4])], {"W": weights(8, 4)},
                    extra_opsets=[("com.example", 1)])
-    assert patterns.match_linear_weight(_node(m)).code == patterns.CUSTOM_DOMAIN
+    assert patterns.match_linear_weight(_node(m)).code == Code.CUSTOM_DOMAIN
 
 
 def test_shared_weight_same_layout_is_accepted_other_reader_is_not():
@@ -111,21 +112,21 @@ def test_shared_weight_same_layout_is_accepted_other_reader_is_not():
              helper.make_node("Add", ["A", "W"], ["Y"], name="add")]
     m = make_model(other, [("X", FLOAT, [8, 8])], [("Y", FLOAT, [8, 8])], {"W": w})
     fail = patterns.check_shared_weight(patterns.match_linear_weight(_node(m)))
-    assert fail.code == patterns.SHARED_WEIGHT and "add" in fail.message
+    assert fail.code == Code.SHARED_WEIGHT and "add" in fail.message
     transposed = [helper.make_node("MatMul", ["X", "W"], ["A"], name="lin"),
                   helper.make_node("MatMul", ["W", "A"], ["Y"], name="lin2")]
     m = make_model(transposed, [("X", FLOAT, [8, 8])], [("Y", FLOAT, [8, 8])], {"W": w})
-    assert patterns.check_shared_weight(patterns.match_linear_weight(_node(m))).code == patterns.SHARED_WEIGHT
+    assert patterns.check_shared_weight(patterns.match_linear_weight(_node(m))).code == Code.SHARED_WEIGHT
 
 
 def test_select_and_output_layer():
     site = patterns.match_linear_weight(_node(linear()))
     assert patterns.select(site, (), ()) is None
     assert patterns.select(site, ("li*",), ()) is None
-    assert patterns.select(site, ("attn*",), ()).code == patterns.NOT_SELECTED
-    assert patterns.select(site, (), ("W",)).code == patterns.EXCLUDED
+    assert patterns.select(site, ("attn*",), ()).code == Code.NOT_SELECTED
+    assert patterns.select(site, (), ("W",)).code == Code.EXCLUDED
     assert patterns.select(site, ("64x32",), ()) is None  # by shape
-    assert patterns.select(site, ("*x16",), ()).code == patterns.NOT_SELECTED
+    assert patterns.select(site, ("*x16",), ()).code == Code.NOT_SELECTED
     assert not _feeds_output(linear())
     head = make_model([helper.make_node("MatMul", ["X", "W"], ["Y"], name="lin")],
                       [("X", FLOAT, [4, 8])], [("Y", FLOAT, [4, 4])], {"W": weights(8, 4)})

@@ -6,10 +6,11 @@ import pytest
 import torch
 from onnx import helper
 
-from sparsec.calib import Calibration
+from sparsec.data import Calibration
 from sparsec.errors import OptionError
 from sparsec.model_io import load_model
 from sparsec.passes import patterns, prune_methods
+from sparsec.passes.patterns import Code
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
 from sparsec.sparsity import BlockLayout, NMLayout, UnstructuredLayout, is_nm, zero_fraction
 from tests.helpers import FLOAT, linear, make_model, save, weights
@@ -95,7 +96,7 @@ def test_unsupported_sites_for_calibration(tmp_path):
     model = ir.serde.deserialize_model(proto)
     calib = Calibration([{"X": weights(64, 8)}], "test")
     (record,) = run_passes(model, parse_pass_specs("nm:method=wanda,min_params=0"), PassContext(calibration=calib))
-    assert record.skip_counts() == {prune_methods.METHOD_UNSUPPORTED: 1}
+    assert record.skip_counts() == {Code.METHOD_UNSUPPORTED: 1}
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -119,7 +120,7 @@ def test_wanda_on_convolutions(zoo_path, tmp_path):
                      calib=str(tmp_path / "images.npz"))
     record = result.records[0]
     # dense 3x3 and 1x1 convs pruned; grouped conv unsupported by calibration methods.
-    assert len(record.changed) == 2 and record.skip_counts()[prune_methods.METHOD_UNSUPPORTED] == 1
+    assert len(record.changed) == 2 and record.skip_counts()[Code.METHOD_UNSUPPORTED] == 1
 
 
 def test_conv_columns_match_the_canonical_weight_order():

@@ -8,8 +8,10 @@ from onnx import helper
 
 from sparsec.model_io import load_model, save_model
 from sparsec.passes import structured_patterns as sp
+from sparsec.passes.patterns import Code
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
-from sparsec.verify import input_specs, random_feeds, verify_models
+from sparsec.feeds import input_specs, random_feeds
+from sparsec.verify import verify_models
 from tests.helpers import FLOAT, make_model, save, weights
 
 
@@ -110,7 +112,7 @@ def test_per_head_constant_is_not_understood(tmp_path):
     model = load_model(_mha(tmp_path, per_head_bias=True)).model
     out_proj = next(n for n in model.graph if n.name == "out_proj")
     failure = sp.match_attention(out_proj)
-    assert not failure and failure.code in (sp.UNKNOWN_LAYOUT, sp.NOT_A_REGION)
+    assert not failure and failure.code in (Code.UNKNOWN_LAYOUT, Code.NOT_A_REGION)
 
 
 def test_ffn_hidden_value_read_elsewhere_escapes(tmp_path):
@@ -121,7 +123,7 @@ def test_ffn_hidden_value_read_elsewhere_escapes(tmp_path):
                        {"W1": weights(16, 64), "W2": weights(64, 16)})
     model = ir.serde.deserialize_model(proto)
     (record,) = run_passes(model, parse_pass_specs("ffn-neurons"), PassContext())
-    assert record.skip_counts() == {sp.ESCAPES: 1} and not record.changed
+    assert record.skip_counts() == {Code.ESCAPES: 1, Code.NOT_A_REGION: 1} and not record.changed
 
 
 def test_gelu_with_per_neuron_constant_is_sliced(tmp_path):
@@ -140,10 +142,10 @@ def test_activation_scores_and_reconstruction(zoo_path, tmp_path):
 
     src = zoo_path("minilm")  # real weights: random-init FFNs barely move a BERT's output
     plain = compile(src, passes="ffn-neurons:ratio=0.5,method=activation,reconstruct=false",
-                    output=tmp_path / "a.onnx", calib_samples=64)
+                    output=tmp_path / "a.onnx", calib_samples=64, best_effort=True)
     refit = compile(src, passes="ffn-neurons:ratio=0.5,method=activation", output=tmp_path / "b.onnx",
-                    calib_samples=64)
-    mag = compile(src, passes="ffn-neurons:ratio=0.5", output=tmp_path / "c.onnx")
+                    calib_samples=64, best_effort=True)
+    mag = compile(src, passes="ffn-neurons:ratio=0.5,method=magnitude", output=tmp_path / "c.onnx", best_effort=True)
     cos = {name: r.verdicts["real"].metrics["embedding_cosine_mean"]
            for name, r in (("plain", plain), ("refit", refit), ("magnitude", mag))}
     assert cos["refit"] > cos["plain"] and cos["refit"] > cos["magnitude"]

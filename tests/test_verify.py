@@ -6,10 +6,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from sparsec.errors import InputError
-from sparsec.verify import (
-    compare, input_specs, load_feeds, parse_dims, random_feeds, resolve_shape, tolerances_for,
-    verify_models,
-)
+from sparsec.feeds import input_specs, load_feeds, parse_dims, random_feeds, resolve_shape
+from sparsec.verify import compare, tolerances_for, verify_models
 from tests.helpers import FLOAT, linear, make_model, save, weights
 
 

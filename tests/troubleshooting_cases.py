@@ -62,3 +62,16 @@ CASES = [
     (["compile", "model.onnx", "--recipe", "recipe.json", "--passes", "nm"], 2),
     (["verify", "model.onnx", "custom.onnx"], 2),
 ]
+
+
+if __name__ == "__main__":  # print what each case prints now, to update docs/troubleshooting.md
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        setup(Path(tmp))
+        for args, code in CASES:
+            proc = subprocess.run([sys.executable, "-m", "sparsec", *args], cwd=tmp, capture_output=True, text=True)
+            print(f"`sparsec {' '.join(args)}` (exit {proc.returncode}, expected {code})\n")
+            print("    " + proc.stderr.strip().replace(tmp, "/tmp/x") + "\n")

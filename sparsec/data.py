@@ -1,0 +1,271 @@
+"""Calibration and evaluation data: one interface for every source.
+
+A :class:`DataSource` turns a model into input sets (a :class:`Calibration`): a ``.npz`` of
+input sets (:class:`NpzSource`), a UTF-8 text file cut into token windows with a tokenizer the
+user names (:class:`TextSource`), a user's callable (:class:`CallableSource`), or the example
+models' built-in text (:class:`BuiltinSource`: the first half of ``pydoc_data.topics``, never
+the half fidelity is measured on). :func:`calibration_source` turns what a user wrote
+(``--calib``) into a source.
+
+Evaluation data is what fidelity is measured on besides random inputs: real inputs and the
+task metric of the model (held-out sentences for an encoder, held-out token windows for a
+decoder). :func:`evaluation_data` finds it for the example models; other models have none
+unless the caller gives some.
+
+Nothing here knows a pass or the compiler; the compiler asks this module, and this module asks
+the example-model registry (:mod:`sparsec.models`) only for models built from it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsec.errors import InputError, OptionError
+from sparsec.feeds import Feed, InputSpec, input_specs, load_feeds, random_feeds
+from sparsec.metrics import Metric
+
+# Defaults for text calibration: 32 windows of 512 tokens (the SparseGPT/Wanda papers use 128).
+DEFAULT_SAMPLES = 32
+DEFAULT_SEQLEN = 512
+BATCH_ROWS = 8  # windows stacked into one input set
+
+
+@dataclass
+class Calibration:
+    """Input sets a calibration-aware pass runs the model on."""
+
+    feeds: list[Feed]
+    source: str
+    tokens: int = 0
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "input_sets": len(self.feeds), "tokens": self.tokens}
+
+
+class DataSource(Protocol):
+    """Where calibration input sets come from."""
+
+    def describe(self) -> str:
+        """What the source is, for messages and reports."""
+
+    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+        """``samples`` input sets (or token windows of ``seqlen``) for ``model``."""
+
+
+@dataclass(frozen=True)
+class NpzSource:
+    """Input sets stored in a ``.npz`` (keys: input names, or ``K/name`` for set K)."""
+
+    path: Path
+
+    def describe(self) -> str:
+        return f"input sets from {self.path}"
+
+    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+        return Calibration(load_feeds(self.path, input_specs(model)), self.describe(), 0)
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A UTF-8 text file, tokenized with the user's tokenizer and cut into windows."""
+
+    path: Path
+    tokenizer: str
+
+    def describe(self) -> str:
+        return f"{self.path} tokenized with {self.tokenizer}"
+
+    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InputError(f"--calib {self.path}: not UTF-8 text (calibration data is a .npz of input"
+                             " sets, a UTF-8 text file with --tokenizer, or 'builtin')") from None
+        ids = load_tokenizer(self.tokenizer)(text)
+        return text_calibration(ids, input_specs(model), samples, seqlen, self.describe())
+
+
+@dataclass(frozen=True)
+class CallableSource:
+    """A user's function ``(model, samples, seqlen) -> list of input dicts``."""
+
+    fn: Callable[[ir.Model, int, int], Sequence[dict[str, np.ndarray]]]
+    note: str = "input sets from a user function"
+
+    def describe(self) -> str:
+        return self.note
+
+    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+        feeds = [dict(f) for f in self.fn(model, samples, seqlen)]
+        if not feeds:
+            raise InputError(f"{self.note}: returned no input sets")
+        names = {s.name for s in input_specs(model)}
+        for feed in feeds:
+            missing = sorted(names - set(feed))
+            if missing:
+                raise InputError(f"{self.note}: an input set has no array for input '{missing[0]}'")
+        return Calibration(feeds, self.note, 0)
+
+
+@dataclass(frozen=True)
+class BuiltinSource:
+    """The example models' calibration text (first half of ``pydoc_data.topics``)."""
+
+    def describe(self) -> str:
+        return "built-in calibration text of the example models"
+
+    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+        from sparsec.models import entry_for
+
+        entry = entry_for(model.metadata_props)
+        if entry is None or entry.calib_inputs is None:
+            raise InputError("--calib builtin works for the example models only; give a .npz of"
+                             " input sets or a text file with --tokenizer")
+        feeds, tokens = entry.calib_inputs(samples, seqlen)
+        return Calibration(feeds, f"built-in calibration text of '{entry.name}' ({entry.calib_note})", tokens)
+
+
+CALIB_KINDS = "a .npz of input sets, a UTF-8 text file with --tokenizer, or 'builtin' for the example models"
+
+
+def has_builtin_data(model: ir.Model) -> bool:
+    """True when ``model`` is an example model with built-in calibration text."""
+    from sparsec.models import entry_for
+
+    entry = entry_for(model.metadata_props)
+    return entry is not None and entry.calib_inputs is not None
+
+
+def calibration_source(spec: str | os.PathLike | DataSource | Callable | None, model: ir.Model, *,
+                       tokenizer: str | None = None, needed_by: str = "a calibration-aware method"
+                       ) -> DataSource:
+    """The source ``spec`` names; None means the example model's built-in text when there is one.
+
+    Raises:
+        OptionError: no source given and none built in.
+        InputError: the file does not exist or is not a kind of calibration data.
+    """
+    if spec is None:
+        if not has_builtin_data(model):
+            raise OptionError(f"{needed_by} needs calibration data: give --calib with {CALIB_KINDS}")
+        return BuiltinSource()
+    if isinstance(spec, (NpzSource, TextSource, CallableSource, BuiltinSource)):
+        return spec
+    if callable(spec):
+        return CallableSource(spec)
+    if str(spec) == "builtin":
+        return BuiltinSource()
+    path = Path(spec)
+    if not path.is_file():
+        raise InputError(f"--calib {spec}: no such file (calibration data is {CALIB_KINDS})")
+    if path.suffix == ".npz":
+        return NpzSource(path)
+    head = path.read_bytes()[:4096]
+    if path.suffix == ".onnx" or b"\0" in head:
+        raise InputError(f"--calib {spec}: not calibration data (it is {'an ONNX model' if path.suffix == '.onnx' else 'a binary file'});"
+                         f" calibration data is {CALIB_KINDS}")
+    if tokenizer is None:
+        raise InputError(f"--calib {spec}: a text file needs --tokenizer (a tokenizer folder or tokenizer.json)")
+    return TextSource(path, tokenizer)
+
+
+def load_calibration(spec: str | os.PathLike | DataSource | Callable | None, model: ir.Model, *,
+                     samples: int | None = None, seqlen: int | None = None,
+                     tokenizer: str | None = None) -> Calibration:
+    """Calibration input sets for ``model`` from ``spec`` (see :func:`calibration_source`)."""
+    source = calibration_source(spec, model, tokenizer=tokenizer)
+    return source.calibration(model, samples or DEFAULT_SAMPLES, seqlen or DEFAULT_SEQLEN)
+
+
+def text_calibration(ids: Sequence[int], specs: Sequence[InputSpec], samples: int, seqlen: int,
+                     source: str) -> Calibration:
+    """Cut a token stream into ``samples`` windows and fill every model input for them."""
+    need = samples * seqlen
+    if len(ids) < need:
+        raise InputError(f"{source}: {len(ids)} tokens, {samples} x {seqlen} = {need} needed;"
+                         " use fewer --calib-samples or a shorter --calib-seqlen")
+    id_inputs = [s for s in specs if "input_ids" in s.name] or [s for s in specs if s.fill == "randint"]
+    if len(id_inputs) != 1:
+        raise InputError(f"{source}: cannot tell which model input takes token ids"
+                         f" (inputs: {', '.join(s.name for s in specs)}); give a .npz instead")
+    windows = np.asarray(ids[:need], dtype=np.int64).reshape(samples, seqlen)
+    feeds = []
+    for start in range(0, samples, BATCH_ROWS):
+        rows = windows[start:start + BATCH_ROWS]
+        feed = {}
+        for spec in specs:
+            shape = rows.shape
+            dtype = np.dtype(spec.dtype)
+            if spec is id_inputs[0]:
+                feed[spec.name] = rows.astype(dtype)
+            elif spec.fill == "ones":
+                feed[spec.name] = np.ones(shape, dtype)
+            elif spec.fill == "zeros":
+                feed[spec.name] = np.zeros(shape, dtype)
+            elif spec.fill == "arange":
+                feed[spec.name] = np.broadcast_to(np.arange(seqlen, dtype=dtype), shape).copy()
+            else:
+                raise InputError(f"{source}: no rule to fill model input '{spec.name}' from text;"
+                                 " give a .npz instead")
+        feeds.append(feed)
+    return Calibration(feeds, source, need)
+
+
+def load_tokenizer(name: str):
+    """A callable text -> token ids, from a tokenizer folder or a tokenizer.json file (offline)."""
+    path = Path(name)
+    try:
+        if path.is_file() and path.suffix == ".json":
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(path))
+            tok.no_truncation()  # calibration text is cut into windows here, not by the tokenizer
+            tok.no_padding()
+            return lambda text: tok.encode(text, add_special_tokens=False).ids
+        if path.is_dir():
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    except ImportError as exc:
+        raise InputError(f"--tokenizer {name}: needs the 'models' extra ({exc})") from None
+    except Exception as exc:
+        raise InputError(f"--tokenizer {name}: cannot load it ({str(exc).splitlines()[0][:200]})") from None
+    raise InputError(f"--tokenizer {name}: not a tokenizer folder or tokenizer.json file")
+
+
+@dataclass
+class EvaluationData:
+    """Real inputs to measure fidelity on, with the model's task metrics."""
+
+    feeds: list[Feed]
+    note: str
+    metrics: Callable[[], list[Metric]] = field(default=lambda: [])
+    task: str = ""  # encoder | decoder | "" (what the task metric measures)
+
+
+def evaluation_data(model: ir.Model, sets: int | None = None) -> EvaluationData | None:
+    """Held-out real inputs and task metrics of an example model; None for other models."""
+    from sparsec.models import entry_for
+
+    entry = entry_for(model.metadata_props)
+    if entry is None or entry.real_inputs is None:
+        return None
+    return EvaluationData(entry.real_inputs(sets or entry.real_sets), entry.inputs_note,
+                          entry.metrics or (lambda: []), entry.kind)
+
+
+def timing_feed(model: ir.Model, *, seed: int = 0) -> tuple[Feed, str]:
+    """The one input set speed is measured on: a real one when the model has some."""
+    data = evaluation_data(model, 1)
+    if data is not None:
+        return data.feeds[0], data.note
+    return random_feeds(input_specs(model), seed=seed, samples=1)[0], "random inputs"
+

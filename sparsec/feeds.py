@@ -1,0 +1,273 @@
+"""Model inputs: what each graph input takes, and seeded valid input sets for it.
+
+Verification, calibration, benchmarks and the testing helpers all build their inputs here:
+
+* :func:`input_specs` reads the graph inputs and says how to fill each with *valid* data:
+  token ids stay inside the embedding table they index, ``*mask*`` inputs are ones, position
+  ids count up, KV-cache inputs (``past_key_values.*``, ``past_key``/``past_value``, ``*cache*``)
+  are normal floats whose past length, together with the new tokens, fills the attention mask;
+* :func:`random_feeds` makes seeded input sets (the same seed gives the same arrays);
+* :func:`load_feeds` reads a ``.npz`` of input sets and checks it against the specs;
+* :func:`make_feeds` is the one entry point: a ``.npz`` when given, else seeded random sets,
+  with a note that says which.
+
+Symbolic dimensions default to 1 when their name says batch and to :data:`DEFAULT_DIM`
+otherwise; ``--dim NAME=N`` overrides them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from sparsec.errors import InputError
+from sparsec.graph import constant_ref
+
+# Symbolic dimensions default to 1 when their name says batch, else to this.
+DEFAULT_DIM = 16
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A graph input and how to fill it with valid random data."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str | None, ...]
+    fill: str  # normal | randint | ones | zeros | arange | bool
+    high: int = 2  # exclusive upper bound for randint
+    role: str = ""  # ids | mask | position | token_type | past | "" (anything else)
+
+
+@dataclass
+class Feeds:
+    """Input sets and where they came from (the note goes into every verdict)."""
+
+    sets: list[Feed]
+    note: str
+
+
+def _np_dtype(dtype: ir.DataType) -> np.dtype:
+    return np.dtype(dtype.numpy())
+
+
+def _index_range(value: ir.Value, depth: int = 3) -> int | None:
+    """Rows of the table an integer input indexes (Gather indices), following cheap ops."""
+    frontier = [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for use in v.uses():
+                node = use.node
+                if node.op_type == "Gather" and use.idx == 1:
+                    table = constant_ref(node.inputs[0])
+                    if table is not None:
+                        axis_attr = node.attributes.get("axis")
+                        axis = int(axis_attr.value) if axis_attr is not None else 0
+                        return table.shape[axis]
+                if node.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"):
+                    nxt.extend(node.outputs)
+        frontier = nxt
+    return None
+
+
+_PAST = re.compile(r"(^|[._/])(past|cache)|kv_cache|key_cache|value_cache", re.IGNORECASE)
+
+
+def is_kv_cache_name(name: str) -> bool:
+    """``past_key_values.0.key``, ``past_key``, ``past.3.value``, ``cache_k`` ... (not masks)."""
+    return bool(_PAST.search(name)) and "mask" not in name.lower() and "position" not in name.lower()
+
+
+def input_specs(model: ir.Model) -> list[InputSpec]:
+    """The inputs a caller must feed (initializer-backed inputs have defaults and are left out)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.is_initializer():
+            continue
+        if value.dtype is None or value.shape is None:
+            raise InputError(f"graph input '{value.name}' has no type or shape; cannot make inputs for it")
+        dtype = _np_dtype(value.dtype)
+        dims = tuple(d if isinstance(d, int) else (d.value if d.value is not None else None)
+                     for d in value.shape)
+        name = value.name or ""
+        lname = name.lower()
+        high, role = 2, ""
+        if dtype == np.bool_:
+            fill = "bool"
+        elif np.issubdtype(dtype, np.integer):
+            if "mask" in lname:
+                fill, role = "ones", "mask"
+            elif "position" in lname:
+                fill, role = "arange", "position"
+            elif "token_type" in lname or "segment" in lname:
+                fill, role = "zeros", "token_type"
+            else:
+                fill = "randint"
+                high = _index_range(value) or 2
+                role = "ids" if high > 2 or "ids" in lname else ""
+        else:
+            fill = "normal"
+            role = "past" if is_kv_cache_name(name) else ""
+        specs.append(InputSpec(name, dtype.name, dims, fill, high, role))
+    return specs
+
+
+def parse_dims(items: Iterable[str]) -> dict[str, int]:
+    """``["seq=128", "batch=2"]`` -> ``{"seq": 128, "batch": 2}``."""
+    dims = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or not name or not re.fullmatch(r"\d+", raw.strip()) or int(raw) <= 0:
+            raise InputError(f"--dim expects NAME=POSITIVE_INT, got '{item}'")
+        dims[name.strip()] = int(raw)
+    return dims
+
+
+def symbolic_dims(specs: Sequence[InputSpec]) -> list[str]:
+    """The names of the symbolic dimensions of the inputs, in order of appearance."""
+    return list(dict.fromkeys(d for s in specs for d in s.shape if isinstance(d, str)))
+
+
+def check_dims(dims: Mapping[str, int], specs: Sequence[InputSpec]) -> None:
+    """Refuse a ``--dim`` name no input has (a typo would otherwise be silently ignored)."""
+    known = symbolic_dims(specs)
+    for name in dims:
+        base, _, index = name.rpartition(".")
+        positional = base and index.isdigit() and any(s.name == base for s in specs)
+        if name not in known and not positional:
+            listing = ", ".join(known) if known else "none: every input dimension is fixed"
+            raise InputError(f"--dim {name}: the model has no symbolic dimension '{name}'"
+                             f" (its symbolic dimensions: {listing})")
+
+
+def _default_dim(name: str | None) -> int:
+    return 1 if name is not None and "batch" in name.lower() else DEFAULT_DIM
+
+
+def resolve_shape(spec: InputSpec, dims: Mapping[str, int]) -> tuple[int, ...]:
+    shape = []
+    for i, d in enumerate(spec.shape):
+        if isinstance(d, int):
+            shape.append(d)
+        elif d is not None and d in dims:
+            shape.append(dims[d])
+        elif f"{spec.name}.{i}" in dims:
+            shape.append(dims[f"{spec.name}.{i}"])
+        else:
+            shape.append(_default_dim(d))
+    return tuple(shape)
+
+
+def resolve_all(specs: Sequence[InputSpec], dims: Mapping[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes for every input, keeping related dimensions consistent.
+
+    With a KV cache, an attention mask covers the past and the new tokens: its length is the
+    past length plus the sequence length unless ``dims`` sets it.
+    """
+    dims = dict(dims or {})
+    shapes = {s.name: resolve_shape(s, dims) for s in specs}
+    past = [s for s in specs if s.role == "past" and len(s.shape) >= 3]
+    ids = next((s for s in specs if s.role == "ids" and len(s.shape) == 2), None)
+    if past and ids is not None:
+        past_len = shapes[past[0].name][-2]
+        seq_len = shapes[ids.name][1]
+        for s in specs:
+            if s.role == "mask" and len(s.shape) == 2 and isinstance(s.shape[1], str) \
+                    and s.shape[1] != ids.shape[1] and s.shape[1] not in dims:
+                shapes[s.name] = (shapes[s.name][0], past_len + seq_len)
+            if s.role == "position" and len(s.shape) == 2 and isinstance(s.shape[1], str) \
+                    and s.shape[1] == ids.shape[1]:
+                shapes[s.name] = (shapes[s.name][0], seq_len)
+    return shapes
+
+
+def random_feeds(specs: Sequence[InputSpec], *, seed: int = 0, dims: Mapping[str, int] | None = None,
+                 samples: int = 1) -> list[Feed]:
+    """Seeded, valid random inputs: the same seed gives the same arrays."""
+    rng = np.random.default_rng(seed)
+    shapes = resolve_all(specs, dims)
+    past_len = next((shapes[s.name][-2] for s in specs if s.role == "past" and len(s.shape) >= 3), 0)
+    feeds = []
+    for _ in range(samples):
+        feed = {}
+        for spec in specs:
+            shape = shapes[spec.name]
+            dtype = np.dtype(spec.dtype)
+            if spec.fill == "normal":
+                arr = rng.standard_normal(shape).astype(dtype)
+            elif spec.fill == "randint":
+                arr = rng.integers(0, spec.high, size=shape).astype(dtype)
+            elif spec.fill == "ones":
+                arr = np.ones(shape, dtype=dtype)
+            elif spec.fill == "zeros":
+                arr = np.zeros(shape, dtype=dtype)
+            elif spec.fill == "arange":
+                start = past_len if spec.role == "position" else 0
+                arr = np.broadcast_to(np.arange(start, start + (shape[-1] if shape else 1), dtype=dtype),
+                                      shape).copy()
+            else:
+                arr = rng.integers(0, 2, size=shape).astype(bool)
+            feed[spec.name] = arr
+        feeds.append(feed)
+    return feeds
+
+
+def load_feeds(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[Feed]:
+    """Input sets from a .npz: keys are input names (one set) or ``K/name`` (set K).
+
+    Raises:
+        InputError: unreadable file, unknown or missing inputs, wrong dtype or rank.
+    """
+    path = Path(path)
+    try:
+        archive = np.load(path, allow_pickle=False)
+        arrays = {k: archive[k] for k in archive.files}
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable .npz file ({str(exc).splitlines()[0][:200]})") from None
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in arrays.items():
+        set_name, _, name = key.rpartition("/")
+        groups.setdefault(set_name, {})[name] = arr
+    by_name = {s.name: s for s in specs}
+    feeds = []
+    for set_name in sorted(groups, key=lambda k: (len(k), k)):
+        feed = groups[set_name]
+        for name, arr in feed.items():
+            if name not in by_name:
+                raise InputError(f"{path}: '{name}' is not an input of the model (inputs: {', '.join(by_name)})")
+            spec = by_name[name]
+            expected = tuple(d if isinstance(d, int) else (d or "?") for d in spec.shape)
+            if arr.dtype != np.dtype(spec.dtype):
+                raise InputError(f"{path}: input '{name}' is {arr.dtype}, the model expects {spec.dtype} {list(expected)}")
+            if arr.ndim != len(spec.shape) or any(isinstance(d, int) and d != a for d, a in zip(spec.shape, arr.shape)):
+                raise InputError(f"{path}: input '{name}' has shape {list(arr.shape)}, the model expects {list(expected)}")
+        missing = [n for n in by_name if n not in feed]
+        if missing:
+            raise InputError(f"{path}: no array for input '{missing[0]}'")
+        feeds.append(feed)
+    if not feeds:
+        raise InputError(f"{path}: contains no arrays")
+    return feeds
+
+
+def make_feeds(model: ir.Model, *, inputs: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None = None,
+               seed: int = 0, dims: Mapping[str, int] | None = None, samples: int = 1) -> Feeds:
+    """The input sets to run ``model`` on: from ``inputs`` (a .npz path or a list of dicts)
+    when given, else ``samples`` seeded random sets."""
+    specs = input_specs(model)
+    if dims:
+        check_dims(dims, specs)
+    if inputs is None:
+        return Feeds(random_feeds(specs, seed=seed, dims=dims, samples=samples), f"random inputs (seed {seed})")
+    if isinstance(inputs, (str, os.PathLike)):
+        return Feeds(load_feeds(inputs, specs), f"inputs from {inputs}")
+    return Feeds([dict(f) for f in inputs], "given inputs")
