@@ -121,6 +121,35 @@ MINILM = register(ZooModel(
     calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
 ))
 
+def _build_minilm_ort(path: Path) -> None:
+    """MiniLM as ONNX Runtime's transformer optimizer leaves it (SkipLayerNormalization, BiasGelu)."""
+    import logging
+
+    import onnx_ir as ir
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from sparsec.model_io import save_model
+
+    from .zoo import ZOO_KEY, build
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    optimized = optimize_model(str(build("minilm")), model_type="bert", num_heads=12, hidden_size=384, opt_level=1)
+    model = ir.serde.deserialize_model(optimized.model)
+    model.metadata_props[ZOO_KEY] = "minilm-ort"
+    save_model(model, path / "model.onnx", external_data=True)
+
+
+MINILM_ORT = register(ZooModel(
+    name="minilm-ort",
+    description="all-MiniLM-L6-v2 after ONNX Runtime's transformer optimizer (SkipLayerNormalization,"
+    " BiasGelu fused), real weights",
+    kind="encoder", real_weights=True, version=1, builder=_build_minilm_ort,
+    real_inputs=lambda sets: sentence_inputs("evaluation", sets),
+    metrics=_metrics,
+    inputs_note="held-out sentences of pydoc_data.topics (second half), MiniLM tokenizer",
+    calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
+))
+
 TINY_BERT = register(ZooModel(
     name="tiny-bert",
     description="tiny BERT encoder, random weights (2 layers, hidden 64, FFN 256)",

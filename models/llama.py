@@ -133,7 +133,7 @@ def _tiny_inputs(count: int, length: int = 128) -> list[dict[str, np.ndarray]]:
     return token_windows(_tiny_ids("evaluation"), count, length)
 
 
-def _build_tiny_llama(path: Path) -> None:
+def _tiny_llama_model():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -145,7 +145,15 @@ def _build_tiny_llama(path: Path) -> None:
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
         max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=True,
     )
-    export_decoder(LlamaForCausalLM(config), path, "tiny-llama")
+    return LlamaForCausalLM(config).eval()
+
+
+def _build_tiny_llama(path: Path) -> None:
+    export_decoder(_tiny_llama_model(), path, "tiny-llama")
+
+
+def _build_tiny_llama_kv(path: Path) -> None:
+    export_decoder_with_cache(_tiny_llama_model(), path, "tiny-llama-kv")
 
 
 TINY_LLAMA = register(ZooModel(
@@ -157,6 +165,13 @@ TINY_LLAMA = register(ZooModel(
     inputs_note="128-token windows of held-out pydoc_data.topics text (second half), MiniLM tokenizer",
     calib_inputs=lambda samples, seqlen: stacked_windows(_tiny_ids("calibration"), samples, seqlen),
     calib_note="token windows of the first half of pydoc_data.topics",
+))
+
+
+TINY_LLAMA_KV = register(ZooModel(
+    name="tiny-llama-kv",
+    description="tiny-llama with explicit KV cache inputs and outputs (same weights)",
+    kind="decoder", real_weights=False, version=1, builder=lambda path: _build_tiny_llama_kv(path),
 ))
 
 

@@ -116,7 +116,10 @@ def run_bound(session, feeds: Mapping[str, np.ndarray], *, shared: Mapping[str, 
         binding = session.io_binding()
         values = {}
         for name, array in feeds.items():
-            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device, device_id)
+            # A shared input is written in place: never the caller's array (on the CPU an
+            # OrtValue wraps the numpy memory).
+            data = np.array(array, order="C", copy=True) if name in shared else np.ascontiguousarray(array)
+            values[name] = ort.OrtValue.ortvalue_from_numpy(data, device, device_id)
             binding.bind_ortvalue_input(name, values[name])
         for name in names:
             source = next((i for i, o in shared.items() if o == name), None)

@@ -86,12 +86,13 @@ class Target:
         return [p if isinstance(p, str) else p[0] for p in self.providers]
 
     def gain(self, form: str) -> Gain:
-        """The best any of this target's providers does with ``form`` (yes > depends > no)."""
+        """What ``form`` gains on the provider that would run it: ONNX Runtime gives a node to
+        the first provider in priority order with a kernel for it, so the first provider with a
+        fact for the form decides; the others' facts come along for the record."""
         facts = tuple(self.facts[p][form] for p in self.provider_names if form in self.facts.get(p, {}))
         if not facts:
             return Gain(False, "no kernel on this target", "not measured by sparsec")
-        rank = {"yes": 2, "depends": 1, "no": 0}
-        best = max(facts, key=lambda f: rank[f.speedup])
+        best = facts[0]
         evidence = "; ".join(e.line() for e in best.evidence) or "no kernel"
         return Gain(best.speedup != "no", f"{_short(best.provider)}: {best.how}", evidence,
                     best.speedup == "depends", best.provider, facts)

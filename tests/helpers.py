@@ -57,6 +57,23 @@ def file_hash(*paths: Path) -> str:
     return h.hexdigest()
 
 
+def perplexity(path, windows) -> float:
+    """Next-token perplexity of a logits model on token windows, computed here independently
+    of sparsec.metrics (float64 log-softmax over the model's logits, run in ORT)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    nll, count = 0.0, 0
+    for feed in windows:
+        ids = feed["input_ids"]
+        logits = sess.run(["logits"], feed)[0].astype(np.float64)[:, :-1]
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        picked = np.take_along_axis(logits, ids[:, 1:, None], -1)[..., 0]
+        nll += float((logz - picked).sum())
+        count += ids[:, 1:].size
+    return float(np.exp(nll / count))
+
+
 def run_ort(path, feeds):
     import onnxruntime as ort
 

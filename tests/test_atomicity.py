@@ -9,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from tests.helpers import FLOAT, make_model, save, weights
@@ -31,6 +32,7 @@ def compile_cmd(src, out):
             "--seed", "7", "-o", str(out)]
 
 
+@pytest.mark.integration
 def test_same_input_options_seed_give_identical_bytes(tmp_path):
     src = stack(tmp_path)
     for d in ("a", "b"):
@@ -40,6 +42,7 @@ def test_same_input_options_seed_give_identical_bytes(tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+@pytest.mark.integration
 def test_kill_leaves_no_partial_output(tmp_path):
     src = stack(tmp_path)
     (tmp_path / "ref").mkdir()

@@ -12,7 +12,9 @@ from sparsec.model_io import load_model
 from sparsec.passes.patterns import LINEAR_OPS, Code, match_linear_weight
 from sparsec.sparsity import is_nm
 from sparsec.feeds import input_specs, random_feeds
+from sparsec.models.llama import _tiny_inputs
 from sparsec.verify import verify_models
+from tests.helpers import perplexity
 
 
 def pruned_weights(path):
@@ -58,7 +60,10 @@ def test_tiny_llama_real_text_perplexity_and_verify_each(zoo_path, tmp_path):
     assert len(record.changed) == 14  # 7 projections x 2 layers; lm_head is tied (NOT_CONSTANT)
     assert record.fidelity is not None and record.fidelity["exact"] is False
     metrics = result.verdicts["real"].metrics
-    assert metrics["tokens"] == 4 * 127 and metrics["perplexity_candidate"] > 0
+    assert metrics["tokens"] == 4 * 127
+    windows = _tiny_inputs(4)
+    assert metrics["perplexity_candidate"] == pytest.approx(perplexity(result.output, windows), rel=1e-5)
+    assert metrics["perplexity_reference"] == pytest.approx(perplexity(zoo_path("tiny-llama"), windows), rel=1e-5)
 
 
 def test_cnn_conv_layouts(zoo_path, tmp_path):

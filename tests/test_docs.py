@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 
 from sparsec.cli import options_markdown
 from sparsec.pipeline import Kind, registry
@@ -25,6 +26,7 @@ def test_every_pass_has_a_page_whose_options_match_the_code():
         assert ("**Lossy.**" in text) == (Kind.LOSSY in cls.kinds)
 
 
+@pytest.mark.integration
 def test_troubleshooting_messages_are_real(tmp_path):
     setup(tmp_path)
     doc = (DOCS / "troubleshooting.md").read_text()

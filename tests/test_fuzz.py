@@ -139,20 +139,27 @@ def _run(proto, spec, tmp):
     return src, out, records
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(proto=models(), spec=st.sampled_from(SPECS))
-def test_every_pass_leaves_a_valid_running_model(tmp_path_factory, proto, spec):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    src, out, records = _run(proto, spec, tmp)
-    for record in records:
-        assert all(s.action == "changed" or s.code for s in record.sites)
-        event(f"{record.pass_id}: {'changed' if record.changed else 'nothing matched'}")
-    onnx.checker.check_model(str(out), full_check=True)
-    from sparsec.feeds import input_specs, random_feeds
+def test_every_pass_leaves_a_valid_running_model(tmp_path_factory):
+    changed = []
 
-    feeds = random_feeds(input_specs(load_model(src).model), samples=1, dims=FEEDS[0])
-    verdict = verify_models(src, out, feeds, exact=False)
-    assert verdict.outputs and all(o.nonfinite == 0 and not o.error for o in verdict.outputs)
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(proto=models(), spec=st.sampled_from(SPECS))
+    def check(proto, spec):
+        tmp = tmp_path_factory.mktemp("fuzz")
+        src, out, records = _run(proto, spec, tmp)
+        for record in records:
+            assert all(s.action == "changed" or s.code for s in record.sites)
+            event(f"{record.pass_id}: {'changed' if record.changed else 'nothing matched'}")
+            changed.extend(record.changed)
+        onnx.checker.check_model(str(out), full_check=True)
+        from sparsec.feeds import input_specs, random_feeds
+
+        feeds = random_feeds(input_specs(load_model(src).model), samples=1, dims=FEEDS[0])
+        verdict = verify_models(src, out, feeds, exact=False)
+        assert verdict.outputs and all(o.nonfinite == 0 and not o.error for o in verdict.outputs)
+
+    check()
+    assert len(changed) >= EXAMPLES // 5, "the generated models rarely gave the passes anything to change"
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
@@ -172,23 +179,33 @@ def test_compress_is_bit_exact(tmp_path_factory, proto, spec):
     assert verdict.passed, verdict.lines()
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
-@given(proto=models(), spec=st.sampled_from(SPECS[4:]))
-def test_structured_removal_equals_masking(tmp_path_factory, proto, spec):
+def test_structured_removal_equals_masking(tmp_path_factory):
     from sparsec.passes import structured_patterns as sp
     from tests.test_structured import masked_reference
 
-    tmp = tmp_path_factory.mktemp("fuzz")
-    src, out, (record,) = _run(proto, spec, tmp)
-    event(f"{record.pass_id}: {len(record.changed)} region(s) changed")
-    if not record.changed:
-        return
-    match = {"ffn-neurons": sp.match_ffn, "attention-heads": sp.match_attention,
-             "conv-channels": sp.match_conv_channels}[record.pass_id]
-    reference = masked_reference(src, record, match, tmp)
-    from sparsec.feeds import input_specs, random_feeds
+    regions = []
 
-    feeds = random_feeds(input_specs(load_model(src).model), samples=1, dims=FEEDS[0])
-    is_half = proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
-    verdict = verify_models(reference, out, feeds, atol=5e-2 if is_half else 1e-4, rtol=5e-2 if is_half else 1e-3)
-    assert verdict.passed, verdict.lines()
+    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(proto=models(), spec=st.sampled_from(SPECS[4:]))
+    def check(proto, spec):
+        tmp = tmp_path_factory.mktemp("fuzz")
+        src, out, (record,) = _run(proto, spec, tmp)
+        event(f"{record.pass_id}: {len(record.changed)} region(s) changed")
+        if not record.changed:
+            return  # counted below: most examples must give a structured pass a region
+        regions.extend(record.changed)
+        match = {"ffn-neurons": sp.match_ffn, "attention-heads": sp.match_attention,
+                 "conv-channels": sp.match_conv_channels}[record.pass_id]
+        reference = masked_reference(src, record, match, tmp)
+        from sparsec.feeds import input_specs, random_feeds
+
+        feeds = random_feeds(input_specs(load_model(src).model), samples=1, dims=FEEDS[0])
+        is_half = proto.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+        # Removing units and zeroing them sum the same products in another order: fp16 needs
+        # its own tolerance; fp32 is held to the default (1e-5 / 1e-4).
+        verdict = verify_models(reference, out, feeds, atol=5e-2 if is_half else None,
+                                rtol=5e-2 if is_half else None)
+        assert verdict.passed, verdict.lines()
+
+    check()
+    assert len(regions) >= EXAMPLES // 5, "the generated models rarely gave a structured pass a region"

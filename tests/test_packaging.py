@@ -18,6 +18,7 @@ def wheel(tmp_path_factory):
     return path
 
 
+@pytest.mark.integration
 def test_wheel_has_one_top_level_package(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
@@ -28,6 +29,7 @@ def test_wheel_has_one_top_level_package(wheel):
     assert not any(n.startswith(("tests/", "passes/", "runtime/", "models/")) for n in names)
 
 
+@pytest.mark.integration
 def test_installed_wheel_imports_and_runs(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],

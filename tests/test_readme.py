@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -33,6 +34,7 @@ def test_ci_runs_the_readme_test_command():
     assert test_command.strip() in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+@pytest.mark.integration
 def test_readme_commands_run(tmp_path):
     commands = sh_commands()
     assert any(c.startswith("sparsec demo") for c, _ in commands)

@@ -56,3 +56,19 @@ def test_save_then_replay_is_byte_identical(tmp_path, capsys, suffix):
     rb = json.loads((tmp_path / "b.report.json").read_text())
     assert ra["plan"]["passes"] == rb["plan"]["passes"]
     assert main(["compile", str(model), "--recipe", str(recipe), "--target", "cpu", "-o", str(tmp_path / "c.onnx")]) == 2
+
+
+def test_the_python_api_takes_a_recipe(tmp_path):
+    from sparsec.compiler import compile
+    from sparsec.recipe import Recipe
+
+    model = save(linear(k=128, n=64), tmp_path / "m.onnx")
+    recipe = Recipe(target="ampere", passes="nm:n=1,m=4", budget={"min_cosine": 0.5}, verification={"seed": 3})
+    result = compile(model, recipe, output=tmp_path / "a.onnx")
+    assert result.passed and result.plan.steps[0].spec == "nm:n=1" and result.recipe.verification["seed"] == 3
+    assert Recipe.from_options(target="ampere", passes="nm:n=1,m=4", min_cosine=0.5, seed=3).to_dict() == \
+        {**recipe.to_dict(), "calibration": {}, "verification": {"seed": 3}}
+    with pytest.raises(OptionError, match="unknown compile option 'targets'"):
+        compile(model, output=tmp_path / "b.onnx", targets="cpu")
+    with pytest.raises(OptionError, match="either a recipe or compile options"):
+        compile(model, recipe, output=tmp_path / "c.onnx", seed=1)

@@ -36,6 +36,7 @@ def test_pass_and_fail(models, tmp_path):
     assert assert_equivalent(a, same, [{"X": weights(2, 128)}], atol=0, rtol=0).passed
 
 
+@pytest.mark.integration
 def test_fixture_in_a_users_test_suite(pytester, models):
     a, same, near = models
     pytester.makepyfile(f"""

@@ -3,12 +3,10 @@
 import numpy as np
 import onnx_ir as ir
 import pytest
-from onnx import TensorProto, helper
 
-from sparsec.errors import InputError
-from sparsec.feeds import input_specs, load_feeds, parse_dims, random_feeds, resolve_shape
-from sparsec.verify import compare, tolerances_for, verify_models
-from tests.helpers import FLOAT, linear, make_model, save, weights
+from sparsec.feeds import input_specs, random_feeds
+from sparsec.verify import BELOW, EXACT, FAILED, WITHIN, Budget, compare, judge, tolerances_for, verify_models
+from tests.helpers import linear, save
 
 
 def verdict(ref, cand, **kw):
@@ -56,55 +54,6 @@ def test_default_tolerances_per_dtype():
     assert not verdict(np.array([1, 2]), np.array([1, 3])).passed  # integers compare exactly
 
 
-def _embedding_model():
-    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["H"]),
-             helper.make_node("ReduceSum", ["H"], ["Y"], keepdims=0)]
-    return make_model(nodes, [("input_ids", TensorProto.INT64, ["batch", "sequence"]),
-                              ("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
-                      [("Y", FLOAT, None)], {"E": weights(37, 8)}, opset=13)
-
-
-def test_input_specs_and_valid_random_inputs():
-    model = ir.serde.deserialize_model(_embedding_model())
-    specs = {s.name: s for s in input_specs(model)}
-    assert specs["input_ids"].fill == "randint" and specs["input_ids"].high == 37
-    assert specs["attention_mask"].fill == "ones"
-    feeds = random_feeds(list(specs.values()), seed=3, dims={"sequence": 5}, samples=2)
-    assert len(feeds) == 2 and feeds[0]["input_ids"].shape == (1, 5)
-    assert feeds[0]["input_ids"].max() < 37 and feeds[0]["attention_mask"].all()
-    again = random_feeds(list(specs.values()), seed=3, dims={"sequence": 5}, samples=2)
-    np.testing.assert_array_equal(feeds[1]["input_ids"], again[1]["input_ids"])
-    assert resolve_shape(specs["input_ids"], {}) == (1, 16)
-
-
-def test_parse_dims():
-    assert parse_dims(["seq=128", "batch=2"]) == {"seq": 128, "batch": 2}
-    for bad in ["seq", "seq=0", "seq=x", "=3"]:
-        with pytest.raises(InputError, match="--dim"):
-            parse_dims([bad])
-
-
-def test_load_feeds(tmp_path):
-    model = ir.serde.deserialize_model(linear())
-    specs = input_specs(model)
-    np.savez(tmp_path / "ok.npz", X=weights(3, 64))
-    assert load_feeds(tmp_path / "ok.npz", specs)[0]["X"].shape == (3, 64)
-    np.savez(tmp_path / "two.npz", **{"0/X": weights(1, 64), "1/X": weights(2, 64)})
-    assert [f["X"].shape[0] for f in load_feeds(tmp_path / "two.npz", specs)] == [1, 2]
-    np.savez(tmp_path / "name.npz", Z=weights(3, 64))
-    with pytest.raises(InputError, match="'Z' is not an input"):
-        load_feeds(tmp_path / "name.npz", specs)
-    np.savez(tmp_path / "shape.npz", X=weights(3, 63))
-    with pytest.raises(InputError, match=r"input 'X' has shape \[3, 63\], the model expects \['B', 64\]"):
-        load_feeds(tmp_path / "shape.npz", specs)
-    np.savez(tmp_path / "dtype.npz", X=weights(3, 64).astype(np.float64))
-    with pytest.raises(InputError, match="float64, the model expects float32"):
-        load_feeds(tmp_path / "dtype.npz", specs)
-    (tmp_path / "junk.npz").write_text("junk")
-    with pytest.raises(InputError, match="not a readable .npz"):
-        load_feeds(tmp_path / "junk.npz", specs)
-
-
 def test_verify_models_end_to_end(tmp_path):
     a = save(linear(seed=0), tmp_path / "a.onnx")
     b = save(linear(seed=0), tmp_path / "b.onnx")
@@ -114,3 +63,50 @@ def test_verify_models_end_to_end(tmp_path):
     v = verify_models(a, b, feeds)
     assert v.passed and v.input_sets == 2 and v.outputs[0].elements == 2 * 16 * 32
     assert not verify_models(a, c, feeds).passed
+
+
+def test_strings_empty_tensors_sequences_and_optionals_compare_equal_when_equal():
+    same = {"s": np.array(["a", "bc"]), "e": np.zeros((0, 3), np.float32), "q": [np.ones(2), np.zeros(1)], "o": None}
+    v = compare([({}, same, {k: (list(x) if isinstance(x, list) else x) for k, x in same.items()})])
+    assert v.passed and {o.name for o in v.outputs} == {"s", "e", "q", "o"}
+    assert all(o.compared == 1 for o in v.outputs)
+    bad = compare([({}, same, {**same, "s": np.array(["a", "bd"]), "q": [np.ones(2)], "o": np.ones(1)})])
+    failed = {o.name: o for o in bad.outputs if not o.passed}
+    assert set(failed) == {"s", "q", "o"}
+    assert failed["s"].failing == 1 and "sequence of 1 items != reference's 2" in failed["q"].error
+
+
+def test_judge_is_the_one_verdict():
+    ref = np.ones((4, 8), np.float32)
+    near = compare([({}, {"y": ref}, {"y": ref * 1.001})], exact=False)
+    assert judge({"random": near}, exact=True).status == FAILED
+    assert judge({"random": near}, Budget(min_cosine=0.99), exact=False).status == WITHIN
+    low = compare([({}, {"y": ref}, {"y": -ref})], exact=False)
+    judgement = judge({"random": low}, Budget(min_cosine=0.5), exact=False)
+    assert judgement.status == BELOW and not judgement.passed
+    assert judgement.failure.startswith("fidelity below the budget: output 'y' cosine -1 < min_cosine 0.5")
+    same = compare([({}, {"y": ref}, {"y": ref.copy()})])
+    assert judge({"random": same}, exact=True).status == EXACT
+    assert judge({"random": same}, exact=False).status == BELOW  # lossy with no budget is never PASSED
+    assert judge({}, exact=True).status == FAILED and judge({"random": compare([])}, exact=True).status == FAILED
+
+
+def test_a_reshaped_output_fails_any_budget():
+    """An output whose shape changed has no fidelity: it fails whatever --min-cosine allows."""
+    ref = np.ones((4, 8), np.float32)
+    reshaped = compare([({}, {"y": ref}, {"y": np.ones((4, 7), np.float32)})], exact=False)
+    assert reshaped.outputs[0].cosine == 0.0 and "shape [4, 7] != reference [4, 8]" in reshaped.outputs[0].error
+    judgement = judge({"random": reshaped}, Budget(min_cosine=-1.0), exact=False)
+    assert judgement.status == FAILED and "shape [4, 7]" in judgement.failure
+    nan = compare([({}, {"y": ref}, {"y": np.full((4, 8), np.nan, np.float32)})], exact=False)
+    assert judge({"random": nan}, Budget(min_cosine=-1.0), exact=False).status == FAILED
+
+
+def test_task_budgets_need_their_metric():
+    ref = np.ones((2, 3), np.float32)
+    v = compare([({}, {"y": ref}, {"y": ref})], exact=False)
+    v.metrics = {"perplexity_ratio": 1.3}
+    assert judge({"real": v}, Budget(max_ppl_ratio=1.2), exact=False).status == BELOW
+    assert judge({"real": v}, Budget(max_ppl_ratio=1.5), exact=False).status == WITHIN
+    judgement = judge({"real": v}, Budget(min_embedding_cosine=0.9), exact=False)
+    assert judgement.status == FAILED and "was not measured" in judgement.failure

@@ -1,4 +1,4 @@
-"""Calibration data sources and the staged runner (sequential capture with a bounded frontier)."""
+"""Calibration and evaluation data: every source kind, and the messages for what is not one."""
 
 
 import numpy as np
@@ -6,9 +6,7 @@ import pytest
 from onnx import helper
 
 from sparsec.data import load_calibration
-from sparsec.runtime.staged import StagedRunner
 from sparsec.errors import InputError
-from sparsec.graph import constant_ref
 from sparsec.model_io import load_model
 from tests.helpers import FLOAT, make_model, save, weights
 
@@ -22,38 +20,6 @@ def mlp(tmp_path):
     proto = make_model(nodes, [("X", FLOAT, ["B", 16])], [("Y", FLOAT, ["B", 8])],
                        {"W1": weights(16, 16, seed=1), "W2": weights(16, 16, seed=2), "W3": weights(16, 8, seed=3)})
     return save(proto, tmp_path / "mlp.onnx")
-
-
-def test_staged_capture_matches_full_model_and_sees_earlier_changes(tmp_path):
-    path = mlp(tmp_path)
-    model = load_model(path).model
-    feeds = [{"X": weights(4, 16, seed=s)} for s in range(3)]
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    runner = StagedRunner(model, feeds)
-    h1 = list(runner.capture(values["h1"]))
-    for feed, got in zip(feeds, h1):
-        np.testing.assert_allclose(got, np.maximum(feed["X"] @ weights(16, 16, seed=1), 0), rtol=1e-5, atol=1e-5)
-    # The frontier keeps h1 (read by l2 and the Add) and nothing else.
-    assert set(runner.store[0]) == {values["h1"]}
-    # Change W2 before its stage is built: the next capture computes with the new weights.
-    w2 = constant_ref(model.graph.initializers["W2"])
-    w2.replace(np.zeros((16, 16), np.float32))
-    s = list(runner.capture(values["s"]))
-    for got, hidden in zip(s, h1):
-        np.testing.assert_allclose(got, hidden, rtol=1e-6)  # relu(h1 @ 0) + h1 == h1
-    assert set(runner.store[0]) == {values["s"]}
-
-
-def test_dense_overrides_run_the_original_weights(tmp_path):
-    model = load_model(mlp(tmp_path)).model
-    original = model.graph.initializers["W1"].const_value
-    constant_ref(model.graph.initializers["W1"]).replace(np.zeros((16, 16), np.float32))
-    feeds = [{"X": weights(2, 16)}]
-    h1 = next(n for n in model.graph if n.name == "l1").outputs[0]
-    dense = StagedRunner(model, feeds, overrides={model.graph.initializers["W1"]: original})
-    pruned = StagedRunner(model, feeds)
-    np.testing.assert_allclose(next(dense.capture(h1)), feeds[0]["X"] @ original.numpy(), rtol=1e-5)
-    assert not next(pruned.capture(h1)).any()
 
 
 def test_npz_text_and_builtin_sources(tmp_path, zoo_path):
@@ -88,3 +54,35 @@ def test_npz_text_and_builtin_sources(tmp_path, zoo_path):
     calib = load_calibration("builtin", bert, samples=20, seqlen=64)
     assert sum(f["input_ids"].shape[0] for f in calib.feeds) == 20
     assert set(calib.feeds[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+
+
+def test_callable_source_and_what_is_not_calibration_data(tmp_path):
+    model = load_model(mlp(tmp_path)).model
+    calib = load_calibration(lambda m, samples, seqlen: [{"X": weights(samples, 16)}], model, samples=5)
+    assert calib.feeds[0]["X"].shape == (5, 16) and "user function" in calib.source
+    with pytest.raises(InputError, match="no array for input 'X'"):
+        load_calibration(lambda m, s, n: [{"Z": weights(2, 16)}], model)
+    with pytest.raises(InputError, match=r"not calibration data \(it is an ONNX model\); calibration data is a .npz"):
+        load_calibration(str(mlp(tmp_path)), model)
+    (tmp_path / "blob.bin").write_bytes(b"\0\1\2" * 100)
+    with pytest.raises(InputError, match="it is a binary file"):
+        load_calibration(str(tmp_path / "blob.bin"), model, tokenizer="x")
+    from sparsec.errors import OptionError
+
+    with pytest.raises(OptionError, match="needs calibration data: give --calib"):
+        load_calibration(None, model)
+
+
+def test_evaluation_data_and_timing_feed(tmp_path, zoo_path):
+    from sparsec.data import evaluation_data, timing_feed
+
+    model = load_model(mlp(tmp_path)).model
+    assert evaluation_data(model) is None
+    feed, note = timing_feed(model)
+    assert note == "random inputs" and feed["X"].shape == (16, 16)  # "B" is not named batch: 16
+    bert = load_model(zoo_path("tiny-bert")).model
+    data = evaluation_data(bert, 2)
+    assert data.task == "encoder" and len(data.feeds) == 2 and "held-out" in data.note
+    assert [type(m).__name__ for m in data.metrics()] == ["SentenceEmbeddingCosine"]
+    feed, note = timing_feed(bert)
+    assert note == data.note and feed["input_ids"].shape[0] == 16

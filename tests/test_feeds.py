@@ -1,0 +1,104 @@
+"""Model inputs: specs that say how to fill each input validly, seeded random and .npz feeds,
+KV-cache inputs, and --dim checked against the model's symbolic dimensions."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from sparsec.errors import InputError
+from sparsec.feeds import (
+    check_dims, input_specs, load_feeds, make_feeds, parse_dims, random_feeds, resolve_all, resolve_shape,
+)
+from sparsec.model_io import load_model
+from tests.helpers import FLOAT, linear, make_model, weights
+
+
+def _embedding_model():
+    nodes = [helper.make_node("Gather", ["E", "input_ids"], ["H"]),
+             helper.make_node("ReduceSum", ["H"], ["Y"], keepdims=0)]
+    return make_model(nodes, [("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                              ("attention_mask", TensorProto.INT64, ["batch", "sequence"])],
+                      [("Y", FLOAT, None)], {"E": weights(37, 8)}, opset=13)
+
+
+def test_input_specs_and_valid_random_inputs():
+    model = ir.serde.deserialize_model(_embedding_model())
+    specs = {s.name: s for s in input_specs(model)}
+    assert specs["input_ids"].fill == "randint" and specs["input_ids"].high == 37
+    assert specs["attention_mask"].fill == "ones"
+    feeds = random_feeds(list(specs.values()), seed=3, dims={"sequence": 5}, samples=2)
+    assert len(feeds) == 2 and feeds[0]["input_ids"].shape == (1, 5)
+    assert feeds[0]["input_ids"].max() < 37 and feeds[0]["attention_mask"].all()
+    again = random_feeds(list(specs.values()), seed=3, dims={"sequence": 5}, samples=2)
+    np.testing.assert_array_equal(feeds[1]["input_ids"], again[1]["input_ids"])
+    assert resolve_shape(specs["input_ids"], {}) == (1, 16)
+
+
+def test_parse_dims():
+    assert parse_dims(["seq=128", "batch=2"]) == {"seq": 128, "batch": 2}
+    for bad in ["seq", "seq=0", "seq=x", "=3"]:
+        with pytest.raises(InputError, match="--dim"):
+            parse_dims([bad])
+
+
+def test_load_feeds(tmp_path):
+    model = ir.serde.deserialize_model(linear())
+    specs = input_specs(model)
+    np.savez(tmp_path / "ok.npz", X=weights(3, 64))
+    assert load_feeds(tmp_path / "ok.npz", specs)[0]["X"].shape == (3, 64)
+    np.savez(tmp_path / "two.npz", **{"0/X": weights(1, 64), "1/X": weights(2, 64)})
+    assert [f["X"].shape[0] for f in load_feeds(tmp_path / "two.npz", specs)] == [1, 2]
+    np.savez(tmp_path / "name.npz", Z=weights(3, 64))
+    with pytest.raises(InputError, match="'Z' is not an input"):
+        load_feeds(tmp_path / "name.npz", specs)
+    np.savez(tmp_path / "shape.npz", X=weights(3, 63))
+    with pytest.raises(InputError, match=r"input 'X' has shape \[3, 63\], the model expects \['B', 64\]"):
+        load_feeds(tmp_path / "shape.npz", specs)
+    np.savez(tmp_path / "dtype.npz", X=weights(3, 64).astype(np.float64))
+    with pytest.raises(InputError, match="float64, the model expects float32"):
+        load_feeds(tmp_path / "dtype.npz", specs)
+    (tmp_path / "junk.npz").write_text("junk")
+    with pytest.raises(InputError, match="not a readable .npz"):
+        load_feeds(tmp_path / "junk.npz", specs)
+
+
+def test_kv_cache_inputs_fill_the_mask_with_past_plus_new_tokens(zoo_path):
+    model = load_model(zoo_path("tiny-llama-kv")).model
+    specs = {s.name: s for s in input_specs(model)}
+    assert specs["past_key_values.0.key"].role == "past" and specs["attention_mask"].role == "mask"
+    assert specs["input_ids"].role == "ids"
+    shapes = resolve_all(list(specs.values()), {"sequence": 5, "past_sequence": 7})
+    assert shapes["input_ids"] == (1, 5) and shapes["past_key_values.1.value"] == (1, 2, 7, 16)
+    assert shapes["attention_mask"] == (1, 12)
+    assert resolve_all(list(specs.values()), {"total_sequence": 9})["attention_mask"] == (1, 9)  # --dim wins
+    from sparsec.runtime.session import cpu_runner
+
+    runner = cpu_runner()
+    session = runner.session(zoo_path("tiny-llama-kv"))
+    (feed,) = random_feeds(list(specs.values()), dims={"sequence": 5, "past_sequence": 7})
+    out = runner.run(session, feed)
+    assert out["logits"].shape[:2] == (1, 5) and out["present.0.key"].shape == (1, 2, 12, 16)
+
+
+def test_unknown_dim_names_are_refused_with_the_models_dims():
+    specs = input_specs(ir.serde.deserialize_model(_embedding_model()))
+    check_dims({"sequence": 3, "input_ids.1": 4}, specs)
+    with pytest.raises(InputError, match=r"no symbolic dimension 'nosuch' \(its symbolic dimensions: batch, sequence\)"):
+        check_dims({"nosuch": 3}, specs)
+    fixed = input_specs(ir.serde.deserialize_model(make_model(
+        [helper.make_node("Relu", ["X"], ["Y"])], [("X", FLOAT, [2, 3])], [("Y", FLOAT, [2, 3])])))
+    with pytest.raises(InputError, match="none: every input dimension is fixed"):
+        check_dims({"batch": 2}, fixed)
+
+
+def test_make_feeds_from_each_source(tmp_path):
+    model = ir.serde.deserialize_model(linear())
+    feeds = make_feeds(model, seed=4, samples=3)
+    assert len(feeds.sets) == 3 and feeds.note == "random inputs (seed 4)"
+    np.savez(tmp_path / "in.npz", X=weights(2, 64))
+    assert make_feeds(model, inputs=tmp_path / "in.npz").note.startswith("inputs from")
+    given = make_feeds(model, inputs=[{"X": weights(1, 64)}])
+    assert given.note == "given inputs" and given.sets[0]["X"].shape == (1, 64)
+    with pytest.raises(InputError, match="no symbolic dimension 'seq'"):
+        make_feeds(model, dims={"seq": 2})

@@ -1,0 +1,104 @@
+"""The execution layer: the Runner (providers, IOBinding with shared buffers, one-line errors),
+the staged runner (sequential capture with a bounded frontier) and side-by-side timing."""
+
+import numpy as np
+import pytest
+from onnx import helper
+
+from sparsec.errors import RuntimeFailure
+from sparsec.graph import constant_ref
+from sparsec.model_io import load_model
+from sparsec.runtime.bench import compare_speed
+from sparsec.runtime.session import CPU, Runner, cpu_runner
+from sparsec.runtime.staged import StagedRunner, staged_outputs
+from tests.helpers import FLOAT, linear, make_model, save, weights
+from tests.test_data import mlp
+
+
+def test_runner_drops_unavailable_providers_and_names_them():
+    runner = Runner.for_providers([("NoSuchExecutionProvider", {"x": 1}), CPU], what="target 'x'")
+    assert runner.provider_names == [CPU] and not runner.on_gpu
+    assert "NoSuchExecutionProvider not available" in runner.notes[0] and "target 'x' ran on" in runner.notes[0]
+    assert Runner.for_providers(["NoSuchExecutionProvider"]).provider_names == [CPU]
+
+
+def test_session_errors_are_one_line(tmp_path):
+    custom = make_model([helper.make_node("FancyOp", ["X"], ["Y"], domain="com.example")],
+                        [("X", FLOAT, [2, 4])], [("Y", FLOAT, [2, 4])], extra_opsets=[("com.example", 1)])
+    with pytest.raises(RuntimeFailure, match="ONNX Runtime cannot load custom.onnx") as info:
+        cpu_runner().session(save(custom, tmp_path / "custom.onnx"))
+    assert "\n" not in str(info.value)
+    session = cpu_runner().session(save(linear(), tmp_path / "m.onnx"))
+    with pytest.raises(RuntimeFailure, match="failed to run the model"):
+        cpu_runner().run(session, {"X": np.ones((2, 3), np.float32)})
+
+
+def test_io_binding_shares_an_input_and_an_output_buffer(tmp_path):
+    # present = past + delta, written into past's buffer when shared.
+    nodes = [helper.make_node("Add", ["past", "delta"], ["present"])]
+    proto = make_model(nodes, [("past", FLOAT, [2, 3]), ("delta", FLOAT, [2, 3])], [("present", FLOAT, [2, 3])])
+    runner = cpu_runner()
+    session = runner.session(save(proto, tmp_path / "ring.onnx"))
+    past, delta = np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((2, 3), np.float32)
+    plain = runner.run(session, {"past": past, "delta": delta})
+    shared = runner.run(session, {"past": past, "delta": delta}, shared={"past": "present"})
+    np.testing.assert_array_equal(shared["present"], plain["present"])
+    np.testing.assert_array_equal(shared["present"], past + 1)
+    np.testing.assert_array_equal(past, np.arange(6, dtype=np.float32).reshape(2, 3))  # the caller's array is untouched
+
+
+def test_staged_capture_matches_full_model_and_sees_earlier_changes(tmp_path):
+    path = mlp(tmp_path)
+    model = load_model(path).model
+    feeds = [{"X": weights(4, 16, seed=s)} for s in range(3)]
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    runner = StagedRunner(model, feeds)
+    h1 = list(runner.capture(values["h1"]))
+    for feed, got in zip(feeds, h1):
+        np.testing.assert_allclose(got, np.maximum(feed["X"] @ weights(16, 16, seed=1), 0), rtol=1e-5, atol=1e-5)
+    # The frontier keeps h1 (read by l2 and the Add) and nothing else.
+    assert set(runner.store[0]) == {values["h1"]}
+    # Change W2 before its stage is built: the next capture computes with the new weights.
+    w2 = constant_ref(model.graph.initializers["W2"])
+    w2.replace(np.zeros((16, 16), np.float32))
+    s = list(runner.capture(values["s"]))
+    for got, hidden in zip(s, h1):
+        np.testing.assert_allclose(got, hidden, rtol=1e-6)  # relu(h1 @ 0) + h1 == h1
+    assert set(runner.store[0]) == {values["s"]}
+
+
+def test_dense_overrides_run_the_original_weights(tmp_path):
+    model = load_model(mlp(tmp_path)).model
+    original = model.graph.initializers["W1"].const_value
+    constant_ref(model.graph.initializers["W1"]).replace(np.zeros((16, 16), np.float32))
+    feeds = [{"X": weights(2, 16)}]
+    h1 = next(n for n in model.graph if n.name == "l1").outputs[0]
+    dense = StagedRunner(model, feeds, overrides={model.graph.initializers["W1"]: original})
+    pruned = StagedRunner(model, feeds)
+    np.testing.assert_allclose(next(dense.capture(h1)), feeds[0]["X"] @ original.numpy(), rtol=1e-5)
+    assert not next(pruned.capture(h1)).any()
+
+
+def test_staged_outputs_equal_a_whole_run_for_any_budget(tmp_path):
+    path = mlp(tmp_path)
+    model = load_model(path).model
+    feeds = [{"X": weights(3, 16, seed=s)} for s in range(2)]
+    session = cpu_runner().session(path)
+    whole = [cpu_runner().run(session, f)["Y"] for f in feeds]
+    for budget in (1, 1 << 10, 1 << 30):  # a stage per weight ... one stage
+        staged = staged_outputs(model, feeds, budget_bytes=budget)
+        for got, want in zip(staged, whole):
+            np.testing.assert_array_equal(got["Y"], want)
+
+
+def test_compare_speed_interleaves_and_reports_ratios(tmp_path):
+    a = save(linear(k=256, n=256), tmp_path / "a.onnx")
+    b = save(linear(k=256, n=256, seed=1), tmp_path / "b.onnx")
+    feed = {"X": weights(64, 256)}
+    result = compare_speed({"a": a, "b": b}, feed, min_repeats=6, max_repeats=9, batch=3, threads=1)
+    assert result.baseline == "a" and 6 <= result.repeats <= 9 and result.threads == 1
+    assert result.ratios["a"].median == 1.0 and result.ratios["a"].spread == 0.0
+    r = result.ratios["b"]
+    assert r.p10 <= r.median <= r.p90 and r.median > 0
+    assert result.stable == all(x.spread <= result.tolerance for x in result.ratios.values())
+    assert "rounds" in result.line("b") and result.timings["b"].load_ms > 0
