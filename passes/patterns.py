@@ -71,7 +71,7 @@ class Code(str, enum.Enum):
 MEANINGS: dict[Code, str] = {
     Code.NOT_LINEAR: "the op is not a MatMul, Gemm or Conv",
     Code.NOT_CONSTANT: "the weight is computed at run time, so it cannot be rewritten ahead of time",
-    Code.GRAPH_INPUT: "the weight is also a graph input: callers may override it at run time",
+    Code.GRAPH_INPUT: "the weight is also a graph input: callers may override it (--constant-initializers)",
     Code.QUANTIZED: "the weight comes out of DequantizeLinear (a quantized weight)",
     Code.DTYPE_UNSUPPORTED: "the weight is not floating point",
     Code.RANK_UNSUPPORTED: "the weight's rank does not fit the layout",
@@ -184,7 +184,8 @@ def constant_operand(node: ir.Node, index: int) -> ConstantRef | MatchFailure:
         return MatchFailure(Code.NOT_CONSTANT, f"input {index} is missing", node)
     if value.is_graph_input() and value.is_initializer():
         return MatchFailure(Code.GRAPH_INPUT, f"'{value.name}' is an initializer that is also a graph input:"
-                            " callers may override it at run time, so it is not rewritten", node)
+                            " callers may override it at run time, so it is not rewritten"
+                            " (--constant-initializers treats such initializers as constants)", node)
     producer = value.producer()
     if producer is not None and producer.op_type == "DequantizeLinear":
         return MatchFailure(Code.QUANTIZED, f"'{value.name}' comes out of DequantizeLinear (quantized weight)", node)

@@ -248,6 +248,7 @@ class WeightPrunePass(Pass):
         else:
             new_matrix = result.values.astype(array.dtype)
         pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
+        figures = _damage(matrix, new_matrix, statistic)
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")
@@ -259,10 +260,23 @@ class WeightPrunePass(Pass):
             site=site.label, node=site.node.name or "", action="changed",
             weight=site.weight.name, shape=site.weight.shape, params=int(array.size),
             sparsity_before=before, sparsity_after=after, message=reason,
-            details={"op": site.op, "reduce_axis": site.reduce_axis, "layout": layout.name,
+            details={"op": site.op, "reduce_axis": site.reduce_axis, "layout": layout.name, **figures,
                      **({"readers": [r.name for r in readers]} if len(readers) > 1 else {})},
         ))
 
+
+
+def _damage(before: np.ndarray, after: np.ndarray, statistic) -> dict[str, float]:
+    """How far one weight moved: ||W - W'|| / ||W||, and with a Hessian (SparseGPT's statistic)
+    the relative L2 error of the layer's output on the calibration inputs."""
+    w = before.astype(np.float64)
+    delta = w - after.astype(np.float64)
+    norm = float(np.linalg.norm(w))
+    figures = {"weight_change": float(np.linalg.norm(delta)) / norm if norm else 0.0}
+    error = getattr(statistic, "relative_output_error", None)
+    if error is not None:
+        figures["output_error"] = error(w, delta)
+    return figures
 
 
 def _groups(sites: list[LinearWeight]) -> dict[ir.Value, list[LinearWeight]]:

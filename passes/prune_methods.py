@@ -185,6 +185,18 @@ class Hessian:
             self.cross += (t * scale).T @ (d * scale)
         self.tokens = n
 
+    def relative_output_error(self, w: np.ndarray, delta: np.ndarray) -> float:
+        """||X dW^T|| / ||X W^T|| over the calibration inputs X, from H = 2/n X^T X."""
+        import torch
+
+        h = self.h.double()
+        wt = torch.from_numpy(np.ascontiguousarray(w)).to(self.device).double()
+        dt = torch.from_numpy(np.ascontiguousarray(delta)).to(self.device).double()
+        num = float(torch.einsum("rk,kl,rl->", dt, h, dt))
+        den = float(torch.einsum("rk,kl,rl->", wt, h, wt))
+        return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+
+
 def new_statistic(method: str, k: int, device: str):
     return ColumnNorms(k) if method == "wanda" else Hessian(k, device)
 

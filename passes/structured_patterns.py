@@ -38,11 +38,21 @@ _MS_CORE_OPS = frozenset({"FusedMatMul"})
 
 @dataclass
 class Slice:
-    """A constant holding ``unit`` consecutive entries per unit along ``axis``."""
+    """A constant holding ``unit`` consecutive entries per unit along ``axis``.
+
+    ``readers`` are the (node, input index) pairs inside the region that read a small constant
+    (a bias, a per-unit scale); when other nodes read it too (an exporter merged identical
+    constants), the pass gives the region its own copy before slicing (:meth:`shared`).
+    """
 
     ref: ConstantRef
     axis: int
     unit: int = 1
+    readers: tuple[tuple[ir.Node, int], ...] = ()
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.readers) and len(self.ref.users) > len(self.readers)
 
 
 @dataclass
@@ -138,20 +148,19 @@ def ffn_region(block: FfnBlock) -> Region | MatchFailure:
                 return per
             if per is not None:
                 slices.append(per)
-    others = []
+    others: dict[ir.Value, Slice] = {}
     for node, i in block.consts:
         per = _per_unit_const(constant_ref(node.inputs[i]), units, -1, node)
         if isinstance(per, MatchFailure):
             return per
-        if per is not None and len(per.ref.users) != 1:
-            return MatchFailure(Code.ESCAPES, f"constant '{per.ref.name}' is shared with other nodes", node)
-        if per is not None:
-            others.append(per)
+        if per is not None:  # one slice per constant, with every reader inside the region
+            known = others.setdefault(per.ref.value, per)
+            known.readers = (*known.readers, (node, i))
     for s in slices:
         if len(s.ref.users) != 1:
             return MatchFailure(Code.ESCAPES, f"weight '{s.ref.name}' is shared with other nodes", exit_node)
     internal = [o for n in block.nodes for o in n.outputs] + stops
-    return Region("ffn", block.label, units, exit_node, Slice(block.down.weight, 0), slices, others,
+    return Region("ffn", block.label, units, exit_node, Slice(block.down.weight, 0), slices, list(others.values()),
                   internal=internal)
 
 
@@ -229,8 +238,9 @@ def attention_region(block: AttentionBlock) -> Region | MatchFailure:
         unit = (group if p is block.q else 1) * head_dim
         entries.append(Slice(p.site.weight, 1, unit))
         if p.bias is not None:
-            others.append(Slice(p.bias, len(p.bias.shape) - 1, unit))
-    for s in entries + others:
+            readers = tuple((u.node, u.idx) for u in p.bias.value.uses() if u.node in p.nodes)
+            others.append(Slice(p.bias, len(p.bias.shape) - 1, unit, readers))
+    for s in entries:
         if len(s.ref.users) != 1:
             return MatchFailure(Code.ESCAPES, f"'{s.ref.name}' is shared with other nodes", exit_node)
     internal = [o for n in core | projection_nodes | {reshape, transpose} for o in n.outputs]

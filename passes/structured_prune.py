@@ -163,10 +163,17 @@ class StructuredPass(Pass):
         params_before = sum(int(np.prod(s.ref.shape)) for s in region.tensors())
         exit_index = _unit_index(kept, region.exit_unit)
         new_exit = np.take(region.exit.ref.numpy(), exit_index, axis=region.exit.axis)
+        output_error = None
         if gram is not None:
             new_exit = _refit(region, gram, exit_index, opts.damp).astype(new_exit.dtype)
+            output_error = _exit_error(region, gram, exit_index, new_exit)
         region.exit.ref.replace(np.ascontiguousarray(new_exit), resize=True)
         for s in [*region.entries, *region.others]:
+            if s.shared:  # an exporter merged identical constants: this region gets its own copy
+                clone = add_constant(region.exit_node.graph, f"{s.ref.name}.{region.exit_node.name}", s.ref.numpy())
+                for node, index in s.readers:
+                    node.replace_input_with(index, clone)
+                s.ref = constant_ref(clone)
             s.ref.replace(np.ascontiguousarray(np.take(s.ref.numpy(), _unit_index(kept, s.unit), axis=s.axis)),
                           resize=True)
         for fix in region.shape_fixes:
@@ -186,6 +193,7 @@ class StructuredPass(Pass):
             weight=region.exit.ref.name, params=params_before, sparsity_before=0.0,
             sparsity_after=1 - params_after / params_before,
             details={"kind": region.kind, "units_before": region.units, "units_after": keep,
+                     **({"output_error": output_error} if output_error is not None else {}),
                      "params_removed": params_before - params_after, "reconstructed": gram is not None,
                      "removed_units": sorted(set(range(region.units)) - set(kept.tolist()))},
         ))
@@ -208,6 +216,17 @@ def _refit(region: sp.Region, gram: np.ndarray, kept: np.ndarray, damp: float) -
     g_kk = gram[np.ix_(kept, kept)]
     g_kk[np.diag_indices_from(g_kk)] += damp * np.mean(np.diag(gram)) + 1e-12
     return np.linalg.solve(g_kk, gram[kept] @ w)
+
+
+def _exit_error(region: sp.Region, gram: np.ndarray, kept: np.ndarray, new_exit: np.ndarray) -> float:
+    """||A W - A_k W'|| / ||A W|| of the exit layer over the calibration inputs A (G = A^T A),
+    W the original exit weight (features, out) and W' the refit one on the kept features."""
+    w = region.exit.ref.numpy().astype(np.float64)
+    w_new = new_exit.astype(np.float64)
+    full = float(np.einsum("fo,fg,go->", w, gram, w))
+    cross = float(np.einsum("ko,kg,go->", w_new, gram[kept], w))
+    kept_part = float(np.einsum("ko,kl,lo->", w_new, gram[np.ix_(kept, kept)], w_new))
+    return (max(full - 2 * cross + kept_part, 0.0) / full) ** 0.5 if full > 0 else 0.0
 
 
 def _fix_shape(fix: sp.ShapeFix, new: int) -> None:

@@ -28,7 +28,9 @@ Provider = str | tuple[str, dict[str, Any]]
 def _ort():
     import onnxruntime as ort
 
-    ort.set_default_logger_severity(3)  # errors only: ORT's warnings are not the user's business
+    # ORT logs kernel failures itself, in color, before raising: sparsec reports them in one
+    # line, so ORT's own log stays silent (4 = fatal only).
+    ort.set_default_logger_severity(4)
     return ort
 
 
@@ -54,7 +56,7 @@ def create_session(
     providers: Sequence[Provider] = (CPU,),
     threads: int | None = None,
     optimize: bool = True,
-    log_severity: int = 3,
+    log_severity: int = 4,
 ):
     """Create an ``onnxruntime.InferenceSession``.
 
@@ -63,7 +65,7 @@ def create_session(
         providers: execution providers in priority order, with options where needed.
         threads: intra-op threads; None lets ORT decide (all cores).
         optimize: apply ORT's graph optimizations (ORT_ENABLE_ALL) or none.
-        log_severity: ORT log level (3 = errors only).
+        log_severity: ORT log level (4 = fatal only: failures reach the user as one line).
 
     Raises:
         RuntimeFailure: ORT refused the model (unsupported op, bad graph, missing provider).
@@ -181,6 +183,19 @@ class Runner:
             device = "cuda" if self.on_gpu else "cpu"
             return run_bound(session, feeds, shared=shared, output_names=output_names, device=device)
         return run(session, feeds, output_names)
+
+    def checker(self, model: str | os.PathLike):
+        """A function that runs ``model`` on one input set (raising RuntimeFailure when ORT
+        refuses it): what :func:`sparsec.feeds.make_feeds` uses to keep only inputs the
+        original model runs on. The session is created on first use."""
+        session = None
+
+        def check(feed: Mapping[str, np.ndarray]) -> None:
+            nonlocal session
+            session = session or self.session(model)
+            self.run(session, feed)
+
+        return check
 
     def staged(self, model, feeds, *, overrides=None, progress=None):
         """A :class:`~sparsec.runtime.staged.StagedRunner` of ``model`` on these providers."""

@@ -102,11 +102,14 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
+@click.option("--constant-initializers", is_flag=True,
+              help="Treat initializers that are also listed as graph inputs (old exporters list every weight so)"
+              " as constants, so passes may rewrite them.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads.")
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
                 dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
-                calib_samples, calib_seqlen, tokenizer, verify_each, threads, as_json) -> None:
+                calib_samples, calib_seqlen, tokenizer, verify_each, constant_initializers, threads, as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
     from sparsec.errors import VerificationError
@@ -126,7 +129,8 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
         the_recipe = Recipe.from_options(
             target=target, passes=passes, min_cosine=min_cosine, min_embedding_cosine=min_embedding_cosine,
             max_ppl_ratio=max_ppl_ratio, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-            tokenizer=tokenizer, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs)
+            tokenizer=tokenizer, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs,
+            constant_initializers=constant_initializers or None)
     if example is not None:
         from sparsec.models import build
 
@@ -148,7 +152,7 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
 
 
 _RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "calib", "calib_samples",
-                 "calib_seqlen", "tokenizer", "seed", "samples", "dims", "inputs")
+                 "calib_seqlen", "tokenizer", "seed", "samples", "dims", "inputs", "constant_initializers")
 
 
 def _print_compile(result) -> None:
@@ -210,10 +214,12 @@ def verify_cmd(reference, candidate, inputs, dims, seed, samples, atol, rtol, th
     from sparsec.verify import judge, verify_models
 
     ref = load_model(reference)
-    load_model(candidate)  # same input checks for the candidate
-    feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=parse_dims(dims), samples=samples)
-    verdict = verify_models(ref.path, candidate, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
-                            runner=cpu_runner(threads), progress=_progress())
+    cand = load_model(candidate)  # same input checks for the candidate
+    runner = cpu_runner(threads)
+    feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=parse_dims(dims), samples=samples,
+                       check=runner.checker(ref.runnable))
+    verdict = verify_models(ref.runnable, cand.runnable, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
+                            runner=runner, progress=_progress())
     judgement = judge({"given": verdict}, exact=True)
     if as_json:
         _print_json({**verdict.to_dict(), "judgement": judgement.to_dict()})
@@ -463,8 +469,9 @@ def zoo_list(as_json) -> None:
         _print_json(data)
         return
     for e in data:
-        _echo(f"{e['name']:<12} {e['kind']:<8} {'real weights' if e['real_weights'] else 'random weights'}"
-              f"  {e['description']}")
+        _echo(f"{e['name']:<14} {e['kind']:<8} {'real weights' if e['real_weights'] else 'random weights':<15}"
+              f" {e['size']:>9}  {e['description']}")
+        _echo(f"{'':<14} needs: {e['needs']}")
 
 
 @zoo_cmd.command("export")

@@ -37,7 +37,7 @@ from sparsec.progress import Progress, silent
 from sparsec.recipe import Recipe, recipe_text, replayable, validate
 from sparsec.runtime.session import Runner
 from sparsec.targets import Target, get_target
-from sparsec.verify import Judgement, Verdict, judge, verify_models, verify_staged
+from sparsec.verify import Judgement, Verdict, judge, unchanged_judgement, verify_models, verify_staged
 
 # Models with more weight bytes than this are compiled streamed: rewritten weights spill to
 # disk, verification runs in stages (never two whole models in memory), no onnx.checker.
@@ -198,19 +198,18 @@ def compile(
     recipe = recipe if recipe is not None else Recipe.from_options(**options)
     validate(recipe, "compile")
     target = get_target(recipe.target)
-    loaded = load_stage(model, progress)
+    loaded = load_stage(model, progress, recipe.constant_initializers)
     outputs = output_stage(loaded, output, report, save_recipe)
     clock.lap("load")
     analysis = analyze_stage(loaded, progress)
-    evaluation = evaluation_data(loaded.model)
+    evaluation = evaluation_data(loaded.model, notes=loaded.notes)
     clock.lap("analyze")
     plan = plan_stage(target, recipe, loaded.model, evaluation)
     if on_plan is not None:
         on_plan(plan)
     runner = target.runner(threads)
     calibration = calibrate_stage(plan, recipe, loaded.model, progress)
-    feeds = make_feeds(loaded.model, inputs=recipe.verification.get("inputs"), seed=recipe.seed,
-                       dims=recipe.verification.get("dims"), samples=recipe.verification.get("samples", 2))
+    feeds = feeds_stage(loaded, recipe, runner) if verify_each else None
     clock.lap("calibrate")
     streamed = analysis.weight_bytes > STREAM_BYTES
     with _spill(streamed, outputs.model):
@@ -234,14 +233,18 @@ def compile(
         clock.lap("save")
         with staged:
             _check_model(staged.path, loaded, streamed, result.notes)
-            result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress,
-                                           result.notes)
-            result.judgement = judge(result.verdicts, plan.budget, exact=plan.exact)
+            if not any(r.changed for r in records):
+                result.judgement = unchanged_judgement()
+            else:
+                feeds = feeds or feeds_stage(loaded, recipe, runner)
+                result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress)
+                result.judgement = judge(result.verdicts, plan.budget, exact=plan.exact)
             clock.lap("verify")
             if benchmark:
-                primary = result.verdicts.get("real") or result.verdicts["random"]
-                result.speed = bench_stage(loaded, staged.path, result.judgement, primary.min_cosine, runner,
-                                           threads, progress)
+                primary = result.verdicts.get("real") or result.verdicts.get("random")
+                result.speed = bench_stage(loaded, staged.path, result.judgement,
+                                           primary.min_cosine if primary is not None else 1.0, runner, threads,
+                                           progress)
                 clock.lap("benchmark")
             result.sizes = {"input_bytes": loaded.total_bytes,
                             "output_bytes": sum(f.stat().st_size for f in (staged.path, staged.data_file) if f)}
@@ -261,9 +264,12 @@ def compile(
 
 # --- the stages ------------------------------------------------------------------------------
 
-def load_stage(model: str | os.PathLike | LoadedModel, progress: Progress) -> LoadedModel:
+def load_stage(model: str | os.PathLike | LoadedModel, progress: Progress,
+               constant_initializers: bool = False) -> LoadedModel:
     with progress.task("loading model"):
-        return model if isinstance(model, LoadedModel) else load_model(model)
+        if isinstance(model, LoadedModel):
+            return model
+        return load_model(model, constant_initializers=constant_initializers)
 
 
 def output_stage(loaded: LoadedModel, output, report, save_recipe) -> Outputs:
@@ -290,7 +296,7 @@ def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: Eval
     available = ""
     if source is not None:
         available = str(source) if isinstance(source, (str, os.PathLike)) else "user data"
-    elif has_builtin_data(model):
+    elif has_builtin_data(model):  # evaluation_data has already noted a missing tokenizer
         available = "builtin"
     return make_plan(target, recipe.pass_objects(), task=evaluation.task if evaluation else "",
                      budget=recipe.fidelity_budget(), calibration=available)
@@ -310,8 +316,15 @@ def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progr
                                   recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
 
 
+def feeds_stage(loaded: LoadedModel, recipe: Recipe, runner: Runner) -> Feeds:
+    """The input sets to verify on: the user's, or generated ones the original model runs on."""
+    return make_feeds(loaded.model, inputs=recipe.verification.get("inputs"), seed=recipe.seed,
+                      dims=recipe.verification.get("dims"), samples=recipe.verification.get("samples", 2),
+                      check=runner.checker(loaded.runnable))
+
+
 def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluation: EvaluationData | None,
-                 runner: Runner, streamed: bool, progress: Progress, notes: list[str]) -> dict[str, Verdict]:
+                 runner: Runner, streamed: bool, progress: Progress) -> dict[str, Verdict]:
     """The staged output against the original: on the input sets, and on real inputs if any."""
     inputs = {"random": (feeds.sets, feeds.note, ())}
     if evaluation is not None:
@@ -320,11 +333,11 @@ def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluati
     for name, (sets, note, metrics) in inputs.items():
         if streamed:  # never two whole models in memory: both run stage by stage
             with progress.task(f"verifying in stages on {name} inputs"):
-                verdicts[name] = verify_staged(load_model(loaded.path).model, load_model(staged.path).model, sets,
+                verdicts[name] = verify_staged(load_model(loaded.runnable).model, load_model(staged.path).model, sets,
                                                inputs=note, exact=plan.exact, metrics=metrics, runner=runner,
                                                progress=progress)
         else:
-            verdicts[name] = verify_models(loaded.path, staged.path, sets, inputs=note, exact=plan.exact,
+            verdicts[name] = verify_models(loaded.runnable, staged.path, sets, inputs=note, exact=plan.exact,
                                            metrics=metrics, runner=runner, progress=progress)
     return verdicts
 
@@ -336,7 +349,8 @@ def bench_stage(loaded: LoadedModel, candidate: Path, judgement: Judgement, fide
 
     feed, note = timing_feed(loaded.model)
     with progress.task("timing original and compiled side by side"):
-        speed = compare_speed({"original": loaded.path, "compiled": candidate}, feed, runner=runner, threads=threads)
+        speed = compare_speed({"original": loaded.runnable, "compiled": candidate}, feed, runner=runner,
+                              threads=threads)
     ratio, t = speed.ratios["compiled"], speed.timings
     return {"original_ms": t["original"].median_ms, "compiled_ms": t["compiled"].median_ms,
             "speedup": ratio.median, "speedup_p10": ratio.p10, "speedup_p90": ratio.p90,
@@ -364,7 +378,7 @@ def _check_model(path: Path, loaded: LoadedModel, streamed: bool, notes: list[st
         return
     problem = _checker(path)
     if problem:
-        if _checker(loaded.path):
+        if _checker(loaded.runnable):
             notes.append(f"onnx.checker rejects the input model too: {problem}")
         else:
             raise PassError(f"the compiled model fails onnx.checker: {problem}")
@@ -403,7 +417,7 @@ def _pass_verifier(loaded: LoadedModel, feeds: Feeds, runner: Runner, progress: 
     def after(p: Pass, record: PassRecord, model: ir.Model) -> None:
         with tempfile.TemporaryDirectory(prefix="sparsec-verify-") as tmp:
             with stage_model(model, Path(tmp) / "model.onnx", external_data=True) as staged:
-                verdict = verify_models(loaded.path, staged.path, feeds.sets, inputs=feeds.note,
+                verdict = verify_models(loaded.runnable, staged.path, feeds.sets, inputs=feeds.note,
                                         exact=p.kind.value == "exact", runner=runner, progress=progress)
         record.fidelity = verdict.to_dict()
         if p.kind.value == "exact" and not verdict.passed:

@@ -135,11 +135,27 @@ class BuiltinSource:
 CALIB_KINDS = "a .npz of input sets, a UTF-8 text file with --tokenizer, or 'builtin' for the example models"
 
 
-def has_builtin_data(model: ir.Model) -> bool:
-    """True when ``model`` is an example model with built-in calibration text."""
+def _example_entry(model: ir.Model, what: str, notes: list[str] | None):
+    """The example-model entry ``model`` was exported from, when its resources are installed
+    (else None, and a note saying what is missing)."""
     from sparsec.models import entry_for
 
     entry = entry_for(model.metadata_props)
+    if entry is None:
+        return None
+    try:
+        entry.check_resources()
+    except InputError as exc:
+        if notes is not None:
+            notes.append(f"the model was exported from the example '{entry.name}', but its {what} is not"
+                         f" available here ({exc}); it is compiled as any other model")
+        return None
+    return entry
+
+
+def has_builtin_data(model: ir.Model, notes: list[str] | None = None) -> bool:
+    """True when ``model`` is an example model whose built-in calibration text is available."""
+    entry = _example_entry(model, "calibration text", notes)
     return entry is not None and entry.calib_inputs is not None
 
 
@@ -251,11 +267,11 @@ class EvaluationData:
     task: str = ""  # encoder | decoder | "" (what the task metric measures)
 
 
-def evaluation_data(model: ir.Model, sets: int | None = None) -> EvaluationData | None:
-    """Held-out real inputs and task metrics of an example model; None for other models."""
-    from sparsec.models import entry_for
-
-    entry = entry_for(model.metadata_props)
+def evaluation_data(model: ir.Model, sets: int | None = None, notes: list[str] | None = None
+                    ) -> EvaluationData | None:
+    """Held-out real inputs and task metrics of an example model; None for other models (and
+    for example models whose tokenizer is not installed: ``notes`` says so)."""
+    entry = _example_entry(model, "evaluation text", notes)
     if entry is None or entry.real_inputs is None:
         return None
     return EvaluationData(entry.real_inputs(sets or entry.real_sets), entry.inputs_note,

@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,6 +48,14 @@ class LoadedModel:
     external_files: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     file_bytes: int = 0
+    # A file ONNX Runtime can run as the original: ``path`` itself, or the upgraded model when
+    # the input's opset was older than ORT runs (kept in ``_scratch`` until the object goes).
+    runnable: Path | None = None
+    _scratch: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.runnable is None:
+            self.runnable = self.path
 
     @property
     def total_bytes(self) -> int:
@@ -54,12 +63,17 @@ class LoadedModel:
         return self.file_bytes + sum(p.stat().st_size for p in self.external_files)
 
 
-def load_model(path: str | os.PathLike) -> LoadedModel:
+def load_model(path: str | os.PathLike, *, constant_initializers: bool = False) -> LoadedModel:
     """Read an ONNX model from ``path`` without modifying it.
 
+    A default-domain opset older than ONNX Runtime runs (< 7) is upgraded with onnx's version
+    converter (the notes say so). With ``constant_initializers``, initializers that are also
+    listed as graph inputs (old exporters list every weight so) are treated as constants.
+
     Raises:
-        InputError: the file is missing, not ONNX, truncated, uses an unsupported opset, or
-            references external data that is missing, truncated or outside its directory.
+        InputError: the file is missing, not ONNX, truncated, uses an opset this onnx cannot
+            handle, or references external data that is missing, truncated or outside its
+            directory.
     """
     path = Path(path)
     if not path.exists():
@@ -69,9 +83,9 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: not readable")
     proto = _parse_model_proto(path)
-    _check_opsets(path, proto)
     notes: list[str] = []
     external = _check_external_data(path, proto)
+    proto, upgraded = _check_opsets(path, proto, notes)
     _densify_sparse_initializers(path, proto, notes)
     try:
         model = ir.serde.deserialize_model(proto)
@@ -85,10 +99,21 @@ def load_model(path: str | os.PathLike) -> LoadedModel:
     renamed = _name_nodes(model)
     if renamed:
         notes.append(f"{renamed} node(s) had no name or a duplicate name and were given unique ones")
-    return LoadedModel(
-        path=path, model=model, external_files=external, notes=notes,
-        file_bytes=path.stat().st_size,
-    )
+    if constant_initializers:
+        overridable = [v for v in model.graph.inputs if v.is_initializer()]
+        for value in overridable:
+            model.graph.inputs.remove(value)
+        if overridable:
+            notes.append(f"{len(overridable)} initializer(s) listed as graph inputs are treated as constants"
+                         " (--constant-initializers)")
+    loaded = LoadedModel(path=path, model=model, external_files=external, notes=notes,
+                         file_bytes=path.stat().st_size)
+    if upgraded:
+        scratch = tempfile.TemporaryDirectory(prefix="sparsec-upgraded-")
+        loaded.runnable = Path(scratch.name) / "original-upgraded.onnx"
+        onnx.save(proto, loaded.runnable)
+        loaded._scratch = scratch
+    return loaded
 
 
 def _first_line(exc: BaseException) -> str:
@@ -117,20 +142,33 @@ def _parse_model_proto(path: Path) -> onnx.ModelProto:
     return proto
 
 
-def _check_opsets(path: Path, proto: onnx.ModelProto) -> None:
+def _check_opsets(path: Path, proto: onnx.ModelProto, notes: list[str]) -> tuple[onnx.ModelProto, bool]:
+    """The model, upgraded to opset MIN_OPSET when it is older (True when it was)."""
+    import onnx.external_data_helper
+    import onnx.version_converter
+
     newest = onnx.defs.onnx_opset_version()
     for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            if opset.version > newest:
-                raise InputError(
-                    f"{path}: opset {opset.version} is newer than this ONNX build supports"
-                    f" ({newest}); upgrade the onnx package"
-                )
-            if opset.version < MIN_OPSET:
-                raise InputError(
-                    f"{path}: opset {opset.version} is too old (sparsec needs opset >= {MIN_OPSET});"
-                    " convert it with onnx.version_converter first"
-                )
+        if opset.domain not in ("", "ai.onnx"):
+            continue
+        if opset.version > newest:
+            raise InputError(
+                f"{path}: opset {opset.version} is newer than this ONNX build supports"
+                f" ({newest}); upgrade the onnx package"
+            )
+        if opset.version < MIN_OPSET:
+            old = opset.version
+            try:
+                if any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_tensor_protos(proto.graph)):
+                    onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
+                upgraded = onnx.version_converter.convert_version(proto, MIN_OPSET)
+            except Exception as exc:  # the converter raises several types
+                raise InputError(f"{path}: opset {old} is older than ONNX Runtime runs ({MIN_OPSET}) and"
+                                 f" onnx.version_converter cannot upgrade it ({_first_line(exc)})") from None
+            notes.append(f"opset {old} upgraded to opset {MIN_OPSET} with onnx.version_converter (ONNX Runtime"
+                         f" runs opset {MIN_OPSET} and later); the upgraded model is the reference")
+            return upgraded, True
+    return proto, False
 
 
 def _iter_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

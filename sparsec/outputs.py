@@ -84,10 +84,6 @@ class Outputs:
             if self.recipe.suffix not in (".yaml", ".yml", ".json"):
                 raise OptionError(f"--save-recipe {self.recipe}: use a .yaml, .yml or .json file")
             check_writable(self.recipe, "recipe")
-        if any(p.suffix == ".html" for p in self.reports):
-            from sparsec.report_html import check_html_dependencies
-
-            check_html_dependencies()
 
     def commit(self, texts: dict[Path, str], staged_model=None) -> None:
         """Write ``texts`` (path -> content) and commit ``staged_model``: all, or none.

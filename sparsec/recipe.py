@@ -28,7 +28,7 @@ from typing import Any
 from sparsec.errors import InputError, OptionError
 
 VERSION = 1
-_SECTIONS = {"version", "target", "passes", "budget", "calibration", "verification"}
+_SECTIONS = {"version", "target", "passes", "budget", "calibration", "verification", "constant_initializers"}
 _KEYS = {
     "budget": {"min_cosine", "min_embedding_cosine", "max_ppl_ratio"},
     "calibration": {"source", "samples", "seqlen", "tokenizer"},
@@ -43,6 +43,7 @@ OPTION_FIELDS = {
     "calib_seqlen": ("calibration", "seqlen"), "tokenizer": ("calibration", "tokenizer"),
     "seed": ("verification", "seed"), "samples": ("verification", "samples"),
     "dims": ("verification", "dims"), "inputs": ("verification", "inputs"),
+    "constant_initializers": ("constant_initializers", None),
 }
 
 
@@ -53,6 +54,7 @@ class Recipe:
     budget: dict[str, Any] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)  # source, samples, seqlen, tokenizer
     verification: dict[str, Any] = field(default_factory=dict)  # seed, samples, dims, inputs
+    constant_initializers: bool = False  # initializers listed as graph inputs are constants
     version: int = VERSION
 
     @classmethod
@@ -123,7 +125,10 @@ def check_recipe(data: Any, source: str) -> Recipe:
             bad = sorted(set(value) - keys)[0] if isinstance(value, dict) else name
             raise OptionError(f"{source}: '{name}' has unknown key '{bad}' (valid: {', '.join(sorted(keys))})")
         sections[name] = dict(value)
-    recipe = Recipe(target=str(data.get("target", "cpu")), passes=passes, **sections)
+    constant = data.get("constant_initializers", False)
+    if not isinstance(constant, bool):
+        raise OptionError(f"{source}: constant_initializers must be true or false, got {constant!r}")
+    recipe = Recipe(target=str(data.get("target", "cpu")), passes=passes, constant_initializers=constant, **sections)
     validate(recipe, source)
     return recipe
 
@@ -189,4 +194,5 @@ def replayable(recipe: Recipe, passes) -> Recipe:
         verification={"seed": recipe.seed, "samples": recipe.verification.get("samples", 2),
                       "dims": dict(recipe.verification.get("dims") or {}),
                       "inputs": recipe.verification.get("inputs")},
+        constant_initializers=recipe.constant_initializers,
     )

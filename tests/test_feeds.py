@@ -1,6 +1,9 @@
 """Model inputs: specs that say how to fill each input validly, seeded random and .npz feeds,
 KV-cache inputs, and --dim checked against the model's symbolic dimensions."""
 
+import pathlib
+import tempfile
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -11,7 +14,7 @@ from sparsec.feeds import (
     check_dims, input_specs, load_feeds, make_feeds, parse_dims, random_feeds, resolve_all, resolve_shape,
 )
 from sparsec.model_io import load_model
-from tests.helpers import FLOAT, linear, make_model, weights
+from tests.helpers import FLOAT, linear, make_model, run_ort, save, weights
 
 
 def _embedding_model():
@@ -102,3 +105,69 @@ def test_make_feeds_from_each_source(tmp_path):
     assert given.note == "given inputs" and given.sets[0]["X"].shape == (1, 64)
     with pytest.raises(InputError, match="no symbolic dimension 'seq'"):
         make_feeds(model, dims={"seq": 2})
+
+
+def audio_model(tmp_path):
+    """Like silero VAD: audio [batch, samples], reflect-padded by 32 then a strided Conv; ONNX
+    Runtime refuses 16 samples (a reflect pad must be shorter than the signal)."""
+    nodes = [helper.make_node("Unsqueeze", ["audio", "one"], ["a1"]),
+             helper.make_node("Pad", ["a1", "pads"], ["a2"], mode="reflect"),
+             helper.make_node("Conv", ["a2", "W"], ["a3"], strides=[16]),
+             helper.make_node("Relu", ["a3"], ["a4"]),
+             helper.make_node("ReduceMean", ["a4", "two"], ["speech"], keepdims=0)]
+    proto = make_model(nodes, [("audio", FLOAT, ["batch", "samples"])], [("speech", FLOAT, ["batch", 8])],
+                       {"one": np.array([1], np.int64), "two": np.array([2], np.int64),
+                        "pads": np.array([0, 0, 32, 0, 0, 32], np.int64), "W": weights(8, 1, 64)}, opset=18)
+    return save(proto, tmp_path / "vad.onnx")
+
+
+def test_generated_inputs_grow_until_the_model_runs(tmp_path, capfd):
+    from sparsec.cli import main
+
+    path = audio_model(tmp_path)
+    code = main(["compile", str(path), "--passes", "nm:min_params=0", "--best-effort", "-o", str(tmp_path / "o.onnx")])
+    out = capfd.readouterr()  # file descriptors: ONNX Runtime logs from C++, below Python
+    assert code == 0, out.err
+    assert "random inputs (seed 0), symbolic dimensions 64" in out.out and "onnxruntime" not in out.err
+    # Sizes the user fixes are kept; when nothing runs, the refusal says what was tried and how to fix it.
+    code = main(["verify", str(path), str(path), "--dim", "samples=8"])
+    err = capfd.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "does not run on generated inputs (symbolic dimensions [16, 64, 256] and seeds [0, 1, 2]" in err
+    assert "--inputs FILE.npz or sizes with --dim NAME=N (symbolic dimensions: batch, samples)" in err
+
+
+def test_inputs_are_valid_for_how_the_model_uses_them():
+    nodes = [helper.make_node("Mod", ["x", "d"], ["m"]), helper.make_node("Unsqueeze", ["x", "axes"], ["u"]),
+             helper.make_node("Reshape", ["u", "shape"], ["r"]), helper.make_node("Dropout", ["f", "ratio"], ["g"])]
+    proto = make_model(nodes, [("x", TensorProto.INT64, [4]), ("d", TensorProto.INT64, [4]),
+                               ("axes", TensorProto.INT64, [2]), ("shape", TensorProto.INT64, [3]),
+                               ("f", FLOAT, [4]), ("ratio", FLOAT, [])],
+                       [("m", TensorProto.INT64, [4]), ("r", TensorProto.INT64, None), ("g", FLOAT, [4])], opset=13)
+    (feed,) = random_feeds(input_specs(ir.serde.deserialize_model(proto)), seed=1)
+    assert (feed["d"] >= 1).all() and feed["axes"].tolist() == [0, 1] and feed["shape"].tolist() == [-1, 1, 1]
+    assert 0 <= float(feed["ratio"]) < 0.5
+    with tempfile.TemporaryDirectory() as tmp:
+        run_ort(save(proto, pathlib.Path(tmp) / "m.onnx"), feed)  # ONNX Runtime accepts every one
+
+
+def test_sequence_optional_and_string_inputs_get_values_of_their_type():
+    seq = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [3])
+    opt = helper.make_value_info("o", helper.make_optional_type_proto(
+        helper.make_tensor_type_proto(TensorProto.FLOAT, [2])))
+    text = helper.make_tensor_value_info("t", TensorProto.STRING, [2])
+    graph = helper.make_graph([helper.make_node("SequenceLength", ["s"], ["n"]),
+                               helper.make_node("OptionalHasElement", ["o"], ["h"]),
+                               helper.make_node("Identity", ["t"], ["t2"])], "g", [seq, opt, text],
+                              [helper.make_tensor_value_info("n", TensorProto.INT64, []),
+                               helper.make_tensor_value_info("h", TensorProto.BOOL, []),
+                               helper.make_tensor_value_info("t2", TensorProto.STRING, [2])])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    proto.ir_version = 10
+    specs = {s.name: s for s in input_specs(ir.serde.deserialize_model(proto))}
+    assert (specs["s"].container, specs["o"].container, specs["t"].fill) == ("sequence", "optional", "string")
+    (feed,) = random_feeds(list(specs.values()))
+    assert isinstance(feed["s"], list) and feed["s"][0].shape == (3,) and feed["t"].dtype == object
+    with tempfile.TemporaryDirectory() as tmp:
+        n, has, texts = run_ort(save(proto, pathlib.Path(tmp) / "m.onnx"), feed)
+    assert n == 2 and has and list(texts) == list(feed["t"])

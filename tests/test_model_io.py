@@ -198,10 +198,30 @@ def test_unsupported_opsets(tmp_path):
     future.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
     with pytest.raises(InputError, match="newer than this ONNX build"):
         load_model(save(future, tmp_path / "f.onnx"))
-    old = linear()
-    old.opset_import[0].version = 5
-    with pytest.raises(InputError, match="too old"):
-        load_model(save(old, tmp_path / "o.onnx"))
+    old = linear()  # as old exporters wrote them: IR 3, every weight also a graph input
+    old.opset_import[0].version = 6
+    old.ir_version = 3
+    old.graph.input.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [64, 32]))
+    loaded = load_model(save(old, tmp_path / "o.onnx"))
+    assert "opset 6 upgraded to opset 7 with onnx.version_converter" in loaded.notes[0]
+    assert loaded.runnable != loaded.path and loaded.model.opset_imports[""] == 7
+    run_ort(loaded.runnable, {"X": weights(2, 64)})  # ONNX Runtime runs the upgraded reference
+    broken = linear()
+    broken.opset_import[0].version = 6
+    broken.graph.input.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [64, 32]))
+    broken.graph.node[0].op_type = "NoSuchOp"
+    with pytest.raises(InputError, match="opset 6 is older than ONNX Runtime runs .7. and onnx.version_converter"
+                                         " cannot upgrade it"):
+        load_model(save(broken, tmp_path / "b.onnx"))
+
+
+def test_initializers_listed_as_inputs_become_constants_on_request(tmp_path):
+    proto = linear()
+    proto.graph.input.append(onnx.helper.make_tensor_value_info("W", onnx.TensorProto.FLOAT, [64, 32]))
+    path = save(proto, tmp_path / "m.onnx")
+    assert [v.name for v in load_model(path).model.graph.inputs] == ["X", "W"]
+    loaded = load_model(path, constant_initializers=True)
+    assert [v.name for v in loaded.model.graph.inputs] == ["X"] and "--constant-initializers" in loaded.notes[0]
 
 
 def test_sparse_initializer_is_densified_exactly(tmp_path):

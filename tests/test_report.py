@@ -1,9 +1,10 @@
 """Reports: JSON, Markdown, and one self-contained HTML file that renders (structure checked
 with an HTML parser, embedded PNGs decoded); sweeps and the Python API."""
 
-import base64
 import json
+import re
 from html.parser import HTMLParser
+from xml.etree import ElementTree
 
 import pytest
 
@@ -15,25 +16,27 @@ from sparsec.errors import OptionError
 class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.ids, self.images, self.external, self.tables = set(), [], [], 0
+        self.ids, self.external, self.tables = set(), [], 0
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if "id" in attrs:
             self.ids.add(attrs["id"])
-        if tag == "img":
-            self.images.append(attrs["src"])
-        if tag in ("link", "script") or (tag == "img" and not attrs["src"].startswith("data:")):
+        if tag in ("link", "script", "img") or attrs.get("href", "").startswith("http"):
             self.external.append(tag)
         self.tables += tag == "table"
 
 
 def parse(path):
+    """The page's structure; every inline SVG plot parses as XML and draws marks with figures."""
+    text = path.read_text()
     page = _Page()
-    page.feed(path.read_text())
-    for src in page.images:
-        png = base64.b64decode(src.split(",", 1)[1])
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    page.feed(text)
+    page.images = re.findall(r"<svg .*?</svg>", text, flags=re.S)
+    for image in page.images:
+        root = ElementTree.fromstring(image)
+        marks = [e for e in root.iter() if e.tag.split("}")[-1] in ("rect", "circle", "polyline")]
+        assert marks and any(e.find("{http://www.w3.org/2000/svg}title") is not None for e in marks), image[:200]
     return page
 
 
@@ -44,10 +47,16 @@ def test_html_markdown_and_json_reports(zoo_path, tmp_path, capsys):
                  "--report", str(tmp_path / "r.json"), "--benchmark"])
     assert code == 0
     page = parse(tmp_path / "r.html")
-    assert {"summary", "plan", "passes", "verification", "sparsity", "pareto", "size"} <= page.ids
+    assert {"summary", "plan", "passes", "verdict", "verification", "damage", "pareto", "size"} <= page.ids
     assert not page.external and page.tables >= 3 and len(page.images) == 3
+    html_text = (tmp_path / "r.html").read_text()
+    verdict = json.loads((tmp_path / "r.json").read_text())["judgement"]["status"]
+    assert verdict in ("WITHIN BUDGET", "BELOW BUDGET") and "PASSED" not in html_text  # lossy: never PASSED
+    assert f"<td class='{'ok' if verdict == 'WITHIN BUDGET' else 'bad'}'>{verdict}: perplexity ratio" in html_text
+    # The per-site map shows how far each weight moved (SparseGPT: output error), not a flat 50%.
+    assert "relative output error on calibration data" in html_text
     md = (tmp_path / "r.md").read_text()
-    assert "## Plan" in md and "| nm | lossy |" in md and "perplexity_candidate" in md
+    assert "## Plan" in md and "| nm | lossy |" in md and "perplexity_candidate" in md and "## Verdict" in md
     data = json.loads((tmp_path / "r.json").read_text())
     speed = data["speed"]
     assert speed["speedup_p10"] <= speed["speedup"] <= speed["speedup_p90"] and speed["repeats"] >= 15

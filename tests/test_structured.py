@@ -151,3 +151,22 @@ def test_activation_scores_and_reconstruction(zoo_path, tmp_path):
            for name, r in (("plain", plain), ("refit", refit), ("magnitude", mag))}
     assert cos["refit"] > cos["plain"] and cos["refit"] > cos["magnitude"]
     assert all(s.details["reconstructed"] for s in refit.records[0].changed)
+
+
+def test_constants_an_exporter_merged_are_cloned_per_region(zoo_path, tmp_path):
+    """A Hugging Face export merged identical zero biases into one shared constant; every region
+    still prunes (each gets its own copy), exactly as masking does."""
+    from onnx_ir.passes.common import DeduplicateInitializersPass
+
+    model = load_model(zoo_path("tiny-bert")).model
+    for name, value in model.graph.initializers.items():
+        if name.endswith(".bias") and ("intermediate" in name or "attention.self" in name):
+            value.const_value = ir.Tensor(np.zeros(value.const_value.shape.numpy(), np.float32), name=name)
+    DeduplicateInitializersPass()(model)
+    shared = [v for v in model.graph.initializers.values() if len(v.uses()) > 1]
+    assert shared, "the dedup pass merged nothing"
+    path = save_model(model, tmp_path / "merged.onnx", external_data=True)
+    record = prune_and_compare(path, "ffn-neurons:ratio=0.5", sp.match_ffn, tmp_path)
+    assert len(record.changed) == 2 and not record.skip_counts().get(Code.ESCAPES)
+    record = prune_and_compare(path, "attention-heads:ratio=0.5", sp.match_attention, tmp_path)
+    assert len(record.changed) == 2 and not record.skip_counts().get(Code.ESCAPES)
