@@ -103,6 +103,8 @@ def load_model(path: str | os.PathLike, *, constant_initializers: bool = False) 
         overridable = [v for v in model.graph.inputs if v.is_initializer()]
         for value in overridable:
             model.graph.inputs.remove(value)
+        if overridable and model.ir_version < 4:
+            model.ir_version = 4  # IR 3 required every initializer to be a graph input too
         if overridable:
             notes.append(f"{len(overridable)} initializer(s) listed as graph inputs are treated as constants"
                          " (--constant-initializers)")

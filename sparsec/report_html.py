@@ -151,16 +151,18 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 # --- plots -------------------------------------------------------------------------------------
 
-def damage_map(records: list[dict[str, Any]]) -> str | None:
-    """Layers x sites of every changed weight or region, colored by how much it moved."""
+def damage_map(record: dict[str, Any]) -> str | None:
+    """One pass's changed sites, layers x site kinds, colored by how far each moved: the
+    relative output error on calibration data where the method measured it, else the relative
+    weight change, else the fraction of parameters removed or zeroed."""
     from sparsec.passes.allocation import layer_of
 
-    sites = [s for r in records for s in r["sites"] if s["action"] == "changed" and s["site"]]
+    sites = [s for s in record["sites"] if s["action"] == "changed" and s["site"]]
     if not sites:
         return None
-    for key, title in (("output_error", "relative output error on calibration data, per site"),
-                       ("weight_change", "relative weight change ||W - W'|| / ||W||, per site"),
-                       ("sparsity_after", "fraction of the site's parameters removed or zeroed")):
+    for key, what in (("output_error", "relative output error on calibration data"),
+                      ("weight_change", "relative weight change ||W - W'|| / ||W||"),
+                      ("sparsity_after", "fraction of parameters removed or zeroed")):
         values = [s["details"].get(key) if key != "sparsity_after" else s.get(key) for s in sites]
         if all(v is not None for v in values):
             break
@@ -171,7 +173,7 @@ def damage_map(records: list[dict[str, Any]]) -> str | None:
         layer = layer_of(s["site"])
         kind = s["site"][len(layer):].lstrip(".") or s["weight"]
         grid[layers.index(layer)][kinds.index(kind)] = value
-    return svg.heatmap(layers, kinds, grid, title=title)
+    return svg.heatmap(layers, kinds, grid, title=f"{record['pass']}: {what}")
 
 
 def sensitivity_plot(sensitivity: dict[str, Any]) -> str:
@@ -237,9 +239,9 @@ def render_html(report: dict[str, Any], *, sensitivity: dict[str, Any] | None = 
          "bound": c["threshold"], "inputs": c["inputs"]} for c in checks]))
     parts.append("<h2 id='verification'>Verification</h2>" + _html_table(_verification_rows(report)))
     plots = []
-    damage = damage_map(report.get("records", []))
-    if damage:
-        plots.append(("damage", "Per-site damage", damage))
+    maps = [m for m in (damage_map(r) for r in report.get("records", [])) if m]
+    if maps:
+        plots.append(("damage", "Per-site damage", "".join(maps)))
     if sensitivity:
         plots.append(("sensitivity", "Per-layer sensitivity", sensitivity_plot(sensitivity)))
     if pareto:

@@ -39,7 +39,9 @@ def heatmap(rows: Sequence[str], cols: Sequence[str], grid: Sequence[Sequence[fl
     low, high = (min(values), max(values)) if values else (0.0, 1.0)
     label_w = 8 + 6 * max((len(r) for r in rows), default=4)
     cell_w, cell_h, top = 70, 18, 30 + 6 * max((len(c) for c in cols), default=4) // 2
-    width, height = label_w + cell_w * len(cols) + 20, top + cell_h * len(rows) + 30
+    # Room for the rotated column labels on the right, the title and the range line.
+    width = max(label_w + cell_w * len(cols) + 80, 7 * len(title) + 40, label_w + 320)
+    height = top + cell_h * len(rows) + 30
     body = []
     for j, col in enumerate(cols):
         x = label_w + cell_w * j + cell_w / 2

@@ -5,8 +5,10 @@ them (model, input and expected output sets). They are written out as ``model.on
 ``test_data_set_0/{input,output}_N.pb``, as older wheels had them, beside the simple,
 pytorch-converted and pytorch-operator models the wheel still ships. Each model is then:
 
-* compiled with ``--passes "nm:n=2,m=4,min_params=0"`` and with ``--passes compress``
-  (``--best-effort``: the point is whether sparsec handles the graph, not the budget),
+* compiled with ``--passes "nm:n=2,m=4,min_params=0"``, the same with
+  ``--constant-initializers`` (old exports list their weights as graph inputs) and with
+  ``--passes compress`` (``--best-effort``: the point is whether sparsec handles the graph,
+  not the budget),
 * verified against itself (``sparsec verify MODEL MODEL``),
 
 in-process through the CLI's ``main``. Outcomes are exit codes plus the one-line message.
@@ -29,8 +31,15 @@ from pathlib import Path
 COMMANDS = {
     "nm": ["compile", "{model}", "--passes", "nm:n=2,m=4,min_params=0", "--best-effort", "-o", "{out}"],
     "compress": ["compile", "{model}", "--passes", "compress", "--best-effort", "-o", "{out}"],
+    # Old exports list their weights as graph inputs: this one lets the pass rewrite them, so the
+    # compile runs and verifies the rewritten model.
+    "nm_constant": ["compile", "{model}", "--passes", "nm:n=2,m=4,min_params=0", "--constant-initializers",
+                    "--best-effort", "-o", "{out}"],
     "verify": ["verify", "{model}", "{model}"],
 }
+
+
+COMPILES = ("nm", "nm_constant", "compress")
 
 
 @dataclass
@@ -47,6 +56,7 @@ class Outcome:
     codes: dict[str, int] = field(default_factory=dict)
     messages: dict[str, str] = field(default_factory=dict)
     with_inputs: dict[str, int] = field(default_factory=dict)  # exit codes given the stored inputs
+    unchanged: dict[str, bool] = field(default_factory=dict)  # compile changed nothing (not run)
 
 
 def corpus_root() -> Path:
@@ -180,18 +190,19 @@ def _ort_runs(model: Path, inputs: Path | None) -> bool:
         return False
 
 
-def _run_cli(args: list[str], cwd: Path) -> tuple[int, str]:
+def _run_cli(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """(exit code, the last line on stderr, stdout)."""
     from sparsec.cli import main
 
-    err = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     old = os.getcwd()
     try:
         os.chdir(cwd)
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(args)
     finally:
         os.chdir(old)
-    return code, err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else ""
+    return code, err.getvalue().strip().splitlines()[-1] if err.getvalue().strip() else "", out.getvalue()
 
 
 def run_case(case: Case) -> Outcome:
@@ -201,10 +212,12 @@ def run_case(case: Case) -> Outcome:
         outcome = Outcome(case.name, _ort_runs(case.path, inputs))
         for command, template in COMMANDS.items():
             args = [a.format(model=case.path, out=tmp / f"{command}.onnx") for a in template]
-            outcome.codes[command], outcome.messages[command] = _run_cli(args, tmp)
+            outcome.codes[command], outcome.messages[command], out = _run_cli(args, tmp)
+            if command != "verify":
+                outcome.unchanged[command] = "no pass changed the model" in out
             if outcome.codes[command] == 2 and inputs is not None:
                 again = [*args, "--inputs", str(inputs)]
-                outcome.with_inputs[command], _ = _run_cli(again, tmp)
+                outcome.with_inputs[command], _, _ = _run_cli(again, tmp)
         return outcome
 
 
@@ -212,12 +225,15 @@ def summarize(outcomes: list[Outcome]) -> dict:
     runs = [o for o in outcomes if o.ort_runs]
     internal = [(o.name, c, o.messages[c]) for o in outcomes for c, code in o.codes.items() if code == 3]
     self_verify = [(o.name, o.messages["verify"]) for o in outcomes if o.codes.get("verify") == 1]
-    refused = [o for o in runs if any(o.codes[c] == 2 for c in ("nm", "compress"))]
-    compile_fails = [(o.name, c, o.messages[c]) for o in outcomes for c in ("nm", "compress") if o.codes[c] == 1]
+    refused = [o for o in runs if any(o.codes[c] == 2 for c in COMPILES)]
+    compile_fails = [(o.name, c, o.messages[c]) for o in outcomes for c in COMPILES if o.codes[c] == 1]
+    changed = {c: sum(1 for o in outcomes if o.codes[c] == 0 and not o.unchanged.get(c)) for c in COMPILES}
     return {
+        "compiles_that_changed_and_verified": changed,
+        "verify_refusals_of_runnable_models": [(o.name, o.messages["verify"]) for o in runs if o.codes["verify"] == 2],
         "models": len(outcomes), "ort_runs_with_stored_inputs": len(runs),
         "internal_errors": internal, "self_verification_failures": self_verify,
-        "false_refusals": [(o.name, {c: o.messages[c] for c in ("nm", "compress") if o.codes[c] == 2},
+        "false_refusals": [(o.name, {c: o.messages[c] for c in COMPILES if o.codes[c] == 2},
                             o.with_inputs) for o in refused],
         "compile_verification_failures": compile_fails,
     }
@@ -241,7 +257,7 @@ if __name__ == "__main__":
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "outcomes": [asdict(o) for o in outcomes]},
                                               indent=1, default=str))
-    print(json.dumps({k: (v if isinstance(v, int) else len(v)) for k, v in summary.items()}, indent=1))
+    print(json.dumps({k: (v if isinstance(v, (int, dict)) else len(v)) for k, v in summary.items()}, indent=1))
     for key in ("internal_errors", "self_verification_failures", "false_refusals", "compile_verification_failures"):
         for item in summary[key][:40]:
             print(key, item)

@@ -43,3 +43,10 @@ def test_readme_links_exist():
     text = (ROOT / "README.md").read_text()
     for link in re.findall(r"\]\(((?:docs|benchmarks)/[^)#]+)\)", text):
         assert (ROOT / link).exists(), link
+
+
+def test_docs_install_only_what_works():
+    """sparsec is not on PyPI: no page may tell users to 'pip install sparsec'."""
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        for line in page.read_text().splitlines():
+            assert not re.search(r"pip install sparsec(\s|$|\[)", line), f"{page.name}: {line}"

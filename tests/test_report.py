@@ -57,6 +57,8 @@ def test_html_markdown_and_json_reports(zoo_path, tmp_path, capsys):
     assert "relative output error on calibration data" in html_text
     md = (tmp_path / "r.md").read_text()
     assert "## Plan" in md and "| nm | lossy |" in md and "perplexity_candidate" in md and "## Verdict" in md
+    assert "| NOT_CONSTANT | 5 | the weight is computed at run time" in md  # attention matmuls, tied lm_head
+    assert "the weight is computed at run time" in html_text
     data = json.loads((tmp_path / "r.json").read_text())
     speed = data["speed"]
     assert speed["speedup_p10"] <= speed["speedup"] <= speed["speedup_p90"] and speed["repeats"] >= 15
