@@ -11,6 +11,8 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 * :mod:`.compress` -- ``compress``: sparse weights stored as values + bit mask
 * :mod:`.structured_patterns` -- FFN, attention and conv-chain region matchers
 * :mod:`.structured_prune` -- ``ffn-neurons``, ``attention-heads``, ``conv-channels``
+* :mod:`.blocks` -- typed FFN and attention blocks
+* :mod:`.moe` -- ``moe``: FFN -> Mixture-of-Experts (:mod:`.moe_experts`: the numbers behind it)
 """
 
-from . import block_prune, compress, nm_prune, structured_prune, unstructured_prune  # noqa: F401
+from . import block_prune, compress, moe, nm_prune, structured_prune, unstructured_prune  # noqa: F401

@@ -143,6 +143,11 @@ class FfnBlock:
         return list(self.projections)
 
     @property
+    def input_size(self) -> int:
+        """H: the features of the FFN's input (the projections' reduction size)."""
+        return self.projections[0].matrix_shape[1]
+
+    @property
     def names(self) -> tuple[str, ...]:
         return (self.label, self.node.name or "")
 

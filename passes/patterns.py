@@ -56,6 +56,7 @@ class Code(str, enum.Enum):
     NOTHING_TO_REMOVE = "NOTHING_TO_REMOVE"
     TOO_DENSE = "TOO_DENSE"
     OPSET_TOO_OLD = "OPSET_TOO_OLD"
+    ACTIVATION_UNSUPPORTED = "ACTIVATION_UNSUPPORTED"
 
     def __str__(self) -> str:
         return self.value
@@ -92,6 +93,7 @@ MEANINGS: dict[Code, str] = {
     Code.NOTHING_TO_REMOVE: "the ratio and multiple keep every unit",
     Code.TOO_DENSE: "too few zeros for compression to pay",
     Code.OPSET_TOO_OLD: "the model's opset lacks the ops the rewrite needs",
+    Code.ACTIVATION_UNSUPPORTED: "the kernel has no such activation (lowering=portable computes any)",
 }
 
 

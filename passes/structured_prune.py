@@ -167,26 +167,8 @@ class StructuredPass(Pass):
         if gram is not None:
             new_exit = _refit(region, gram, exit_index, opts.damp).astype(new_exit.dtype)
             output_error = _exit_error(region, gram, exit_index, new_exit)
-        region.exit.ref.replace(np.ascontiguousarray(new_exit), resize=True)
-        for s in [*region.entries, *region.others]:
-            if s.shared:  # an exporter merged identical constants: this region gets its own copy
-                clone = add_constant(region.exit_node.graph, f"{s.ref.name}.{region.exit_node.name}", s.ref.numpy())
-                for node, index in s.readers:
-                    node.replace_input_with(index, clone)
-                s.ref = constant_ref(clone)
-            s.ref.replace(np.ascontiguousarray(np.take(s.ref.numpy(), _unit_index(kept, s.unit), axis=s.axis)),
-                          resize=True)
-        for fix in region.shape_fixes:
-            _fix_shape(fix, fix.per_unit * keep)
-        for fix in region.attr_fixes:
-            fix.node.attributes[fix.name] = ir.AttrInt64(fix.name, fix.per_unit * keep)
-        for value in region.internal:
-            value.shape = None  # smaller now; ORT infers it
         reason = f"{self.id}: kept {keep} of {region.units} {self.unit_name} ({opts.method} scores)"
-        touched = {region.exit_node} | {u.node for s in region.tensors() for u in s.ref.value.uses()}
-        touched |= {fix.node for fix in region.shape_fixes} | {fix.node for fix in region.attr_fixes}
-        for node in touched:
-            mark_changed(node, self.id, reason)
+        keep_units(region, kept, new_exit, self.id, reason)
         params_after = sum(int(np.prod(s.ref.shape)) for s in region.tensors())
         record.sites.append(SiteRecord(
             site=region.label, node=region.exit_node.name or "", action="changed", message=reason,
@@ -200,6 +182,31 @@ class StructuredPass(Pass):
         return kept
 
     unit_name = "units"
+
+
+def keep_units(region: sp.Region, kept: np.ndarray, new_exit: np.ndarray, pass_id: str, reason: str) -> None:
+    """Shrink ``region`` to the units ``kept`` (sorted indices): the exit weight becomes
+    ``new_exit`` (already sliced, perhaps refit), every other per-unit tensor is sliced, shape
+    constants and attributes that count units are rewritten, and every touched node is tagged."""
+    region.exit.ref.replace(np.ascontiguousarray(new_exit), resize=True)
+    for s in [*region.entries, *region.others]:
+        if s.shared:  # an exporter merged identical constants: this region gets its own copy
+            clone = add_constant(region.exit_node.graph, f"{s.ref.name}.{region.exit_node.name}", s.ref.numpy())
+            for node, index in s.readers:
+                node.replace_input_with(index, clone)
+            s.ref = constant_ref(clone)
+        s.ref.replace(np.ascontiguousarray(np.take(s.ref.numpy(), _unit_index(kept, s.unit), axis=s.axis)),
+                      resize=True)
+    for fix in region.shape_fixes:
+        _fix_shape(fix, fix.per_unit * len(kept))
+    for fix in region.attr_fixes:
+        fix.node.attributes[fix.name] = ir.AttrInt64(fix.name, fix.per_unit * len(kept))
+    for value in region.internal:
+        value.shape = None  # smaller now; ORT infers it
+    touched = {region.exit_node} | {u.node for s in region.tensors() for u in s.ref.value.uses()}
+    touched |= {fix.node for fix in region.shape_fixes} | {fix.node for fix in region.attr_fixes}
+    for node in touched:
+        mark_changed(node, pass_id, reason)
 
 
 def _features(region: sp.Region, x: np.ndarray) -> np.ndarray:

@@ -83,9 +83,9 @@ class StagedRunner:
         self.runner = runner or cpu_runner()
         self.overrides = dict(overrides or {})
         self.progress = progress or silent()
-        self.order = {node: i for i, node in enumerate(model.graph)}
         graph_inputs = [v for v in model.graph.inputs if not v.is_initializer()]
         self.computed: set[ir.Value] = set(graph_inputs)
+        self.pinned: set[ir.Value] = set()  # kept in the frontier although nothing pending reads them
         self.store: list[dict[ir.Value, np.ndarray]] = [
             {v: np.asarray(feed[v.name]) for v in graph_inputs} for feed in feeds
         ]
@@ -108,7 +108,9 @@ class StagedRunner:
                 raise InputError(f"cannot capture '{value.name}': it is computed inside a subgraph")
             needed.add(producer)
             stack.extend(dependencies(producer))
-        return sorted(needed, key=self.order.__getitem__)
+        # Graph order now: passes add nodes between captures (rewrites, shape fixes).
+        order = {node: i for i, node in enumerate(self.model.graph)}
+        return sorted(needed, key=order.__getitem__)
 
     def _constant(self, value: ir.Value) -> ir.TensorProtocol:
         if value in self.overrides:
@@ -174,9 +176,17 @@ class StagedRunner:
             for v in outputs:
                 values[v] = result[v.name]
             # Keep only the frontier: what later stages still read (and the captured value).
-            for v in [v for v in values if v not in still_needed and v is not target]:
+            for v in [v for v in values if v not in still_needed and v is not target and v not in self.pinned]:
                 del values[v]
             yield values[target]
+
+    def pin(self, value: ir.Value) -> None:
+        """Keep ``value`` in the frontier: a pass is about to add nodes that read it."""
+        self.pinned.add(value)
+
+    def unpin(self, value: ir.Value) -> None:
+        """Let ``value`` go once no pending node reads it (the next capture decides)."""
+        self.pinned.discard(value)
 
     def transform(self, value: ir.Value, fn) -> None:
         """Replace the stored arrays of ``value`` by ``fn(array)`` (after a pass changed what

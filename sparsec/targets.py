@@ -27,9 +27,9 @@ MOE = "moe"
 ATTENTION_WINDOW = "attention-window"
 ATTENTION_BLOCK_SPARSE = "attention-block-sparse"
 KV_WINDOW = "kv-window"
-ATTENTION_MASK = "attention-mask"
+MASKED = "masked"  # computation masked in standard ops (an attention mask, a portable MoE)
 FORMS = (NM_2_4, NM_OTHER, UNSTRUCTURED, BLOCK, STRUCTURED, STORAGE, MOE, ATTENTION_WINDOW,
-         ATTENTION_BLOCK_SPARSE, KV_WINDOW, ATTENTION_MASK)
+         ATTENTION_BLOCK_SPARSE, KV_WINDOW, MASKED)
 
 REGISTRY = Path(__file__).with_name("targets.yaml")
 

@@ -19,7 +19,7 @@ def test_registry_targets_and_unknown_target():
 @pytest.mark.parametrize("form,speedup,depends", [
     ("nm-2:4", False, False), ("unstructured", False, False), ("structured", True, False),
     ("moe", True, False), ("attention-window", False, False), ("attention-block-sparse", False, False),
-    ("kv-window", True, False), ("attention-mask", False, False),
+    ("kv-window", True, False), ("masked", False, False),
 ])
 def test_cpu_gains(form, speedup, depends):
     gain = get_target("cpu").gain(form)
