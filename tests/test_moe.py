@@ -1,10 +1,8 @@
 """FFN -> MoE: every lowering exact with every expert active, the lowerings equal to each other
 with k < E, skip codes, options, records, idempotence; on real exports."""
 
-import math
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 from onnx import helper
 
