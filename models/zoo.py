@@ -86,7 +86,7 @@ def quiet_transformers() -> None:
 
 
 def entries() -> dict[str, ZooModel]:
-    from . import bert, cnn, large, llama  # noqa: F401  (importing registers the entries)
+    from . import bert, cnn, large, llama, moe  # noqa: F401  (importing registers the entries)
 
     quiet_transformers()
     return dict(_ENTRIES)

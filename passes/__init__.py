@@ -12,7 +12,9 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 * :mod:`.structured_patterns` -- FFN, attention and conv-chain region matchers
 * :mod:`.structured_prune` -- ``ffn-neurons``, ``attention-heads``, ``conv-channels``
 * :mod:`.blocks` -- typed FFN and attention blocks
-* :mod:`.moe` -- ``moe``: FFN -> Mixture-of-Experts (:mod:`.moe_experts`: the numbers behind it)
+* :mod:`.moe` -- ``moe``: FFN -> Mixture-of-Experts (:mod:`.moe_experts`: the numbers behind it,
+  :mod:`.moe_lowering`: its three lowerings)
+* :mod:`.moe_fuse` -- ``moe-fuse``: a model's own MoE blocks -> com.microsoft.MoE
 """
 
-from . import block_prune, compress, moe, nm_prune, structured_prune, unstructured_prune  # noqa: F401
+from . import block_prune, compress, moe, moe_fuse, nm_prune, structured_prune, unstructured_prune  # noqa: F401

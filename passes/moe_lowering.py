@@ -184,16 +184,21 @@ def lower_gather(model: ir.Model, site: MoeSite, plan: ExpertPlan, opts: MoEOpti
     outs = []
     for e, (x_e, idx) in enumerate(zip(per_expert, plan.experts)):
         idx = idx[idx >= 0]
-        up = b.one("MatMul", [x_e, b.const(f"e{e}.up", np.ascontiguousarray(_rows(block, block.up)[idx].T))])
-        if block.up_bias is not None:
-            up = b.one("Add", [up, b.const(f"e{e}.up_bias", block.up_bias.numpy().reshape(-1)[idx])])
+        # A gated FFN's gate and up columns side by side: one GEMM twice as wide, then split.
+        projections = [p for p in (block.gate, block.up) if p is not None]
+        biases = [bias for p, bias in ((block.gate, block.gate_bias), (block.up, block.up_bias)) if p is not None]
+        first = b.one("MatMul", [x_e, b.const(f"e{e}.first", np.ascontiguousarray(
+            np.concatenate([_rows(block, p)[idx] for p in projections]).T))])
+        if any(bias is not None for bias in biases):
+            first = b.one("Add", [first, b.const(f"e{e}.first_bias", np.concatenate([
+                (bias.numpy().reshape(-1) if bias is not None else np.zeros(block.hidden, dtype))[idx]
+                for bias in biases]).astype(dtype))])
         if block.gate is not None:
-            gate = b.one("MatMul", [x_e, b.const(f"e{e}.gate", np.ascontiguousarray(_rows(block, block.gate)[idx].T))])
-            if block.gate_bias is not None:
-                gate = b.one("Add", [gate, b.const(f"e{e}.gate_bias", block.gate_bias.numpy().reshape(-1)[idx])])
+            gate, up = b.op("Split", [first, b.const(f"e{e}.halves", np.array([len(idx), len(idx)], np.int64))],
+                            outputs=2, axis=-1)
             hidden = b.one("Mul", [b.activation(block.activation, gate, dtype), up])
         else:
-            hidden = b.activation(block.activation, up, dtype)
+            hidden = b.activation(block.activation, first, dtype)
         outs.append(b.one("MatMul", [hidden, b.const(f"e{e}.down", np.ascontiguousarray(plan.down_weight(block)[idx]))]))
     by_expert = b.one("Concat", outs, axis=0)  # (tokens * k, out) in sorted order
     inverse = b.one("ScatterElements", [b.fill(order, 0, np.int64), order,

@@ -57,6 +57,7 @@ class Code(str, enum.Enum):
     TOO_DENSE = "TOO_DENSE"
     OPSET_TOO_OLD = "OPSET_TOO_OLD"
     ACTIVATION_UNSUPPORTED = "ACTIVATION_UNSUPPORTED"
+    EXPERTS_UNMATCHED = "EXPERTS_UNMATCHED"
 
     def __str__(self) -> str:
         return self.value
@@ -94,6 +95,7 @@ MEANINGS: dict[Code, str] = {
     Code.TOO_DENSE: "too few zeros for compression to pay",
     Code.OPSET_TOO_OLD: "the model's opset lacks the ops the rewrite needs",
     Code.ACTIVATION_UNSUPPORTED: "the kernel has no such activation (lowering=portable computes any)",
+    Code.EXPERTS_UNMATCHED: "a router (Softmax -> TopK) whose experts are not in a form sparsec lowers",
 }
 
 

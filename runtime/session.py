@@ -57,6 +57,7 @@ def create_session(
     threads: int | None = None,
     optimize: bool = True,
     log_severity: int = 4,
+    spin: bool = True,
 ):
     """Create an ``onnxruntime.InferenceSession``.
 
@@ -66,6 +67,9 @@ def create_session(
         threads: intra-op threads; None lets ORT decide (all cores).
         optimize: apply ORT's graph optimizations (ORT_ENABLE_ALL) or none.
         log_severity: ORT log level (4 = fatal only: failures reach the user as one line).
+        spin: let idle intra-op threads spin-wait for work (ORT's default). Timing several
+            sessions side by side needs it off: one session's spinning threads would take the
+            cores of the session being timed.
 
     Raises:
         RuntimeFailure: ORT refused the model (unsupported op, bad graph, missing provider).
@@ -75,6 +79,9 @@ def create_session(
     options.log_severity_level = log_severity
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -171,9 +178,9 @@ class Runner:
     def on_gpu(self) -> bool:
         return any(n in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for n in self.provider_names)
 
-    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None):
+    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None, spin: bool = True):
         return create_session(model, providers=self.providers, threads=threads or self.threads,
-                              optimize=self.optimize)
+                              optimize=self.optimize, spin=spin)
 
     def run(self, session, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
             *, shared: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:

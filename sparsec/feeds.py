@@ -102,12 +102,12 @@ _USES: dict[tuple[str, int], tuple[str, float, float]] = {
     ("Expand", 1): ("ones", 0, 0), ("Tile", 1): ("ones", 0, 0), ("ConstantOfShape", 0): ("ones", 0, 0),
     ("Reshape", 1): ("minus_one", 0, 0),
     ("Range", 0): ("zeros", 0, 0), ("Range", 1): ("randint", 4, 17), ("Range", 2): ("ones", 0, 0),
-    ("Resize", 2): ("ones", 0, 0),
+    ("Resize", 2): ("ones", 0, 0), ("Resize", 3): ("randint", 1, 9), ("Upsample", 1): ("ones", 0, 0),
     ("NonMaxSuppression", 2): ("randint", 1, 4), ("NonMaxSuppression", 3): ("uniform", 0, 1),
     ("NonMaxSuppression", 4): ("uniform", 0, 1),
     ("Dropout", 1): ("uniform", 0, 0.5),
 }
-_FLOAT_FILLS = {"uniform", "ones", "zeros"}
+_FLOAT_FILLS = {"uniform", "ones", "zeros", "randint"}  # randint: whole numbers (OneHot depth)
 
 
 def _usage(value: ir.Value, floating: bool) -> tuple[str, float, float] | None:
@@ -373,8 +373,8 @@ def make_feeds(model: ir.Model, *, inputs: str | os.PathLike | Sequence[Mapping[
     for attempt_seed, default in attempts:
         sets = random_feeds(specs, seed=attempt_seed, dims=dims, samples=samples, default=default)
         try:
-            if check is not None:
-                check(sets[0])
+            for feed in sets if check is not None else ():
+                check(feed)
         except RuntimeFailure as exc:
             error = str(exc)
             continue

@@ -108,6 +108,10 @@ def load_model(path: str | os.PathLike, *, constant_initializers: bool = False) 
         if overridable:
             notes.append(f"{len(overridable)} initializer(s) listed as graph inputs are treated as constants"
                          " (--constant-initializers)")
+    folded = _fold_constant_transposes(model)
+    if folded:
+        notes.append(f"{folded} Transpose(s) of constant weights were folded into the weights (as ONNX Runtime"
+                     " does at session start), so passes can rewrite them")
     loaded = LoadedModel(path=path, model=model, external_files=external, notes=notes,
                          file_bytes=path.stat().st_size)
     if upgraded:
@@ -360,6 +364,33 @@ def _sort_if_needed(model: ir.Model) -> bool:
                     return True
             defined.update(node.outputs)
     return False
+
+
+def _fold_constant_transposes(model: ir.Model) -> int:
+    """Replace ``Transpose(initializer)`` by the transposed initializer (old exporters write
+    Linear layers as MatMul(x, Transpose(W))); return how many were folded. Initializers that
+    callers may override (graph inputs), initializers read elsewhere too (a tied embedding: folding
+    would store it twice) and transposes feeding a graph output stay."""
+    from sparsec.graph import add_constant
+
+    graph = model.graph
+    folded = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx") or not node.inputs:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if (source is None or not source.is_initializer() or source.is_graph_input() or source.const_value is None
+                or out.is_graph_output() or len(source.uses()) != 1):
+            continue
+        perm = node.attributes.get("perm")
+        array = source.const_value.numpy()
+        array = np.ascontiguousarray(np.transpose(array, None if perm is None else list(perm.value)))
+        replacement = add_constant(graph, out.name or f"{source.name}_transposed", array)
+        ir.convenience.replace_all_uses_with(out, replacement)
+        graph.remove(node, safe=True)
+        graph.initializers.pop(source.name)
+        folded += 1
+    return folded
 
 
 def _initializer_bytes(model: ir.Model) -> tuple[int, bool]:

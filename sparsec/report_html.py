@@ -176,6 +176,23 @@ def damage_map(record: dict[str, Any]) -> str | None:
     return svg.heatmap(layers, kinds, grid, title=f"{record['pass']}: {what}")
 
 
+def router_plots(record: dict[str, Any]) -> str | None:
+    """A MoE pass's routers: top-k recall against the oracle per layer, and each expert's load
+    (fraction of token-slots, 1/E when balanced) per layer."""
+    sites = [s for s in record["sites"] if s["action"] == "changed" and "router_recall" in s["details"]]
+    if not sites:
+        return None
+    layers = [s["site"] for s in sites]
+    recall = svg.lines(layers, {"recall": [s["details"]["router_recall"] for s in sites]},
+                       title=f"{record['pass']}: router top-k recall against the oracle (calibration data)",
+                       ylabel="recall")
+    experts = max(len(s["details"]["expert_load"]) for s in sites)
+    grid = [[*s["details"]["expert_load"], *[None] * (experts - len(s["details"]["expert_load"]))] for s in sites]
+    load = svg.heatmap(layers, [f"expert {e}" for e in range(experts)], grid,
+                       title=f"{record['pass']}: expert load (fraction of token-slots; {1 / experts:.3f} is balanced)")
+    return recall + load
+
+
 def sensitivity_plot(sensitivity: dict[str, Any]) -> str:
     layers = [row["layer"] for row in sensitivity["layers"]]
     series = {f"{level:.0%}": [row["drop"][str(level)] for row in sensitivity["layers"]]
@@ -242,6 +259,9 @@ def render_html(report: dict[str, Any], *, sensitivity: dict[str, Any] | None = 
     maps = [m for m in (damage_map(r) for r in report.get("records", [])) if m]
     if maps:
         plots.append(("damage", "Per-site damage", "".join(maps)))
+    routers = [m for m in (router_plots(r) for r in report.get("records", [])) if m]
+    if routers:
+        plots.append(("routers", "Routers", "".join(routers)))
     if sensitivity:
         plots.append(("sensitivity", "Per-layer sensitivity", sensitivity_plot(sensitivity)))
     if pareto:

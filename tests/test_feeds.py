@@ -151,6 +151,19 @@ def test_inputs_are_valid_for_how_the_model_uses_them():
         run_ort(save(proto, pathlib.Path(tmp) / "m.onnx"), feed)  # ONNX Runtime accepts every one
 
 
+def test_float_counts_and_resize_sizes_are_positive_whole_numbers():
+    nodes = [helper.make_node("OneHot", ["i", "depth", "values"], ["o"], axis=1),
+             helper.make_node("Resize", ["x", "", "", "sizes"], ["y"])]
+    proto = make_model(nodes, [("i", TensorProto.INT64, [3]), ("depth", FLOAT, [1]), ("values", FLOAT, [2]),
+                               ("x", FLOAT, [1, 1, 4, 4]), ("sizes", TensorProto.INT64, [4])],
+                       [("o", FLOAT, None), ("y", FLOAT, None)], opset=13)
+    for seed in range(3):
+        (feed,) = random_feeds(input_specs(ir.serde.deserialize_model(proto)), seed=seed)
+        assert float(feed["depth"][0]) >= 2 and float(feed["depth"][0]).is_integer() and (feed["sizes"] >= 1).all()
+        with tempfile.TemporaryDirectory() as tmp:
+            run_ort(save(proto, pathlib.Path(tmp) / "m.onnx"), feed)
+
+
 def test_sequence_optional_and_string_inputs_get_values_of_their_type():
     seq = helper.make_tensor_sequence_value_info("s", TensorProto.FLOAT, [3])
     opt = helper.make_value_info("o", helper.make_optional_type_proto(

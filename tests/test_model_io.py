@@ -224,6 +224,19 @@ def test_initializers_listed_as_inputs_become_constants_on_request(tmp_path):
     assert [v.name for v in loaded.model.graph.inputs] == ["X"] and "--constant-initializers" in loaded.notes[0]
 
 
+def test_transposed_constant_weights_are_folded(tmp_path):
+    w = weights(32, 64)
+    nodes = [helper.make_node("Transpose", ["W"], ["Wt"], perm=[1, 0]), helper.make_node("MatMul", ["X", "Wt"], ["Y"])]
+    proto = make_model(nodes, [("X", FLOAT, [2, 64])], [("Y", FLOAT, [2, 32])], initializers={"W": w})
+    path = save(proto, tmp_path / "t.onnx")
+    loaded = load_model(path)
+    assert [n.op_type for n in loaded.model.graph] == ["MatMul"] and any("Transpose" in n for n in loaded.notes)
+    np.testing.assert_array_equal(loaded.model.graph.node(0).inputs[1].const_value.numpy(), w.T)
+    x = weights(2, 64)
+    np.testing.assert_array_equal(run_ort(save_model(loaded.model, tmp_path / "o.onnx"), {"X": x})[0],
+                                  run_ort(path, {"X": x})[0])
+
+
 def test_sparse_initializer_is_densified_exactly(tmp_path):
     w = weights(64, 32)
     w[np.abs(w) < 1.0] = 0

@@ -2,6 +2,8 @@
 with k < E, skip codes, options, records, idempotence; on real exports."""
 
 
+import re
+
 import numpy as np
 import pytest
 from onnx import helper
@@ -192,3 +194,18 @@ def test_moe_on_real_exports(zoo_path, tmp_path):
     assert minilm.judgement.status == "EXACT" and len(minilm.records[0].changed) == 6  # erf GELU, gathered
     ort_opt = compile(zoo_path("minilm-ort"), passes="moe:experts=8,k=8", output=tmp_path / "d.onnx")
     assert ort_opt.judgement.status == "EXACT" and len(ort_opt.records[0].changed) == 6  # BiasGelu
+
+
+def test_the_html_report_plots_router_recall_and_expert_load(zoo_path, tmp_path):
+    from sparsec.cli import main
+    from tests.test_report import parse
+
+    report = tmp_path / "r.html"
+    assert main(["compile", str(zoo_path("tiny-llama")), "--passes", "moe:experts=4,k=2", "--best-effort",
+                 "-o", str(tmp_path / "m.onnx"), "--report", str(report)]) == 0
+    page = parse(report)
+    assert "routers" in page.ids
+    text = report.read_text()
+    assert "router top-k recall against the oracle" in text and "expert load (fraction of token-slots; 0.250" in text
+    loads = [float(v) for v in re.findall(r"expert \d: ([0-9.]+)</title>", text)]
+    assert len(loads) == 8 and abs(sum(loads) - 2.0) < 0.01  # 2 layers x 4 experts, each layer's loads sum to 1

@@ -102,3 +102,21 @@ def test_compare_speed_interleaves_and_reports_ratios(tmp_path):
     assert r.p10 <= r.median <= r.p90 and r.median > 0
     assert result.stable == all(x.spread <= result.tolerance for x in result.ratios.values())
     assert "rounds" in result.line("b") and result.timings["b"].load_ms > 0
+
+
+def test_timed_sessions_do_not_spin(tmp_path, monkeypatch):
+    """An idle session's spinning threads would take the cores of the one being timed."""
+    from sparsec.runtime import bench
+
+    created = []
+    original = bench.Runner.session
+
+    def spy(self, model, **kwargs):
+        session = original(self, model, **kwargs)
+        created.append(session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        return session
+
+    monkeypatch.setattr(bench.Runner, "session", spy)
+    a = save(linear(k=64, n=64), tmp_path / "a.onnx")
+    compare_speed({"a": a, "b": a}, {"X": weights(4, 64)}, min_repeats=2, max_repeats=2, warmup=1)
+    assert created == ["0", "0"]
