@@ -32,12 +32,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sparsec.graph import constant_ref, node_label
+from sparsec.graph import constant_ref, node_label, remove_dead
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
 from sparsec.targets import MOE
 
-from .moe_lowering import MS, Builder, _redirect
+from .moe_lowering import MS
 from .patterns import Code, MatchFailure, select
+from .rewrite import Builder, redirect
 
 SHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"})
 KERNEL_DTYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
@@ -279,27 +280,7 @@ def _lower(model: ir.Model, block: MoeBlock, pass_id: str, opset: int) -> ir.Nod
     if not block.renormalized:  # the kernel's weights are vals / sum(vals); the block's are vals
         moe = b.one("Mul", [moe, b.one("ReduceSum", [values, b.const("last", np.array([-1], np.int64))], keepdims=1)])
     graph.insert_before(block.output.producer(), b.nodes)
-    _redirect(graph, block.output, moe)
+    redirect(graph, block.output, moe)
     model.opset_imports.setdefault(MS, 1)
-    _remove_dead(graph, block.nodes)
+    remove_dead(graph, block.nodes)
     return anchor
-
-
-def _remove_dead(graph: ir.Graph, candidates: list[ir.Node]) -> None:
-    """Remove the nodes no one reads any more (and what only they read), then their weights."""
-    pending = list(candidates)
-    weights = set()
-    while pending:
-        node = pending.pop()
-        if node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
-            continue
-        inputs = [v for v in node.inputs if v is not None]
-        graph.remove(node, safe=True)
-        for value in inputs:
-            if value.is_initializer():
-                weights.add(value)
-            elif value.producer() is not None and not value.uses():
-                pending.append(value.producer())
-    for value in sorted(weights, key=lambda v: v.name or ""):
-        if not value.uses() and not value.is_graph_input() and graph.initializers.get(value.name) is value:
-            graph.initializers.pop(value.name)

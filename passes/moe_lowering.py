@@ -27,6 +27,7 @@ import onnx_ir as ir
 from sparsec.graph import add_constant, fresh_name, mark_changed
 
 from .blocks import GELU, GELU_TANH, QUICK_GELU, RELU, SILU, FfnBlock
+from .rewrite import Builder, redirect
 from .structured_prune import keep_units
 
 if TYPE_CHECKING:
@@ -39,56 +40,6 @@ KERNEL_ACTIVATIONS = {RELU: "relu", GELU_TANH: "gelu", GELU: "gelu", SILU: "silu
 EMITTED_ACTIVATIONS = (RELU, GELU, GELU_TANH, SILU, QUICK_GELU)
 
 
-class Builder:
-    """New nodes with deterministic names ``<prefix>.<op>.<n>``, collected in order, tagged."""
-
-    def __init__(self, graph: ir.Graph, prefix: str, pass_id: str, reason: str, opset: int) -> None:
-        self.graph, self.prefix, self.pass_id, self.reason, self.opset = graph, prefix, pass_id, reason, opset
-        self.nodes: list[ir.Node] = []
-
-    def const(self, name: str, array) -> ir.Value:
-        return add_constant(self.graph, f"{self.prefix}.{name}", np.asarray(array))
-
-    def op(self, op_type: str, inputs, *, outputs: int = 1, domain: str = "", **attributes) -> list[ir.Value]:
-        node = ir.node(op_type, inputs, attributes=attributes, domain=domain, num_outputs=outputs,
-                       name=fresh_name(self.graph, f"{self.prefix}.{op_type}.{len(self.nodes)}"))
-        for i, out in enumerate(node.outputs):
-            out.name = fresh_name(self.graph, f"{node.name}.out{i}")
-        mark_changed(node, self.pass_id, self.reason)
-        self.nodes.append(node)
-        return list(node.outputs)
-
-    def one(self, op_type: str, inputs, **attributes) -> ir.Value:
-        return self.op(op_type, inputs, **attributes)[0]
-
-    def fill(self, like: ir.Value, value: float, dtype) -> ir.Value:
-        """A tensor of ``like``'s shape filled with ``value``."""
-        return self.one("ConstantOfShape", [self.one("Shape", [like])],
-                        value=ir.tensor(np.array([value], dtype=dtype)))
-
-    def activation(self, kind: str, x: ir.Value, dtype) -> ir.Value:
-        """``kind`` applied to ``x`` with standard ops, as exactly as the model computes it."""
-        if kind == RELU:
-            return self.one("Relu", [x])
-        if kind in (GELU, GELU_TANH):
-            if self.opset >= 20:
-                return self.one("Gelu", [x], approximate="tanh" if kind == GELU_TANH else "none")
-            half = self.const("half", np.array(0.5, dtype))
-            one = self.const("one", np.array(1.0, dtype))
-            if kind == GELU:
-                inner = self.one("Erf", [self.one("Mul", [x, self.const("rsqrt2", np.array(2 ** -0.5, dtype))])])
-            else:
-                cube = self.one("Mul", [self.one("Mul", [x, x]), x])
-                poly = self.one("Add", [x, self.one("Mul", [cube, self.const("c", np.array(0.044715, dtype))])])
-                inner = self.one("Tanh", [self.one("Mul", [poly, self.const("k", np.array((2 / np.pi) ** 0.5, dtype))])])
-            return self.one("Mul", [self.one("Mul", [x, half]), self.one("Add", [inner, one])])
-        if kind == SILU:
-            return self.one("Mul", [x, self.one("Sigmoid", [x])])
-        if kind == QUICK_GELU:
-            return self.one("Mul", [x, self.one("Sigmoid", [self.one("Mul", [x, self.const("alpha", np.array(1.702, dtype))])])])
-        raise ValueError(f"no standard-op form of activation '{kind}'")
-
-
 def _router(b: Builder, x: ir.Value, plan: ExpertPlan, opts: MoEOptions, dtype) -> tuple[ir.Value, ir.Value]:
     """Router logits of ``x`` (..., E) and TopK's chosen expert indices (..., k)."""
     logits = b.one("MatMul", [x, b.const("router", plan.router_weight.astype(dtype))])
@@ -96,19 +47,6 @@ def _router(b: Builder, x: ir.Value, plan: ExpertPlan, opts: MoEOptions, dtype) 
         logits = b.one("Add", [logits, b.const("router_bias", plan.router_bias.astype(dtype))])
     _, chosen = b.op("TopK", [logits, b.const("k", np.array([opts.k], np.int64))], outputs=2, axis=-1)
     return logits, chosen
-
-
-def _redirect(graph: ir.Graph, old: ir.Value, new: ir.Value, keep: ir.Node | None = None) -> None:
-    """Every reader of ``old`` (but ``keep``) and the graph outputs read ``new`` instead; a graph
-    output keeps its name (``new`` takes it; ``old`` gets a fresh one)."""
-    for use in list(old.uses()):
-        if use.node is not keep:
-            use.node.replace_input_with(use.idx, new)
-    if old in graph.outputs:
-        name = old.name
-        old.name = fresh_name(graph, f"{name}.before_moe")
-        graph.outputs[graph.outputs.index(old)] = new
-        new.name = name
 
 
 def _flatten(b: Builder, block: FfnBlock) -> ir.Value:
@@ -139,9 +77,9 @@ def _attach(model: ir.Model, site: MoeSite, plan: ExpertPlan, b: Builder, routed
         total.outputs[0].name = fresh_name(graph, f"{block.node.name}.moe.sum.out")
         mark_changed(total, pass_id, b.reason)
         graph.insert_after(block.down.node, [total])
-        _redirect(graph, output, total.outputs[0], keep=total)
+        redirect(graph, output, total.outputs[0], keep=total)
         return
-    _redirect(graph, output, routed)
+    redirect(graph, output, routed)
     dead = [*(e.node for e in block.entries), *block.nodes, block.down.node]
     weights = {v for n in dead for v in n.inputs if v is not None and v.is_initializer()}
     graph.remove(dead, safe=True)
@@ -294,5 +232,5 @@ def lower_masked(model: ir.Model, site: MoeSite, plan: ExpertPlan, opts: MoEOpti
         biased.outputs[0].name = fresh_name(graph, f"{block.node.name}.moe.bias.out")
         mark_changed(biased, pass_id, b.reason)
         graph.insert_after(block.down.node, [biased])
-        _redirect(graph, output, biased.outputs[0], keep=biased)
+        redirect(graph, output, biased.outputs[0], keep=biased)
     return block.down.node

@@ -243,3 +243,23 @@ def unpack_constant(node: ir.Node) -> ir.Tensor:
     if codec not in _CODECS:
         raise ValueError(f"node '{node.name}': unknown packed-constant codec '{codec}'")
     return _CODECS[codec](node, data)
+
+
+def remove_dead(graph: ir.Graph, candidates: list[ir.Node]) -> None:
+    """Remove the nodes no one reads any more (and what only they read), then their weights."""
+    pending = list(candidates)
+    weights = set()
+    while pending:
+        node = pending.pop()
+        if node.graph is not graph or any(o.uses() or o.is_graph_output() for o in node.outputs):
+            continue
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        for value in inputs:
+            if value.is_initializer():
+                weights.add(value)
+            elif value.producer() is not None and not value.uses():
+                pending.append(value.producer())
+    for value in sorted(weights, key=lambda v: v.name or ""):
+        if not value.uses() and not value.is_graph_input() and graph.initializers.get(value.name) is value:
+            graph.initializers.pop(value.name)
