@@ -15,6 +15,9 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 * :mod:`.moe` -- ``moe``: FFN -> Mixture-of-Experts (:mod:`.moe_experts`: the numbers behind it,
   :mod:`.moe_lowering`: its three lowerings)
 * :mod:`.moe_fuse` -- ``moe-fuse``: a model's own MoE blocks -> com.microsoft.MoE
+* :mod:`.attention` -- ``attention``: sparse attention patterns (:mod:`.attention_patterns`) and
+  fusion into GroupQueryAttention
+* :mod:`.rewrite` -- building rewrites: named, tagged nodes; rewiring
 """
 
-from . import block_prune, compress, moe, moe_fuse, nm_prune, structured_prune, unstructured_prune  # noqa: F401
+from . import attention, block_prune, compress, moe, moe_fuse, nm_prune, structured_prune, unstructured_prune  # noqa: F401

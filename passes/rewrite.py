@@ -67,12 +67,16 @@ class Builder:
 
 def redirect(graph: ir.Graph, old: ir.Value, new: ir.Value, keep: ir.Node | None = None) -> None:
     """Every reader of ``old`` (but ``keep``) and the graph outputs read ``new`` instead; a graph
-    output keeps its name (``new`` takes it; ``old`` gets a fresh one)."""
+    output keeps its name, type and shape (``new`` takes them; ``old`` gets a fresh name)."""
     for use in list(old.uses()):
         if use.node is not keep:
             use.node.replace_input_with(use.idx, new)
     if old in graph.outputs:
         name = old.name
-        old.name = fresh_name(graph, f"{name}.before_moe")
+        old.name = fresh_name(graph, f"{name}.replaced")
         graph.outputs[graph.outputs.index(old)] = new
         new.name = name
+        if new.type is None:
+            new.type = old.type
+        if new.shape is None:
+            new.shape = old.shape

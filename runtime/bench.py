@@ -79,18 +79,24 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
     return statistics.median(values), q[0], q[-1]
 
 
-def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """One timed call per session. On a GPU provider the inputs live on the device (copied once)
-    and the outputs stay there: IOBinding, so host-device copies are not timed."""
+def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray],
+           feeds: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, Any]:
+    """One timed call per session (on ``feeds[label]`` where given, else ``feed``). On a GPU
+    provider the inputs live on the device (copied once) and the outputs stay there: IOBinding,
+    so host-device copies are not timed."""
     if not runner.on_gpu:
-        return {label: (lambda s=session: runner.run(s, feed)) for label, session in sessions.items()}
+        return {label: (lambda s=session, f=feeds.get(label, feed): runner.run(s, f))
+                for label, session in sessions.items()}
     import onnxruntime as ort
 
-    values = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in feed.items()}
+    def device(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in inputs.items()}
+
+    shared = device(feed)
     calls = {}
     for label, session in sessions.items():
         binding = session.io_binding()
-        for name, value in values.items():
+        for name, value in (device(feeds[label]) if label in feeds else shared).items():
             binding.bind_ortvalue_input(name, value)
         for output in session.get_outputs():
             binding.bind_output(output.name, "cuda", 0)
@@ -106,8 +112,9 @@ def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.nd
 def compare_speed(models: Mapping[str, str | os.PathLike], feed: Mapping[str, np.ndarray], *,
                   baseline: str | None = None, runner: Runner | None = None, threads: int | None = None,
                   warmup: int = 3, min_repeats: int = 15, max_repeats: int = 60, tolerance: float = 0.2,
-                  batch: int = 5) -> SpeedComparison:
+                  batch: int = 5, feeds: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> SpeedComparison:
     """Time ``models`` interleaved on ``feed``; ratios against ``baseline`` (default: the first).
+    ``feeds`` gives some models inputs of their own (a bounded KV cache takes a shorter past).
 
     Rounds are added ``batch`` at a time after ``min_repeats`` until every ratio's p10-p90 spread
     is at most ``tolerance`` times its median, or ``max_repeats`` rounds were run.
@@ -120,7 +127,7 @@ def compare_speed(models: Mapping[str, str | os.PathLike], feed: Mapping[str, np
         start = time.perf_counter()
         sessions[label] = runner.session(path, threads=threads, spin=False)
         load[label] = (time.perf_counter() - start) * 1e3
-    calls = _calls(runner, sessions, feed)
+    calls = _calls(runner, sessions, feed, feeds or {})
     for _ in range(warmup):
         for call in calls.values():
             call()

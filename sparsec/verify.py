@@ -292,9 +292,37 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
     missing = [n for n in ref_names if n not in cand_names]
     if missing:
         raise InputError(f"the candidate has no output '{missing[0]}' (reference outputs: {', '.join(ref_names)})")
+    capacity = cand_sess.get_modelmeta().custom_metadata_map.get(KV_CAPACITY_KEY)
     progress = progress or silent()
     for feed in progress.track(feeds, "running reference and candidate", total=total):
-        yield feed, runner.run(ref_sess, feed), runner.run(cand_sess, feed, ref_names)
+        ref = runner.run(ref_sess, feed)
+        cand = runner.run(cand_sess, feed, ref_names)
+        yield feed, *bounded_cache_view(ref, cand, capacity)
+
+
+KV_CAPACITY_KEY = "sparsec.kv_cache_capacity"  # metadata of a model whose KV cache is bounded
+
+
+def bounded_cache_view(ref: dict[str, Any], cand: dict[str, Any],
+                       capacity: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(reference, candidate) outputs as a bounded-cache candidate must match them: its KV
+    outputs (B, heads, positions, D) hold the reference's last positions -- or all of them while
+    the buffer is not full, the rest of the buffer being undefined and left out. Other outputs as
+    they are."""
+    if capacity is None:
+        return ref, cand
+    from sparsec.feeds import is_kv_cache_name
+
+    ref, cand = dict(ref), dict(cand)
+    for name, r in list(ref.items()):
+        c = cand.get(name)
+        if not (is_kv_cache_name(name) or "present" in name.lower()) or not isinstance(r, np.ndarray) \
+                or not isinstance(c, np.ndarray) or r.ndim != 4 or c.ndim != 4 \
+                or r.shape[:2] + r.shape[3:] != c.shape[:2] + c.shape[3:]:
+            continue
+        held = min(r.shape[2], c.shape[2])
+        ref[name], cand[name] = r[:, :, r.shape[2] - held:], c[:, :, :held] if r.shape[2] < c.shape[2] else c
+    return ref, cand
 
 
 def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
@@ -317,7 +345,9 @@ def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapp
 
     ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
     cand = staged_outputs(candidate, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
-    return compare(zip(feeds, ref, cand), inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
+    capacity = candidate.metadata_props.get(KV_CAPACITY_KEY)
+    pairs = ((feed, *bounded_cache_view(r, c, capacity)) for feed, r, c in zip(feeds, ref, cand))
+    return compare(pairs, inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
                    exact=exact, metrics=metrics)
 
 
