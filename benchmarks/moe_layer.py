@@ -77,15 +77,26 @@ def main() -> None:
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sizes", nargs="+", metavar="ACT:H:I:E:K", help="FFNs to time instead of the default ones")
+    parser.add_argument("--tokens", nargs="+", type=int, default=TOKENS)
     args = parser.parse_args()
+    sizes = [(a, int(h), int(i), int(e), int(k)) for a, h, i, e, k in (s.split(":") for s in args.sizes)] \
+        if args.sizes else SIZES
     dtype = np.dtype(args.dtype)
     provider = "CUDAExecutionProvider" if args.provider == "cuda" else "CPUExecutionProvider"
+    if args.provider == "cuda":
+        import onnxruntime as ort
+
+        ort.preload_dlls()  # the CUDA libraries PyTorch brought (../shared/gpu/README.md)
     runner = Runner.for_providers([provider])
+    # On the GPU in fp32, the same models also run on the CPU: how far the providers' outputs
+    # are apart, per model (dense MatMul may use TF32 on the GPU; the MoE kernel does not).
+    cpu = Runner.for_providers(["CPUExecutionProvider"]) if args.provider == "cuda" and dtype == np.float32 else None
     lowerings = ["gather", "contrib", "masked"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        for kind, hidden, inter, experts, k in SIZES:
+        for kind, hidden, inter, experts, k in sizes:
             import onnx
 
             src = tmp / f"{kind}{hidden}.onnx"
@@ -94,13 +105,19 @@ def main() -> None:
             for lowering in lowerings:
                 paths[lowering] = tmp / f"{kind}{hidden}-{k}-{lowering}.onnx"
                 rewrite(src, paths[lowering], experts, k, lowering, dtype)
-            for tokens in TOKENS:
+            for tokens in args.tokens:
                 feed = {"X": np.random.default_rng(2).standard_normal((tokens, hidden)).astype(dtype)}
                 reference = runner.run(runner.session(paths["masked"]), feed)["Y"]
                 agree = max(float(np.abs(runner.run(runner.session(paths[name]), feed)["Y"] - reference).max())
                             for name in ("gather", "contrib"))
+                apart = {}
+                if cpu is not None:
+                    for name in ("dense", "contrib"):
+                        here = runner.run(runner.session(paths[name]), feed)["Y"].astype(np.float64)
+                        there = cpu.run(cpu.session(paths[name]), feed)["Y"].astype(np.float64)
+                        apart[name] = float(np.abs(here - there).max() / np.abs(there).max())
                 speed = compare_speed(paths, feed, runner=runner, threads=args.threads, min_repeats=10)
-                rows.append((kind, hidden, inter, experts, k, tokens, speed, agree))
+                rows.append((kind, hidden, inter, experts, k, tokens, speed, agree, apart))
                 line = ", ".join(f"{n} {speed.ratios[n].median:.2f}x" for n in lowerings)
                 print(f"{kind} H{hidden} I{inter} E{experts} k{k} T{tokens}: dense"
                       f" {speed.timings['dense'].median_ms:.3f} ms; {line}", flush=True)
@@ -113,14 +130,21 @@ def main() -> None:
              " router and experts from random calibration inputs, no shared neurons, no refit. `agree`: the largest"
              " difference of the gather and contrib outputs from the masked lowering's (same routing).",
              f"Command: `python benchmarks/moe_layer.py{' --provider cuda' if args.provider == 'cuda' else ''}"
-             f"{' --dtype float16' if dtype == np.float16 else ''}`", "",
-             "| FFN | H | I | E | k | ideal E/k | tokens | dense ms | gather | contrib | masked | agree |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for kind, hidden, inter, experts, k, tokens, speed, agree in rows:
+             f"{' --dtype float16' if dtype == np.float16 else ''}"
+             f"{' --sizes ' + ' '.join(args.sizes) if args.sizes else ''}"
+             f"{' --tokens ' + ' '.join(map(str, args.tokens)) if args.tokens != TOKENS else ''}`", "",
+             "| FFN | H | I | E | k | ideal E/k | tokens | dense ms | gather | contrib | masked | agree |"
+             + (" GPU vs CPU dense | GPU vs CPU contrib |" if cpu else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if cpu else "")]
+    if cpu:
+        lines[2] += (" `GPU vs CPU`: the largest difference between the same model's outputs on the two providers,"
+                     " relative to the largest output.")
+    for kind, hidden, inter, experts, k, tokens, speed, agree, apart in rows:
         cells = " | ".join(f"{speed.ratios[n].median:.2f}x ({speed.ratios[n].p10:.2f}-{speed.ratios[n].p90:.2f})"
                            for n in lowerings)
         lines.append(f"| {kind} | {hidden} | {inter} | {experts} | {k} | {ideal(experts, k):g} | {tokens} |"
-                     f" {speed.timings['dense'].median_ms:.3f} | {cells} | {agree:.1e} |")
+                     f" {speed.timings['dense'].median_ms:.3f} | {cells} | {agree:.1e} |"
+                     + "".join(f" {apart[n]:.1e} |" for n in ("dense", "contrib") if n in apart))
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 
