@@ -469,12 +469,6 @@ def _lower_gqa(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: Att
             return MatchFailure(Code.UNKNOWN_LAYOUT, "cache=window needs a model with KV-cache inputs and an"
                                 " attention_mask (it carries the absolute length once the cache is bounded)",
                                 block.node)
-        # The bounded cache is a buffer of at least W positions (zeros where nothing is cached
-        # yet): a shorter past -- a prompt's empty one -- is padded at the end.
-        held = b.one("Slice", [b.one("Shape", [past_key]), b.const("c2", i64(2)), b.const("c3", i64(3))])
-        short = b.one("Max", [b.one("Sub", [b.const("cap", i64(pattern.window)), held]), b.const("c0", i64(0))])
-        pads = b.one("Concat", [b.const("pads0", i64(0, 0, 0, 0, 0, 0)), short, b.const("pads1", i64(0))], axis=0)
-        past_key, past_value = (b.one("Pad", [v, pads]) for v in (past_key, past_value))
     inputs = [query, key, value, past_key, past_value, b.one("Cast", [seqlens], to=ir.DataType.INT32),
               b.one("Cast", [total], to=ir.DataType.INT32)]
     attrs = {"num_heads": block.heads, "kv_num_heads": block.kv_heads, "scale": float(site.scale)}

@@ -89,6 +89,8 @@ def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.nd
                 for label, session in sessions.items()}
     import onnxruntime as ort
 
+    from sparsec.verify import KV_CAPACITY_KEY
+
     def device(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in inputs.items()}
 
@@ -96,10 +98,17 @@ def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.nd
     calls = {}
     for label, session in sessions.items():
         binding = session.io_binding()
-        for name, value in (device(feeds[label]) if label in feeds else shared).items():
+        inputs = device(feeds[label]) if label in feeds else shared
+        for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
+        bounded = KV_CAPACITY_KEY in session.get_modelmeta().custom_metadata_map
         for output in session.get_outputs():
-            binding.bind_output(output.name, "cuda", 0)
+            past = output.name.replace("present", "past_key_values", 1)
+            if bounded and output.name.startswith("present") and past in inputs:
+                # a bounded KV cache on the GPU: past and present are one buffer
+                binding.bind_ortvalue_output(output.name, inputs[past])
+            else:
+                binding.bind_output(output.name, "cuda", 0)
 
         def call(s=session, b=binding) -> None:
             s.run_with_iobinding(b)

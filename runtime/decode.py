@@ -9,8 +9,10 @@ an optional ``position_ids``) and on what the ``attention`` pass makes of them:
 * with a bounded cache (``cache=window``; the model's metadata ``sparsec.kv_cache_capacity`` is
   the window W), ``present`` is a buffer of max(W, past) positions holding the most recent keys,
   fed back as the next ``past`` unchanged, so memory stays at W positions whatever the context.
-  The first step may pass an empty past (the model pads it to W). ``attention_mask`` still
-  covers every token (it carries the absolute position; a (1, T) int64 costs 8 bytes a token).
+  The first step passes W positions of zeros. ``attention_mask`` still covers every token (it
+  carries the absolute position; a (1, T) int64 costs 8 bytes a token). On the CUDA provider the
+  kernel wants past and present in one buffer: bind both to the same OrtValue with IOBinding
+  (``sparsec.runtime.bench`` does).
 
     from sparsec.runtime.decode import Decoder
     decoder = Decoder("smollm2-window.onnx")
@@ -58,7 +60,7 @@ class Decoder:
 
     def reset(self) -> None:
         """Forget the sequence: an empty cache."""
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), self.dtype)
+        empty = np.zeros((1, self.kv_heads, self.capacity or 0, self.head_dim), self.dtype)
         self.past = {n: empty for n in self.past_names}
         self.length = 0  # tokens seen so far
 

@@ -296,11 +296,28 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
     progress = progress or silent()
     for feed in progress.track(feeds, "running reference and candidate", total=total):
         ref = runner.run(ref_sess, feed)
-        cand = runner.run(cand_sess, feed, ref_names)
+        cand = runner.run(cand_sess, bounded_cache_feed(feed, capacity), ref_names)
         yield feed, *bounded_cache_view(ref, cand, capacity)
 
 
 KV_CAPACITY_KEY = "sparsec.kv_cache_capacity"  # metadata of a model whose KV cache is bounded
+
+
+def bounded_cache_feed(feed: Mapping[str, Any], capacity: str | None) -> Mapping[str, Any]:
+    """The input a bounded-cache candidate takes for ``feed``: each KV-cache input (B, heads,
+    positions, D) shorter than the buffer padded with zeros to its capacity (the buffer is not
+    full yet: the cached positions first)."""
+    if capacity is None:
+        return feed
+    from sparsec.feeds import is_kv_cache_name
+
+    out = dict(feed)
+    for name, value in feed.items():
+        if is_kv_cache_name(name) and isinstance(value, np.ndarray) and value.ndim == 4 \
+                and value.shape[2] < int(capacity):
+            pad = np.zeros(value.shape[:2] + (int(capacity) - value.shape[2],) + value.shape[3:], value.dtype)
+            out[name] = np.concatenate([value, pad], axis=2)
+    return out
 
 
 def bounded_cache_view(ref: dict[str, Any], cand: dict[str, Any],
@@ -344,8 +361,9 @@ def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapp
     from sparsec.runtime.staged import staged_outputs
 
     ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
-    cand = staged_outputs(candidate, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
     capacity = candidate.metadata_props.get(KV_CAPACITY_KEY)
+    cand = staged_outputs(candidate, [bounded_cache_feed(f, capacity) for f in feeds], budget_bytes=budget_bytes,
+                          runner=runner, progress=progress)
     pairs = ((feed, *bounded_cache_view(r, c, capacity)) for feed, r, c in zip(feeds, ref, cand))
     return compare(pairs, inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
                    exact=exact, metrics=metrics)
