@@ -226,3 +226,16 @@ def test_a_static_sequence_shorter_than_a_block_is_refused(tmp_path, capsys):
     spec = "attention:block=16,local_blocks=1"
     assert main(["compile", str(src), "--passes", spec, "-o", str(tmp_path / "o.onnx")]) == 2
     assert "shorter than one block of 16" in capsys.readouterr().err
+
+
+def test_verify_compares_a_bounded_cache_with_the_originals_last_positions(kv_models, tmp_path, capsys):
+    """A window longer than the verify inputs (16 cached + 16 new) is exact; the bounded model's
+    present (a 40-position buffer) is compared with the original's 32 positions, its past padded."""
+    src, _ = kv_models
+    out = tmp_path / "bounded.onnx"
+    assert main(["compile", str(src), "--passes", "attention:window=40,cache=window", "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(src), str(out), "--dim", "past_sequence=16"]) == 0
+    assert "present.0.key" in capsys.readouterr().out
+    # past 48 > window 40: the buffer holds the last 40 of 64 positions; logits differ (lossy)
+    assert main(["verify", str(src), str(out), "--dim", "past_sequence=48"]) == 1
