@@ -163,6 +163,8 @@ def main() -> None:
         for what, feed in feeds.items():
             speeds[what] = compare_speed({"dense": dense, **paths}, feed, min_repeats=10, max_repeats=40)
             print(what, {k: round(v.median, 2) for k, v in speeds[what].ratios.items()}, flush=True)
+        raw = {"rows": rows, "fidelity": fidelity, "speeds": {k: v.to_dict() for k, v in speeds.items()}}
+        (RESULTS / f"moe_quality_{args.model}.json").write_text(json.dumps(raw, indent=1, default=str))
     write(args.model, rows, fidelity, speeds, label)
 
 
@@ -191,7 +193,8 @@ def write(model: str, rows: list[dict], fidelity: dict, speeds: dict, label) -> 
                      + " 1.00x |" * len(speed_cols) + f" {1000 / decode:.1f} |")
     for r in rows:
         name = label(r)
-        cells = [r["spec"], r["calibration"], f"{r['active']:.0%}", f"{r['shared']:.0%}", f"{r['recall']:.3f}",
+        calib = r["calibration"] or {}
+        cells = [r["spec"], f"{r['calib']} ({calib.get('tokens', '?')} tokens)", f"{r['active']:.0%}", f"{r['shared']:.0%}", f"{r['recall']:.3f}",
                  "/".join(r["lowering"])]
         if model == "minilm":
             cells += [f"{fidelity[name][0]:.4f}", f"{fidelity[name][1]:.4f}"]
