@@ -239,3 +239,18 @@ def test_verify_compares_a_bounded_cache_with_the_originals_last_positions(kv_mo
     assert "present.0.key" in capsys.readouterr().out
     # past 48 > window 40: the buffer holds the last 40 of 64 positions; logits differ (lossy)
     assert main(["verify", str(src), str(out), "--dim", "past_sequence=48"]) == 1
+
+
+def test_hf_eager_attention_export_fuses_exactly(tmp_path):
+    """transformers' eager attention (softmax upcast, explicit causal mask) rather than SDPA."""
+    from sparsec.models.llama import _tiny_llama_model, export_decoder_with_cache
+
+    model = _tiny_llama_model()
+    model.config._attn_implementation = "eager"
+    export_decoder_with_cache(model, tmp_path, "eager")
+    src = tmp_path / "model.onnx"
+    record, out, fused = rewrite(src, "attention", tmp_path / "fused.onnx")
+    assert len(record.changed) == 2 and "Softmax" not in [n.op_type for n in fused.graph]
+    ids = np.random.default_rng(0).integers(0, 500, 9)
+    want, _ = decode(src, ids, steps=4)
+    np.testing.assert_allclose(decode(out, ids, steps=4)[0], want, rtol=1e-4, atol=1e-5)
