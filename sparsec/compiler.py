@@ -335,10 +335,11 @@ def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluati
             with progress.task(f"verifying in stages on {name} inputs"):
                 verdicts[name] = verify_staged(load_model(loaded.runnable).model, load_model(staged.path).model, sets,
                                                inputs=note, exact=plan.exact, metrics=metrics, runner=runner,
-                                               progress=progress)
+                                               progress=progress, floor=plan.tolerance_floor)
         else:
             verdicts[name] = verify_models(loaded.runnable, staged.path, sets, inputs=note, exact=plan.exact,
-                                           metrics=metrics, runner=runner, progress=progress)
+                                           metrics=metrics, runner=runner, progress=progress,
+                                           floor=plan.tolerance_floor)
     return verdicts
 
 
@@ -418,7 +419,8 @@ def _pass_verifier(loaded: LoadedModel, feeds: Feeds, runner: Runner, progress: 
         with tempfile.TemporaryDirectory(prefix="sparsec-verify-") as tmp:
             with stage_model(model, Path(tmp) / "model.onnx", external_data=True) as staged:
                 verdict = verify_models(loaded.runnable, staged.path, feeds.sets, inputs=feeds.note,
-                                        exact=p.kind.value == "exact", runner=runner, progress=progress)
+                                        exact=p.kind.value == "exact", runner=runner, progress=progress,
+                                        floor=p.reorder_tolerance)
         record.fidelity = verdict.to_dict()
         if p.kind.value == "exact" and not verdict.passed:
             raise VerificationError(f"pass '{p.id}' is exact but changed the outputs: {verdict.lines()[0]}")

@@ -291,6 +291,10 @@ class Pass(abc.ABC):
     kinds: ClassVar[tuple[Kind, ...]]  # what the pass can be; ``kind`` says what it is as configured
     matches: ClassVar[str]
     Options: ClassVar[type[PassOptions]] = PassOptions
+    # (atol, rtol) that float outputs are at least compared with after this pass, when its exact
+    # rewrite computes the same sums in another order (a fused kernel): over a deep model the
+    # drift exceeds the per-dtype defaults. None: the defaults.
+    reorder_tolerance: ClassVar[tuple[float, float] | None] = None
 
     @property
     def kind(self) -> Kind:

@@ -66,6 +66,13 @@ class Plan:
         return any(step.calibrated for step in self.steps)
 
     @property
+    def tolerance_floor(self) -> tuple[float, float] | None:
+        """The largest ``reorder_tolerance`` of the plan's passes (float outputs are compared at
+        least this loosely), or None."""
+        floors = [p.reorder_tolerance for p in self._passes if p.reorder_tolerance is not None]
+        return (max(f[0] for f in floors), max(f[1] for f in floors)) if floors else None
+
+    @property
     def predicts_speedup(self) -> bool:
         return any(step.gain.speedup for step in self.steps)
 
@@ -149,6 +156,11 @@ def make_plan(target: Target, passes: list[Pass] | str | None = None, *, task: s
         plan.calibration = calibration or "none available"
     if steps and not plan.exact:
         plan.budget = budget if budget is not None and not budget.empty else DEFAULT_BUDGETS[task]
+    if plan.tolerance_floor is not None:
+        names = ", ".join(p.id for p in chosen if p.reorder_tolerance is not None)
+        notes.append(f"{names}: exact up to the order of floating-point sums (a fused kernel); float outputs"
+                     f" are compared at atol {plan.tolerance_floor[0]:g}, rtol {plan.tolerance_floor[1]:g} or"
+                     " the dtype's defaults, whichever is looser")
     if steps and not plan.predicts_speedup:
         notes.append(f"sparsec predicts no speedup on '{target.name}' for this plan: no execution"
                      " provider there has a kernel for these layouts (smaller storage needs"

@@ -41,9 +41,14 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
 _SAMPLE_LIMIT = 200_000  # abs differences kept per output for the median / p99
 
 
-def tolerances_for(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
-    """Explicit tolerances win; otherwise the per-dtype defaults; exact for integers."""
+def tolerances_for(dtype: np.dtype, atol: float | None, rtol: float | None,
+                   floor: tuple[float, float] | None = None) -> tuple[float, float]:
+    """Explicit tolerances win; otherwise the per-dtype defaults, raised to ``floor`` for
+    floating outputs when a rewrite sums in another order (see ``Pass.reorder_tolerance``);
+    exact for integers."""
     default = DEFAULT_TOLERANCES.get(np.dtype(dtype).name, (0.0, 0.0))
+    if floor is not None and np.issubdtype(np.dtype(dtype), np.floating):
+        default = (max(default[0], floor[0]), max(default[1], floor[1]))
     return (default[0] if atol is None else atol, default[1] if rtol is None else rtol)
 
 
@@ -104,9 +109,10 @@ def _flatten(value: Any, name: str) -> list[tuple[str, Any]]:
 
 
 class _Accumulator:
-    def __init__(self, name: str, atol: float | None, rtol: float | None, seed: int) -> None:
+    def __init__(self, name: str, atol: float | None, rtol: float | None, seed: int,
+                 floor: tuple[float, float] | None = None) -> None:
         self.stats = OutputStats(name, "")
-        self.atol, self.rtol = atol, rtol
+        self.atol, self.rtol, self.floor = atol, rtol, floor
         self.sum_abs = 0.0
         self.sq_diff = 0.0
         self.sq_ref = 0.0
@@ -137,7 +143,7 @@ class _Accumulator:
         s = self.stats
         if not s.dtype:
             s.dtype = ref.dtype.name
-            s.atol, s.rtol = tolerances_for(ref.dtype, self.atol, self.rtol)
+            s.atol, s.rtol = tolerances_for(ref.dtype, self.atol, self.rtol, self.floor)
         if ref.shape != cand.shape:
             s.error = f"{label}: shape {list(cand.shape)} != reference {list(ref.shape)}"
             return
@@ -257,6 +263,7 @@ def compare(
     exact: bool = True,
     metrics: Sequence[Metric] = (),
     seed: int = 0,
+    floor: tuple[float, float] | None = None,
 ) -> Verdict:
     """Accumulate (feed, reference outputs, candidate outputs) triples into a verdict."""
     accs: dict[str, _Accumulator] = {}
@@ -265,7 +272,7 @@ def compare(
         count += 1
         for name, r in ref.items():
             if name not in accs:
-                accs[name] = _Accumulator(name, atol, rtol, seed)
+                accs[name] = _Accumulator(name, atol, rtol, seed, floor)
             if name not in cand:
                 accs[name].stats.error = "missing from the candidate's outputs"
                 continue
@@ -301,6 +308,19 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
 
 
 KV_CAPACITY_KEY = "sparsec.kv_cache_capacity"  # metadata of a model whose KV cache is bounded
+TOLERANCE_FLOOR_KEY = "sparsec.tolerance_floor"  # metadata: "atol,rtol" its exact rewrites need at least
+
+
+def recorded_floor(model: str | os.PathLike) -> tuple[float, float] | None:
+    """The tolerance floor a compiled model records, if any."""
+    import onnx
+
+    try:
+        props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+        atol, rtol = (float(v) for v in props[TOLERANCE_FLOOR_KEY].split(","))
+    except Exception:  # no record, or not readable here (the sessions will say why)
+        return None
+    return atol, rtol
 
 
 def bounded_cache_feed(feed: Mapping[str, Any], capacity: str | None) -> Mapping[str, Any]:
@@ -346,17 +366,21 @@ def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
                   feeds: Sequence[Mapping[str, np.ndarray]], *, atol: float | None = None,
                   rtol: float | None = None, inputs: str = "", exact: bool = True,
                   metrics: Sequence[Metric] = (), runner: Runner | None = None,
-                  progress: Progress | None = None) -> Verdict:
-    """Run both models on ``feeds`` and compare every output of the reference."""
+                  progress: Progress | None = None, floor: tuple[float, float] | None = None) -> Verdict:
+    """Run both models on ``feeds`` and compare every output of the reference. ``floor``
+    defaults to what the candidate's metadata records (``sparsec.tolerance_floor``: a fused
+    kernel that sums in another order)."""
+    if floor is None and not isinstance(candidate, bytes):
+        floor = recorded_floor(candidate)
     return compare(run_pair(reference, candidate, feeds, runner=runner, progress=progress,
                             total=len(feeds)),
-                   atol=atol, rtol=rtol, inputs=inputs, exact=exact, metrics=metrics)
+                   atol=atol, rtol=rtol, inputs=inputs, exact=exact, metrics=metrics, floor=floor)
 
 
 def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *,
                   budget_bytes: int = 256 << 20, inputs: str = "", exact: bool = True,
                   metrics: Sequence[Metric] = (), runner: Runner | None = None,
-                  progress: Progress | None = None) -> Verdict:
+                  progress: Progress | None = None, floor: tuple[float, float] | None = None) -> Verdict:
     """:func:`verify_models` for models too large to hold twice in memory: both run in stages."""
     from sparsec.runtime.staged import staged_outputs
 
@@ -366,7 +390,7 @@ def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapp
                           runner=runner, progress=progress)
     pairs = ((feed, *bounded_cache_view(r, c, capacity)) for feed, r, c in zip(feeds, ref, cand))
     return compare(pairs, inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
-                   exact=exact, metrics=metrics)
+                   exact=exact, metrics=metrics, floor=floor)
 
 
 # --- the judge -------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from sparsec.passes.attention_patterns import Pattern, emit_bias
 from sparsec.passes.rewrite import Builder
 from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
 from sparsec.runtime.decode import Decoder
+from sparsec.verify import recorded_floor
 from tests.helpers import make_model, run_ort, save
 
 PATTERNS = [Pattern(window=3), Pattern(window=2, sinks=2), Pattern(stride=3), Pattern(window=2, stride=4),
@@ -76,6 +77,7 @@ def test_decoder_attention_fuses_into_gqa_exactly(zoo_path, tmp_path):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
         assert np.abs(want).max() > 0.1
     assert main(["verify", str(src), str(out)]) == 0
+    assert recorded_floor(out) == (5e-3, 1e-3)  # sparsec verify compares at least this loosely
 
 
 def decode(path, ids, steps=16):
