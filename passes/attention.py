@@ -58,6 +58,7 @@ from .rewrite import Builder, redirect
 
 MIN_OPSET = 13
 PROBE_QUERIES, PROBE_PAST = 5, 3
+MAX_POSITIONS_KEY = "sparsec.max_positions"  # metadata: the rotary tables' length (positions 0..N-1)
 FUSED_OPS = {(MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "Attention"),
              ("", "Attention")}
 
@@ -321,6 +322,8 @@ class AttentionPass(Pass):
                          "cache": opts.cache, "notes": site.notes}))
         if any(s.lowering == "gqa" for s in changed):
             model.metadata_props[TOLERANCE_FLOOR_KEY] = ",".join(f"{t:g}" for t in self.reorder_tolerance)
+            if any(s.rotary is not None for s in changed):
+                model.metadata_props[MAX_POSITIONS_KEY] = str(opts.max_positions)
         if changed and opts.cache == "window":
             model.metadata_props[KV_CAPACITY_KEY] = str(opts.window)
         remove_dead(model.graph, [n for s in changed if s.block is not None

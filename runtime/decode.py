@@ -41,6 +41,7 @@ class Decoder:
         self.session = session or self.runner.session(model)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.capacity = int(meta[KV_CAPACITY_KEY]) if KV_CAPACITY_KEY in meta else None
+        self.max_positions = int(meta["sparsec.max_positions"]) if "sparsec.max_positions" in meta else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         if "input_ids" not in inputs or not self.past_names:
@@ -71,6 +72,9 @@ class Decoder:
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         new = ids.shape[1]
+        if self.max_positions is not None and self.length + new > self.max_positions:
+            raise InputError(f"the sequence would reach {self.length + new} tokens; this model's rotary tables end at"
+                             f" {self.max_positions} (compile with attention:max_positions=N for longer contexts)")
         feed = {"input_ids": ids.astype(np.int64), **self.past}
         if self.has_mask:
             feed["attention_mask"] = np.ones((1, self.length + new), np.int64)

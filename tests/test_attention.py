@@ -256,3 +256,15 @@ def test_hf_eager_attention_export_fuses_exactly(tmp_path):
     ids = np.random.default_rng(0).integers(0, 500, 9)
     want, _ = decode(src, ids, steps=4)
     np.testing.assert_allclose(decode(out, ids, steps=4)[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_past_the_rotary_tables_is_one_clear_error(kv_models, tmp_path):
+    from sparsec.errors import InputError
+
+    src, _ = kv_models
+    _, out, _ = rewrite(src, "attention:max_positions=16", tmp_path / "short.onnx")
+    decoder = Decoder(out)
+    decoder.prompt(np.arange(15))
+    decoder.step(3)  # position 15, the last row
+    with pytest.raises(InputError, match="rotary tables end at 16"):
+        decoder.step(4)
