@@ -38,6 +38,7 @@ from sparsec.errors import OptionError
 from sparsec.feeds import input_specs, is_kv_cache_name, random_feeds
 from sparsec.graph import mark_changed, node_label, remove_dead
 from sparsec.pipeline import (
+    REORDER_TOLERANCE,
     Kind,
     Pass,
     PassContext,
@@ -48,7 +49,7 @@ from sparsec.pipeline import (
     register,
 )
 from sparsec.targets import ATTENTION_BLOCK_SPARSE, ATTENTION_WINDOW, KV_WINDOW, MASKED
-from sparsec.verify import KV_CAPACITY_KEY, TOLERANCE_FLOOR_KEY
+from sparsec.verify import KV_CAPACITY_KEY
 
 from .attention_patterns import Pattern, emit_bias, lengths_of, load_layout
 from .blocks import MS_DOMAIN, AttentionBlock, match_attention_block
@@ -137,7 +138,7 @@ class AttentionPass(Pass):
     Options = AttentionOptions
     # GroupQueryAttention sums in another order than the decomposed graph: SmolLM2-135M's logits
     # (30 layers, fp32) move by up to 1.1e-3 on random inputs, 2.6e-4 on real text.
-    reorder_tolerance = (5e-3, 1e-3)
+    reorder_tolerance = REORDER_TOLERANCE
 
     @property
     def kind(self) -> Kind:
@@ -320,10 +321,8 @@ class AttentionPass(Pass):
                 weight="", params=0, sparsity_before=0.0, sparsity_after=0.0,
                 details={"lowering": site.lowering, "causal": site.causal, "pattern": pattern.describe(),
                          "cache": opts.cache, "notes": site.notes}))
-        if any(s.lowering == "gqa" for s in changed):
-            model.metadata_props[TOLERANCE_FLOOR_KEY] = ",".join(f"{t:g}" for t in self.reorder_tolerance)
-            if any(s.rotary is not None for s in changed):
-                model.metadata_props[MAX_POSITIONS_KEY] = str(opts.max_positions)
+        if any(s.lowering == "gqa" and s.rotary is not None for s in changed):
+            model.metadata_props[MAX_POSITIONS_KEY] = str(opts.max_positions)
         if changed and opts.cache == "window":
             model.metadata_props[KV_CAPACITY_KEY] = str(opts.window)
         remove_dead(model.graph, [n for s in changed if s.block is not None

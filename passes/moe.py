@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsec.errors import OptionError
-from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
+from sparsec.pipeline import REORDER_TOLERANCE, Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
 from sparsec.targets import MASKED, MOE
 
 from sparsec.feeds import is_kv_cache_name
@@ -111,6 +111,9 @@ class FfnToMoePass(Pass):
     kinds = (Kind.LOSSY, Kind.EXACT)
     matches = "an FFN (GELU/ReLU/SiLU, SwiGLU ...) whose hidden values are read nowhere else"
     Options = MoEOptions
+    # The experts' outputs are summed in another order (k = E is exact up to it: SmolLM2-135M's
+    # logits move by up to 2.2e-3 on random inputs, 9e-4 on real text).
+    reorder_tolerance = REORDER_TOLERANCE
 
     @property
     def kind(self) -> Kind:

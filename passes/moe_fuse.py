@@ -33,7 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsec.graph import constant_ref, node_label, remove_dead
-from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
+from sparsec.pipeline import REORDER_TOLERANCE, Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option, register
 from sparsec.targets import MOE
 
 from .moe_lowering import MS
@@ -225,6 +225,8 @@ class MoeFusePass(Pass):
     kinds = (Kind.EXACT,)
     matches = "Softmax -> TopK routing whose chosen indices gather stacked SwiGLU expert weights (Mixtral, Qwen-MoE, OLMoE)"
     Options = MoeFuseOptions
+    # com.microsoft.MoE sums the experts' outputs in its own order.
+    reorder_tolerance = REORDER_TOLERANCE
 
     def sparse_form(self) -> str:
         return MOE
