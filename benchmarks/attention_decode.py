@@ -7,13 +7,13 @@ Models, each made by ``sparsec.compile`` from ``smollm2-kv``:
   cache into a new one);
 * ``fused`` -- ``attention`` (GroupQueryAttention, exact; full cache);
 * ``window W bounded`` -- ``attention:window=W,cache=window``: a KV buffer of W positions;
-* ``window W + 4 sinks`` -- ``attention:window=W,sinks=4`` (perplexity only: GroupQueryAttention's
-  bounded cache cannot pin the first tokens, so sinks need the full cache, and a full cache
-  decodes no faster than ``fused``).
+* ``window W + 4 sinks`` -- ``attention:window=W,sinks=4`` (GroupQueryAttention's bounded cache
+  cannot pin the first tokens, so sinks need the full cache; the pattern goes in as an attention
+  bias). Perplexity for every W; the decode of W = 1024 timed too.
 
 Decode: one token after C cached ones, C = 1k, 2k, 4k, 8k (random cache contents: speed does not
 depend on them; the bounded models get W of them), every model timed interleaved; tokens/s is
-1000 / median ms. KV memory: the past the step reads. Perplexity: 2 windows of 8,192 tokens of
+1000 / median ms. KV memory: the past the step reads. Perplexity: 8,192 tokens (``--ppl-windows``) of
 the ``docstrings`` text (the standard library's docstrings, read by no builder, test or
 calibration), each one prompt; a windowed prompt computes what bounded-cache decoding computes
 (tests/test_attention.py checks that they agree token by token).
@@ -27,7 +27,7 @@ import argparse
 import os
 import platform
 import sys
-import tempfile
+import json
 import time
 from pathlib import Path
 
@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 LAYERS, KV_HEADS, HEAD_DIM = 30, 3, 64
 WINDOWS = (256, 512, 1024)
-CONTEXTS = (1024, 2048, 4096, 8192)
+CONTEXTS = (1024, 2048, 4096, 8191)  # a step after 8191 cached tokens is at position 8192, the last
 SINKS = 4
+TIMED_SINKS = (f"window 1024 + {SINKS} sinks",)  # also timed: full cache, GQA with an attention bias
 
 
 def specs(windows) -> dict[str, str]:
@@ -109,34 +110,46 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, nargs="+", default=list(WINDOWS))
     parser.add_argument("--contexts", type=int, nargs="+", default=list(CONTEXTS))
-    parser.add_argument("--ppl-windows", type=int, default=2, help="8k-token windows of text for perplexity")
+    parser.add_argument("--ppl-windows", type=int, default=1, help="8k-token windows of text for perplexity")
     parser.add_argument("--ppl-length", type=int, default=8192)
+    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sparsec" / "bench" / "attention_decode",
+                        help="compiled models and finished phases are kept here; a rerun resumes")
     args = parser.parse_args()
     original = zoo("smollm2-kv")
-    with tempfile.TemporaryDirectory() as tmp:
-        paths, builds = {"original": original}, {}
-        for label, spec in specs(args.windows).items():
-            out = Path(tmp) / label.replace(" ", "_").replace("+", "") / "model.onnx"
-            out.parent.mkdir()
-            builds[label] = build(spec, out)
-            paths[label] = out
-            print(label, builds[label], flush=True)
-        ppl = perplexities(paths, long_windows(args.ppl_windows, args.ppl_length))
-        timed = {k: v for k, v in paths.items() if "sinks" not in k}
-        speeds = {}
-        for cached in args.contexts:
-            feeds = {label: decode_feed(cached, int(label.split()[1])) for label in timed if "bounded" in label}
-            speeds[cached] = compare_speed(timed, decode_feed(cached, cached), feeds=feeds, min_repeats=10,
-                                           max_repeats=30)
-            print(cached, {k: round(v.median, 2) for k, v in speeds[cached].ratios.items()}, flush=True)
-    write(args, builds, ppl, speeds)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    state_file = args.workdir / "state.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"builds": {}, "ppl": {}}
+    save = lambda: state_file.write_text(json.dumps(state, indent=1))  # noqa: E731
+    paths = {"original": original}
+    for label, spec in specs(args.windows).items():
+        out = args.workdir / label.replace(" ", "_").replace("+", "") / "model.onnx"
+        needed = label in TIMED_SINKS or "sinks" not in label or label not in state["ppl"]
+        if needed and (label not in state["builds"] or not out.exists()):
+            out.parent.mkdir(exist_ok=True)
+            state["builds"][label] = build(spec, out)
+            save()
+        paths[label] = out
+        print(label, state["builds"][label], flush=True)
+    missing = {k: v for k, v in paths.items() if k not in state["ppl"]}
+    if missing:
+        state["ppl"].update(perplexities(missing, long_windows(args.ppl_windows, args.ppl_length)))
+        save()
+    timed = {k: v for k, v in paths.items() if "sinks" not in k or k in TIMED_SINKS}
+    speeds = {}
+    for cached in args.contexts:
+        # a decode step after `cached` tokens reaches position cached + 1 (the rotary tables end at 8192)
+        feeds = {label: decode_feed(cached, int(label.split()[1])) for label in timed if "bounded" in label}
+        speeds[cached] = compare_speed(timed, decode_feed(cached, cached), feeds=feeds, min_repeats=10,
+                                       max_repeats=30)
+        print(cached, {k: round(v.median, 2) for k, v in speeds[cached].ratios.items()}, flush=True)
+    write(args, state["builds"], state["ppl"], speeds, state.get("from"))
 
 
 def kv_mib(positions: int) -> float:
     return 2 * LAYERS * KV_HEADS * HEAD_DIM * 4 * positions / 2 ** 20
 
 
-def write(args, builds: dict, ppl: dict, speeds: dict) -> None:
+def write(args, builds: dict, ppl: dict, speeds: dict, ppl_from: str | None = None) -> None:
     import onnxruntime
 
     first = next(iter(speeds.values()))
@@ -146,8 +159,9 @@ def write(args, builds: dict, ppl: dict, speeds: dict) -> None:
              f" {args.ppl_length} tokens of the `docstrings` text (read by no builder, test or calibration), each one"
              " prompt. Decode: one token after C cached; speedups are original time / model time, median over"
              " rounds timed interleaved (p10-p90); tokens/s = 1000 / median ms.",
-             "Command: `python benchmarks/attention_decode.py`", "", "## Perplexity at 8k context", "",
-             "| model | spec | verdict at compile | perplexity | x original |", "|---|---|---|---|---|",
+             *([f"Perplexities and compile verdicts: {ppl_from}; decode timed in this run."] if ppl_from else []),
+             "Command: `" + " ".join(["python benchmarks/attention_decode.py", *sys.argv[1:]]) + "`", "", "## Perplexity at 8k context", "",
+             "| model | spec | verdict at compile (512-token prompts) | perplexity | x original |", "|---|---|---|---|---|",
              f"| original | - | - | {ppl['original']:.3f} | 1.000 |"]
     for label, b in builds.items():
         lines.append(f"| {label} | `{b['spec']}` | {b['verdict']} | {ppl[label]:.3f} | {ppl[label] / ppl['original']:.3f} |")
