@@ -287,8 +287,21 @@ def compare(
 
 def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
              feeds: Iterable[Mapping[str, np.ndarray]], *, runner: Runner | None = None,
-             progress: Progress | None = None, total: int | None = None):
-    """Yield (feed, reference outputs, candidate outputs) per input set, both run in ORT."""
+             progress: Progress | None = None, total: int | None = None, sessions=None):
+    """Yield (feed, reference outputs, candidate outputs) per input set, both run in ORT
+    (``sessions``: what :func:`open_pair` gave, else opened here)."""
+    runner, ref_sess, cand_sess, ref_names = sessions or open_pair(reference, candidate, runner)
+    capacity = cand_sess.get_modelmeta().custom_metadata_map.get(KV_CAPACITY_KEY)
+    progress = progress or silent()
+    for feed in progress.track(feeds, "running reference and candidate", total=total):
+        ref = runner.run(ref_sess, feed)
+        cand = runner.run(cand_sess, bounded_cache_feed(feed, capacity), ref_names)
+        yield feed, *bounded_cache_view(ref, cand, capacity)
+
+
+def open_pair(reference: str | os.PathLike, candidate: str | os.PathLike, runner: Runner | None = None):
+    """(runner, reference session, candidate session, the reference's output names); the
+    candidate must have every output of the reference."""
     from sparsec.runtime.session import cpu_runner
 
     runner = runner or cpu_runner()
@@ -299,26 +312,18 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
     missing = [n for n in ref_names if n not in cand_names]
     if missing:
         raise InputError(f"the candidate has no output '{missing[0]}' (reference outputs: {', '.join(ref_names)})")
-    capacity = cand_sess.get_modelmeta().custom_metadata_map.get(KV_CAPACITY_KEY)
-    progress = progress or silent()
-    for feed in progress.track(feeds, "running reference and candidate", total=total):
-        ref = runner.run(ref_sess, feed)
-        cand = runner.run(cand_sess, bounded_cache_feed(feed, capacity), ref_names)
-        yield feed, *bounded_cache_view(ref, cand, capacity)
+    return runner, ref_sess, cand_sess, ref_names
 
 
 KV_CAPACITY_KEY = "sparsec.kv_cache_capacity"  # metadata of a model whose KV cache is bounded
 TOLERANCE_FLOOR_KEY = "sparsec.tolerance_floor"  # metadata: "atol,rtol" its exact rewrites need at least
 
 
-def recorded_floor(model: str | os.PathLike) -> tuple[float, float] | None:
-    """The tolerance floor a compiled model records, if any."""
-    import onnx
-
+def recorded_floor(metadata: Mapping[str, str]) -> tuple[float, float] | None:
+    """The tolerance floor a compiled model records in its metadata, if any."""
     try:
-        props = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-        atol, rtol = (float(v) for v in props[TOLERANCE_FLOOR_KEY].split(","))
-    except Exception:  # no record, or not readable here (the sessions will say why)
+        atol, rtol = (float(v) for v in metadata[TOLERANCE_FLOOR_KEY].split(","))
+    except (KeyError, ValueError):
         return None
     return atol, rtol
 
@@ -370,10 +375,10 @@ def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
     """Run both models on ``feeds`` and compare every output of the reference. ``floor``
     defaults to what the candidate's metadata records (``sparsec.tolerance_floor``: a fused
     kernel that sums in another order)."""
-    if floor is None and not isinstance(candidate, bytes):
-        floor = recorded_floor(candidate)
-    return compare(run_pair(reference, candidate, feeds, runner=runner, progress=progress,
-                            total=len(feeds)),
+    sessions = open_pair(reference, candidate, runner)
+    if floor is None:
+        floor = recorded_floor(sessions[2].get_modelmeta().custom_metadata_map)
+    return compare(run_pair(reference, candidate, feeds, progress=progress, total=len(feeds), sessions=sessions),
                    atol=atol, rtol=rtol, inputs=inputs, exact=exact, metrics=metrics, floor=floor)
 
 
@@ -386,6 +391,7 @@ def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapp
 
     ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
     capacity = candidate.metadata_props.get(KV_CAPACITY_KEY)
+    floor = floor or recorded_floor(candidate.metadata_props)
     cand = staged_outputs(candidate, [bounded_cache_feed(f, capacity) for f in feeds], budget_bytes=budget_bytes,
                           runner=runner, progress=progress)
     pairs = ((feed, *bounded_cache_view(r, c, capacity)) for feed, r, c in zip(feeds, ref, cand))

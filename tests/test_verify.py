@@ -110,3 +110,22 @@ def test_task_budgets_need_their_metric():
     assert judge({"real": v}, Budget(max_ppl_ratio=1.5), exact=False).status == WITHIN
     judgement = judge({"real": v}, Budget(min_embedding_cosine=0.9), exact=False)
     assert judgement.status == FAILED and "was not measured" in judgement.failure
+
+
+def test_verify_applies_the_tolerance_floor_a_model_records(tmp_path):
+    """A compiled model whose exact rewrite sums in another order records a floor; without the
+    record the same differences fail at the fp32 defaults."""
+    import onnx
+
+    from sparsec.verify import TOLERANCE_FLOOR_KEY
+
+    ref = save(linear(), tmp_path / "ref.onnx")
+    moved = linear()
+    w = onnx.numpy_helper.to_array(moved.graph.initializer[0]) + np.float32(1e-4)  # outputs move ~1e-3
+    moved.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "W"))
+    plain = save(moved, tmp_path / "plain.onnx")
+    onnx.helper.set_model_props(moved, {TOLERANCE_FLOOR_KEY: "5e-3,1e-3"})
+    floored = save(moved, tmp_path / "floored.onnx")
+    feeds = [{"X": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}]
+    assert not verify_models(ref, plain, feeds).passed
+    assert verify_models(ref, floored, feeds).passed
