@@ -531,8 +531,13 @@ def _lower_fused(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: A
     b = Builder(graph, f"{node.name}.sparse", pass_id, f"attention: {pattern.describe()} (bias)", opset)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
     query = node.inputs[0]
-    new = b.one("Squeeze", [b.one("Slice", [b.one("Shape", [query]), b.const("o", i64(1)), b.const("t", i64(2))]),
-                            b.const("a", i64(0))])
+
+    def length(value: ir.Value, axis: int, tag: str):  # one dimension of ``value`` as an int64 scalar
+        return b.one("Squeeze", [b.one("Slice", [b.one("Shape", [value]), b.const(f"{tag}0", i64(axis)),
+                                                 b.const(f"{tag}1", i64(axis + 1 if axis != -1 else 2 ** 62))]),
+                                 b.const(f"{tag}ax", i64(0))])
+
+    new = length(query, -2, "q")  # (B, S, hidden) and (B, N, S, H) alike
     if node.op_type == "GroupQueryAttention":
         total = b.one("Cast", [node.inputs[6]], to=ir.DataType.INT64)
         slot = 10
@@ -542,11 +547,17 @@ def _lower_fused(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: A
         slot, past_index, axis = {("", "Attention"): (3, 4, 2), (MS_DOMAIN, "MultiHeadAttention"): (5, 6, 2),
                                   (MS_DOMAIN, "Attention"): (5, 4, 3)}[
             ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)]
-        past = node.inputs[past_index] if len(node.inputs) > past_index else None
-        past_len = b.one("Squeeze", [b.one("Slice", [b.one("Shape", [past]), b.const("p", i64(axis)),
-                                                     b.const("p1", i64(axis + 1))]), b.const("a2", i64(0))]) \
-            if past is not None else b.const("none", np.array(0, np.int64))
-        total = b.one("Add", [new, past_len])
+        current = node.inputs[slot] if len(node.inputs) > slot else None
+        if current is not None:
+            total = length(current, -1, "m")  # a mask spans every key (padded ones included)
+        else:
+            past = node.inputs[past_index] if len(node.inputs) > past_index else None
+            key = node.inputs[1] if node.op_type != "Attention" or node.domain in ("", "ai.onnx") else None
+            rank = len(key.shape) if key is not None and key.shape is not None else None
+            # the keys' own length (cross-attention may differ from the queries'): (B, L, D) and
+            # packed (B, L, N, 2, H) on axis 1, (B, N, L, H) on axis 2; else self-attention
+            keys = length(key, 1 if rank in (3, 5) else 2, "k") if rank in (3, 4, 5) else new
+            total = b.one("Add", [keys, length(past, axis, "p")]) if past is not None else keys
     bias = emit_bias(b, new, total, pattern, site.causal, dtype)
     current = node.inputs[slot] if len(node.inputs) > slot else None
     if current is not None and current.dtype == ir.DataType.BOOL:

@@ -26,7 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
+import onnx_ir as ir
 
 from sparsec.errors import OptionError
 
@@ -229,8 +231,13 @@ def emit_bias(b, s, t, pattern: Pattern, causal: bool, dtype) -> object:
                 b.one("Expand", [b.one("Min", [kb, top]), b.one("Shape", [diff])])], axis=1)  # (S, T)
             inside = b.one("And", [less_than(b, qb, len(table)), less_than(b, kb, len(table))])
             ok = either(ok, b.one("And", [picked, inside]))
-    low = np.finfo(dtype).min
-    return b.one("Where", [ok, b.const("allowed", np.array(0, dtype)), b.const("masked", np.array(low, dtype))])
+    if np.dtype(dtype) in (np.float16, np.float32, np.float64):
+        low = np.finfo(dtype).min
+        return b.one("Where", [ok, b.const("allowed", np.array(0, dtype)), b.const("masked", np.array(low, dtype))])
+    # bfloat16 and the like: ONNX Runtime's CPU Where has no kernel for them; build in float32
+    low = np.float32(ml_dtypes.finfo(dtype).min)
+    bias = b.one("Where", [ok, b.const("allowed", np.array(0, np.float32)), b.const("masked", np.array(low))])
+    return b.one("Cast", [bias], to=ir.DataType.from_numpy(np.dtype(dtype)))
 
 
 def less_than(b, x, n: int):
