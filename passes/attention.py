@@ -49,7 +49,7 @@ from sparsec.pipeline import (
     register,
 )
 from sparsec.targets import ATTENTION_BLOCK_SPARSE, ATTENTION_WINDOW, KV_WINDOW, MASKED
-from sparsec.verify import KV_CAPACITY_KEY
+from sparsec.verify import KV_CAPACITY_KEY, MAX_POSITIONS_KEY
 
 from .attention_patterns import Pattern, emit_bias, lengths_of, load_layout
 from .blocks import MS_DOMAIN, AttentionBlock, match_attention_block
@@ -59,7 +59,6 @@ from .rewrite import Builder, redirect
 
 MIN_OPSET = 13
 PROBE_QUERIES, PROBE_PAST = 5, 3
-MAX_POSITIONS_KEY = "sparsec.max_positions"  # metadata: the rotary tables' length (positions 0..N-1)
 FUSED_OPS = {(MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "Attention"),
              ("", "Attention")}
 

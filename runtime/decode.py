@@ -28,7 +28,7 @@ import os
 import numpy as np
 
 from sparsec.errors import InputError
-from sparsec.verify import KV_CAPACITY_KEY
+from sparsec.verify import KV_CAPACITY_KEY, MAX_POSITIONS_KEY
 
 
 class Decoder:
@@ -41,7 +41,7 @@ class Decoder:
         self.session = session or self.runner.session(model)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.capacity = int(meta[KV_CAPACITY_KEY]) if KV_CAPACITY_KEY in meta else None
-        self.max_positions = int(meta["sparsec.max_positions"]) if "sparsec.max_positions" in meta else None
+        self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         if "input_ids" not in inputs or not self.past_names:

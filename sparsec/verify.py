@@ -317,6 +317,7 @@ def open_pair(reference: str | os.PathLike, candidate: str | os.PathLike, runner
 
 KV_CAPACITY_KEY = "sparsec.kv_cache_capacity"  # metadata of a model whose KV cache is bounded
 TOLERANCE_FLOOR_KEY = "sparsec.tolerance_floor"  # metadata: "atol,rtol" its exact rewrites need at least
+MAX_POSITIONS_KEY = "sparsec.max_positions"  # metadata: the fused rotary tables' length (positions 0..N-1)
 
 
 def recorded_floor(metadata: Mapping[str, str]) -> tuple[float, float] | None:
