@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from sparsec.errors import OptionError
 from sparsec.feeds import input_specs, is_kv_cache_name, random_feeds
-from sparsec.graph import mark_changed, node_label, remove_dead
+from sparsec.graph import fresh_name, mark_changed, node_label, remove_dead
 from sparsec.pipeline import (
     REORDER_TOLERANCE,
     Kind,
@@ -49,7 +49,8 @@ from sparsec.pipeline import (
     register,
 )
 from sparsec.targets import ATTENTION_BLOCK_SPARSE, ATTENTION_WINDOW, KV_WINDOW, MASKED
-from sparsec.verify import KV_CAPACITY_KEY, MAX_POSITIONS_KEY
+from sparsec.runtime.kvcache import KV_CAPACITY_KEY, KV_HEAD_PADDING_KEY, KV_SHARED_KEY, present_of
+from sparsec.verify import MAX_POSITIONS_KEY
 
 from .attention_patterns import Pattern, emit_bias, lengths_of, load_layout
 from .blocks import MS_DOMAIN, AttentionBlock, match_attention_block
@@ -58,6 +59,7 @@ from .patterns import Code, MatchFailure, select
 from .rewrite import Builder, redirect
 
 MIN_OPSET = 13
+SPARSE_HEAD = 128  # SparseAttention's CUDA kernel takes this head size only: smaller heads are zero-padded
 PROBE_QUERIES, PROBE_PAST = 5, 3
 FUSED_OPS = {(MS_DOMAIN, "GroupQueryAttention"), (MS_DOMAIN, "MultiHeadAttention"), (MS_DOMAIN, "Attention"),
              ("", "Attention")}
@@ -79,9 +81,11 @@ class AttentionOptions(PassOptions):
     cache: str = option("full", "window: decode keeps only the last `window` keys (GroupQueryAttention's"
                         " sliding_window_cache), so KV memory and time per token stop growing; full: every key",
                         choices=("full", "window"))
-    lowering: str = option("auto", "gqa: fused com.microsoft.GroupQueryAttention (decoders); mask: an additive"
-                           " bias on the scores (any model, no speed); auto: gqa where it applies, else mask",
-                           choices=("auto", "gqa", "mask"))
+    lowering: str = option("auto", "gqa: fused com.microsoft.GroupQueryAttention (decoders); sparse:"
+                           " com.microsoft.SparseAttention, which skips the blocks a block layout leaves out"
+                           " (decoders; fast on CUDA only; the KV cache becomes one shared buffer); mask: an"
+                           " additive bias on the scores (any model, no speed); auto: gqa where it applies, else"
+                           " mask", choices=("auto", "gqa", "sparse", "mask"))
     max_positions: int = option(8192, "gqa: rows of the rotary tables, the longest context the fused model runs",
                                 min=16, max=1 << 20)
     seed: int = option(0, "random_blocks: seed of the random layout", min=0)
@@ -98,8 +102,12 @@ class AttentionOptions(PassOptions):
         if self.cache == "window" and (self.window < 0 or self.sinks or self.stride or self.block):
             raise OptionError("attention: cache=window keeps the last `window` keys only: give window=W and no"
                               " sinks, stride or blocks (they would need keys the cache dropped)")
-        if self.cache == "window" and self.lowering == "mask":
-            raise OptionError("attention: cache=window needs lowering=gqa (the mask lowering keeps every key)")
+        if self.cache == "window" and self.lowering in ("mask", "sparse"):
+            raise OptionError(f"attention: cache=window needs lowering=gqa (lowering={self.lowering} keeps every"
+                              " key)")
+        if self.lowering == "sparse" and not self.pattern().block_aligned:
+            raise OptionError("attention: lowering=sparse takes a block layout only (block=16..128 with"
+                              " local_blocks, global_blocks, random_blocks or layout; no window, sinks or stride)")
 
     def pattern(self) -> Pattern:
         layout = load_layout(self.layout) if self.layout else None
@@ -118,6 +126,7 @@ class AttentionSite:
     block: AttentionBlock | None = None
     rotary: tuple[np.ndarray, np.ndarray] | None = None  # (cos, sin) tables (max_positions, D/2)
     scale: float | None = None
+    layer: int = 0  # sparse lowering: the index of its KV buffers (past_key_values.{layer}.*)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -242,15 +251,16 @@ class AttentionPass(Pass):
                 continue
             causal = kind == "causal"
             site = AttentionSite(block.node, block.label, "mask", causal, block)
-            if opts.lowering in ("auto", "gqa"):
+            if opts.lowering in ("auto", "gqa", "sparse"):
                 fused = self._gqa_site(model, site, opts)
                 if isinstance(fused, MatchFailure):
-                    if opts.lowering == "gqa":
+                    if opts.lowering != "auto":
                         record.skip(fused, node=block.node)
                         continue
                     site.notes.append(f"mask lowering: {fused.message}")
             sites.append(site)
-        self._tables(model, [s for s in sites if s.lowering == "gqa" and s.block.rotary is not None], opts, ctx)
+        self._tables(model, [s for s in sites if s.lowering in ("gqa", "sparse") and s.block.rotary is not None],
+                     opts, ctx)
         return sites
 
     def _gqa_site(self, model: ir.Model, site: AttentionSite, opts: AttentionOptions) -> AttentionSite | MatchFailure:
@@ -272,7 +282,17 @@ class AttentionPass(Pass):
             return scale
         if block.rotary is not None and not _rotate_half(block):
             return MatchFailure(Code.UNKNOWN_LAYOUT, "rotary embedding is not the rotate-half form", block.node)
-        site.scale, site.lowering = scale, "gqa"
+        if opts.lowering == "sparse":
+            if block.head_dim > SPARSE_HEAD or block.head_dim % 16:
+                return MatchFailure(Code.UNKNOWN_LAYOUT, f"head size {block.head_dim}: SparseAttention takes heads of"
+                                    f" a multiple of 16 up to {SPARSE_HEAD}", block.node)
+            if block.past_key is not None and not block.past_key.is_graph_input():
+                return MatchFailure(Code.UNKNOWN_LAYOUT, "the KV cache is not one graph input per layer (a stacked"
+                                    " cache cannot become SparseAttention's shared buffers)", block.node)
+            if block.past_key is not None and _mask_input(model) is None:
+                return MatchFailure(Code.UNKNOWN_LAYOUT, "a KV cache without an attention_mask (the shared buffer's"
+                                    " length no longer tells the positions)", block.node)
+        site.scale, site.lowering = scale, "gqa" if opts.lowering != "sparse" else "sparse"
         return site
 
     def _tables(self, model: ir.Model, sites: list[AttentionSite], opts: AttentionOptions, ctx: PassContext) -> None:
@@ -301,13 +321,16 @@ class AttentionPass(Pass):
         for site in sites:
             pattern.check(site.causal, sequence)
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+        for layer, site in enumerate(s for s in sites if s.lowering == "sparse"):
+            site.layer = layer
         changed = []
         for site in sites:
             if site.lowering == "mask" and pattern.empty:
                 record.skip(MatchFailure(Code.NOTHING_TO_REMOVE, "no pattern given and the block does not fuse"
                                          f" ({'; '.join(site.notes) or 'not a decoder'})", site.node), node=site.node)
                 continue
-            lower = {"gqa": _lower_gqa, "mask": _lower_mask, "fused": _lower_fused}[site.lowering]
+            lower = {"gqa": _lower_gqa, "sparse": _lower_sparse, "mask": _lower_mask, "fused": _lower_fused}[
+                site.lowering]
             anchor = lower(model, site, pattern, opts, self.id, opset)
             if isinstance(anchor, MatchFailure):
                 record.skip(anchor, node=site.node)
@@ -320,12 +343,17 @@ class AttentionPass(Pass):
                 weight="", params=0, sparsity_before=0.0, sparsity_after=0.0,
                 details={"lowering": site.lowering, "causal": site.causal, "pattern": pattern.describe(),
                          "cache": opts.cache, "notes": site.notes}))
-        if any(s.lowering == "gqa" and s.rotary is not None for s in changed):
+        if any(s.lowering == "sparse" or (s.lowering == "gqa" and s.rotary is not None) for s in changed):
             model.metadata_props[MAX_POSITIONS_KEY] = str(opts.max_positions)
         if changed and opts.cache == "window":
             model.metadata_props[KV_CAPACITY_KEY] = str(opts.window)
         remove_dead(model.graph, [n for s in changed if s.block is not None
                                   for n in (*s.block.core, s.block.reshape, s.block.transpose)])
+        sparse = [s for s in changed if s.lowering == "sparse"]
+        if sparse:
+            _shared_cache(model, sparse, opts)
+        if sparse or (changed and opts.cache == "window"):
+            _check_cache_readers(model)
         return record
 
 
@@ -498,6 +526,103 @@ def _lower_gqa(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: Att
         if old is not None:
             redirect(graph, old, new_value)
     return out.producer()
+
+
+def _lower_sparse(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: AttentionOptions, pass_id: str,
+                  opset: int) -> ir.Node:
+    """The block as com.microsoft.SparseAttention: heads zero-padded to 128 (each half of a head
+    in the first half of each half of the padded head, so the rotate-half rotary pairs the same
+    elements; the extra table entries rotate zeros), the block layout as CSR constants covering
+    max_positions, the KV cache one buffer per layer (past and present share it)."""
+    block, graph = site.block, model.graph
+    dtype = block.q.site.weight.dtype.numpy()
+    d, heads, kv_heads, wide = block.head_dim, block.heads, block.kv_heads, SPARSE_HEAD
+    b = Builder(graph, f"{block.node.name}.sparse_attention", pass_id,
+                f"attention: SparseAttention ({pattern.describe()})", opset)
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+
+    def widen(x: ir.Value, n: int, tag: str) -> ir.Value:  # (B, S, n*d) -> (B, S, n*128)
+        halves = b.one("Reshape", [x, b.const(f"{tag}.halves", i64(0, 0, n, 2, d // 2))])
+        padded = b.one("Pad", [halves, b.const(f"{tag}.pads", i64(*[0] * 9, (wide - d) // 2))])
+        return b.one("Reshape", [padded, b.const(f"{tag}.heads", i64(0, 0, n * wide))])
+
+    query, key, value = (p.reshape.inputs[0] for p in (block.q, block.k, block.v))
+    if d != wide:
+        query, key, value = widen(query, heads, "q"), widen(key, kv_heads, "k"), widen(value, kv_heads, "v")
+    mask = _mask_input(model)
+    batch = b.one("Slice", [b.one("Shape", [query]), b.const("z", i64(0)), b.const("o", i64(1))])
+    if mask is not None:  # the mask spans every position; its sum per row is each sequence's length
+        total = b.one("Slice", [b.one("Shape", [mask]), b.const("o2", i64(1)), b.const("t", i64(2))])
+        lengths = b.one("ReduceSum", [b.one("Cast", [mask], to=ir.DataType.INT64), b.const("a1", i64(1))],
+                        keepdims=0)
+    else:
+        total = b.one("Slice", [b.one("Shape", [query]), b.const("o3", i64(1)), b.const("t3", i64(2))])
+        lengths = b.one("Expand", [total, batch])
+    blocks = -(-opts.max_positions // pattern.block)
+    layout = pattern.block_layout(blocks, causal=True)
+    rows = np.concatenate([[0], np.cumsum(layout.sum(axis=1))]).astype(np.int32)[None]
+    cols = np.nonzero(layout)[1].astype(np.int32)[None]
+    past_key, past_value = block.past_key, block.past_value
+    buffer = ir.Shape([query.shape[0] if query.shape is not None else "batch", kv_heads, "kv_buffer", wide])
+    if past_key is None:
+        past_key, past_value = (ir.Value(name=fresh_name(graph, f"past_key_values.{site.layer}.{kind}"),
+                                         type=ir.TensorType(block.q.site.weight.dtype), shape=buffer)
+                                for kind in ("key", "value"))
+        graph.inputs.extend([past_key, past_value])
+    else:
+        past_key.shape, past_value.shape = buffer, ir.Shape(list(buffer))
+    inputs = [query, key, value, past_key, past_value, b.const("rows", rows), b.const("cols", cols),
+              b.one("Cast", [total], to=ir.DataType.INT32), b.one("Cast", [lengths], to=ir.DataType.INT32)]
+    attrs = {"num_heads": heads, "kv_num_heads": kv_heads, "scale": float(site.scale),
+             "sparse_block_size": pattern.block}
+    if site.rotary is not None:
+        extra = wide // 2 - d // 2  # table entries that rotate the padding (zeros stay zeros)
+        cos = np.concatenate([site.rotary[0], np.ones((len(site.rotary[0]), extra))], axis=1)
+        sin = np.concatenate([site.rotary[1], np.zeros((len(site.rotary[1]), extra))], axis=1)
+        inputs += [b.const("cos", cos.astype(dtype)), b.const("sin", sin.astype(dtype))]
+        attrs.update(do_rotary=1, rotary_interleaved=0)
+    out, present_key, present_value = b.op("SparseAttention", inputs, outputs=3, domain=MS, **attrs)
+    if d != wide:  # (B, S, N*128) -> (B, S, N*d): the first half of each half of every head
+        halves = b.one("Reshape", [out, b.const("o.halves", i64(0, 0, heads, 2, wide // 2))])
+        kept = b.one("Slice", [halves, b.const("o.start", i64(0)), b.const("o.end", i64(d // 2)),
+                               b.const("o.axis", i64(4))])
+        out = b.one("Reshape", [kept, b.const("o.heads", i64(0, 0, heads * d))])
+    graph.insert_before(block.reshape, b.nodes)
+    model.opset_imports.setdefault(MS, 1)
+    redirect(graph, block.reshape.outputs[0], out)
+    for old, new_value, kind in ((block.present_key, present_key, "key"),
+                                 (block.present_value, present_value, "value")):
+        new_value.type, new_value.shape = ir.TensorType(block.q.site.weight.dtype), ir.Shape(list(buffer))
+        if old is not None:
+            redirect(graph, old, new_value)
+            new_value.shape = ir.Shape(list(buffer))
+        else:
+            new_value.name = fresh_name(graph, present_of(f"past_key_values.{site.layer}.{kind}"))
+            graph.outputs.append(new_value)
+    return present_key.producer()
+
+
+def _shared_cache(model: ir.Model, sites: list[AttentionSite], opts: AttentionOptions) -> None:
+    """Metadata of a model whose KV cache is SparseAttention's shared buffers."""
+    block = opts.pattern().block
+    model.metadata_props[KV_SHARED_KEY] = str(-(-opts.max_positions // block) * block)
+    head = sites[0].block.head_dim
+    if head != SPARSE_HEAD:
+        model.metadata_props[KV_HEAD_PADDING_KEY] = f"{head}:{SPARSE_HEAD}"
+
+
+def _check_cache_readers(model: ir.Model) -> None:
+    """A bounded or shared KV cache no longer has the past's length: every reader of a past input
+    must be a fused attention op (a block left unfused, or a mask or position subgraph reading
+    the cache's length, would now compute with the buffer's size)."""
+    for value in model.graph.inputs:
+        if not is_kv_cache_name(value.name or ""):
+            continue
+        for use in value.uses():
+            if use.node.op_type not in ("GroupQueryAttention", "SparseAttention"):
+                raise OptionError(f"attention: {node_label(use.node)} ({use.node.op_type}) still reads"
+                                  f" {value.name}, whose length the bounded or shared KV cache no longer keeps;"
+                                  " lower every attention block of the model (no include/exclude)")
 
 
 def _lower_mask(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: AttentionOptions, pass_id: str,

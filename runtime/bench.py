@@ -84,12 +84,15 @@ def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.nd
     """One timed call per session (on ``feeds[label]`` where given, else ``feed``). On a GPU
     provider the inputs live on the device (copied once) and the outputs stay there: IOBinding,
     so host-device copies are not timed."""
+    from .kvcache import KVCache, is_past, present_of
+
     if not runner.on_gpu:
-        return {label: (lambda s=session, f=feeds.get(label, feed): runner.run(s, f))
+        def one_buffer(session, f) -> dict[str, str]:  # SparseAttention's cache: past and present one buffer
+            return {n: present_of(n) for n in f if is_past(n)} if KVCache.of_session(session).shared else {}
+
+        return {label: (lambda s=session, f=feeds.get(label, feed): runner.run(s, f, shared=one_buffer(s, f)))
                 for label, session in sessions.items()}
     import onnxruntime as ort
-
-    from sparsec.verify import KV_CAPACITY_KEY
 
     def device(inputs: Mapping[str, np.ndarray]) -> dict[str, Any]:
         return {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in inputs.items()}
@@ -101,12 +104,11 @@ def _calls(runner: Runner, sessions: Mapping[str, Any], feed: Mapping[str, np.nd
         inputs = device(feeds[label]) if label in feeds else shared
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
-        bounded = KV_CAPACITY_KEY in session.get_modelmeta().custom_metadata_map
+        # a bounded or shared KV cache on the GPU: past and present are one buffer
+        one = {} if KVCache.of_session(session).plain else {present_of(n): v for n, v in inputs.items()}
         for output in session.get_outputs():
-            past = output.name.replace("present", "past_key_values", 1)
-            if bounded and output.name.startswith("present") and past in inputs:
-                # a bounded KV cache on the GPU: past and present are one buffer
-                binding.bind_ortvalue_output(output.name, inputs[past])
+            if output.name in one:
+                binding.bind_ortvalue_output(output.name, one[output.name])
             else:
                 binding.bind_output(output.name, "cuda", 0)
 

@@ -12,7 +12,11 @@ an optional ``position_ids``) and on what the ``attention`` pass makes of them:
   The first step passes W positions of zeros. ``attention_mask`` still covers every token (it
   carries the absolute position; a (1, T) int64 costs 8 bytes a token). On the CUDA provider the
   kernel wants past and present in one buffer: bind both to the same OrtValue with IOBinding
-  (``sparsec.runtime.bench`` does).
+  (``sparsec.runtime.bench`` does);
+* lowered to SparseAttention (``lowering=sparse``; metadata ``sparsec.kv_shared_buffer``), past
+  and present are always one buffer of C positions (C >= every token so far, zeros beyond them;
+  the heads zero-padded to 128 as :func:`sparsec.runtime.kvcache.pad_heads` lays them out),
+  bound with IOBinding on every provider. This loop grows C by doubling when it runs out.
 
     from sparsec.runtime.decode import Decoder
     decoder = Decoder("smollm2-window.onnx")
@@ -28,7 +32,8 @@ import os
 import numpy as np
 
 from sparsec.errors import InputError
-from sparsec.verify import KV_CAPACITY_KEY, MAX_POSITIONS_KEY
+from sparsec.runtime.kvcache import KVCache, present_of
+from sparsec.verify import MAX_POSITIONS_KEY
 
 
 class Decoder:
@@ -40,14 +45,15 @@ class Decoder:
         self.runner = runner or cpu_runner()
         self.session = session or self.runner.session(model)
         meta = self.session.get_modelmeta().custom_metadata_map
-        self.capacity = int(meta[KV_CAPACITY_KEY]) if KV_CAPACITY_KEY in meta else None
+        self.kv = KVCache.of(meta)
+        self.capacity = self.kv.window
         self.max_positions = int(meta[MAX_POSITIONS_KEY]) if MAX_POSITIONS_KEY in meta else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         if "input_ids" not in inputs or not self.past_names:
             raise InputError("the decode loop needs a KV-cache export: input_ids and past_key_values.* inputs"
                              f" (this model has {', '.join(inputs)})")
-        self.present_names = [n.replace("past_key_values", "present") for n in self.past_names]
+        self.present_names = [present_of(n) for n in self.past_names]
         outputs = {o.name for o in self.session.get_outputs()}
         missing = [n for n in self.present_names + ["logits"] if n not in outputs]
         if missing:
@@ -75,12 +81,19 @@ class Decoder:
         if self.max_positions is not None and self.length + new > self.max_positions:
             raise InputError(f"the sequence would reach {self.length + new} tokens; this model's rotary tables end at"
                              f" {self.max_positions} (compile with attention:max_positions=N for longer contexts)")
+        shared = {}
+        if self.kv.shared is not None:  # one buffer of C >= every position, grown by doubling
+            need, have = self.length + new, next(iter(self.past.values())).shape[2]
+            if need > have:
+                self.past = {n: self.kv.buffer(v, min(max(need, 2 * have, 256), self.kv.shared))
+                             for n, v in self.past.items()}
+            shared = dict(zip(self.past_names, self.present_names))
         feed = {"input_ids": ids.astype(np.int64), **self.past}
         if self.has_mask:
             feed["attention_mask"] = np.ones((1, self.length + new), np.int64)
         if self.has_positions:
             feed["position_ids"] = np.arange(self.length, self.length + new, dtype=np.int64)[None]
-        outputs = self.runner.run(self.session, feed, ["logits", *self.present_names])
+        outputs = self.runner.run(self.session, feed, ["logits", *self.present_names], shared=shared)
         self.past = {p: outputs[q] for p, q in zip(self.past_names, self.present_names)}
         self.length += new
         return outputs["logits"]

@@ -116,11 +116,13 @@ def run_bound(session, feeds: Mapping[str, np.ndarray], *, shared: Mapping[str, 
     """Run ``session`` through IOBinding; ``shared`` maps an input to the output that writes into
     the same buffer (ORT's SparseAttention and GQA's shared past/present KV cache need that).
 
-    Inputs are copied to ``device`` once; outputs not shared are allocated by ORT there.
+    Inputs are copied to ``device`` once; outputs not shared are allocated by ORT there. The
+    shared outputs are returned too, asked for or not.
     """
     ort = _ort()
     shared = dict(shared or {})
     names = list(output_names) if output_names else [o.name for o in session.get_outputs()]
+    names += [o for o in shared.values() if o not in names]  # a shared output is written whether asked or not
     try:
         binding = session.io_binding()
         values = {}

@@ -28,7 +28,7 @@ from sparsec import __version__
 from sparsec.analyze import Analysis, analyze, summarize_sparsity
 from sparsec.data import Calibration, EvaluationData, calibration_source, evaluation_data, has_builtin_data, timing_feed
 from sparsec.errors import OptionError, PassError, VerificationError
-from sparsec.feeds import Feeds, make_feeds
+from sparsec.feeds import Feeds, InputSpec, input_specs, make_feeds
 from sparsec.model_io import LoadedModel, check_output_path, fingerprint, load_model, stage_model
 from sparsec.outputs import Outputs
 from sparsec.pipeline import Pass, PassContext, PassRecord, run_passes
@@ -210,6 +210,7 @@ def compile(
     runner = target.runner(threads)
     calibration = calibrate_stage(plan, recipe, loaded.model, progress)
     feeds = feeds_stage(loaded, recipe, runner) if verify_each else None
+    specs = input_specs(loaded.model)  # the original's inputs (a pass may change them: a shared KV cache)
     clock.lap("calibrate")
     streamed = analysis.weight_bytes > STREAM_BYTES
     with _spill(streamed, outputs.model):
@@ -236,7 +237,7 @@ def compile(
             if not any(r.changed for r in records):
                 result.judgement = unchanged_judgement()
             else:
-                feeds = feeds or feeds_stage(loaded, recipe, runner)
+                feeds = feeds or feeds_stage(loaded, recipe, runner, specs)
                 result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress)
                 result.judgement = judge(result.verdicts, plan.budget, exact=plan.exact)
             clock.lap("verify")
@@ -316,11 +317,12 @@ def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progr
                                   recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
 
 
-def feeds_stage(loaded: LoadedModel, recipe: Recipe, runner: Runner) -> Feeds:
-    """The input sets to verify on: the user's, or generated ones the original model runs on."""
+def feeds_stage(loaded: LoadedModel, recipe: Recipe, runner: Runner, specs: list[InputSpec] | None = None) -> Feeds:
+    """The input sets to verify on: the user's, or generated ones the original model runs on
+    (``specs``: its inputs, taken before the passes)."""
     return make_feeds(loaded.model, inputs=recipe.verification.get("inputs"), seed=recipe.seed,
                       dims=recipe.verification.get("dims"), samples=recipe.verification.get("samples", 2),
-                      check=runner.checker(loaded.runnable))
+                      check=runner.checker(loaded.runnable), specs=specs)
 
 
 def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluation: EvaluationData | None,

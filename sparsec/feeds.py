@@ -348,9 +348,10 @@ def load_feeds(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[Feed
 
 def make_feeds(model: ir.Model, *, inputs: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None = None,
                seed: int = 0, dims: Mapping[str, int] | None = None, samples: int = 1,
-               check: Callable[[Feed], None] | None = None) -> Feeds:
+               check: Callable[[Feed], None] | None = None, specs: list[InputSpec] | None = None) -> Feeds:
     """The input sets to run ``model`` on: from ``inputs`` (a .npz path or a list of dicts)
-    when given, else ``samples`` seeded random sets.
+    when given, else ``samples`` seeded random sets (``specs``: the model's inputs as they were
+    before a pass changed them).
 
     With ``check`` (a function that runs the original model on one input set and raises
     RuntimeFailure when ONNX Runtime refuses it), generated inputs that the model cannot run
@@ -359,7 +360,7 @@ def make_feeds(model: ir.Model, *, inputs: str | os.PathLike | Sequence[Mapping[
     """
     from sparsec.errors import RuntimeFailure
 
-    specs = input_specs(model)
+    specs = specs if specs is not None else input_specs(model)
     if dims:
         check_dims(dims, specs)
     if inputs is not None:

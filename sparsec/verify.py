@@ -290,13 +290,17 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
              progress: Progress | None = None, total: int | None = None, sessions=None):
     """Yield (feed, reference outputs, candidate outputs) per input set, both run in ORT
     (``sessions``: what :func:`open_pair` gave, else opened here)."""
+    from sparsec.runtime.kvcache import KVCache
+
     runner, ref_sess, cand_sess, ref_names = sessions or open_pair(reference, candidate, runner)
-    capacity = cand_sess.get_modelmeta().custom_metadata_map.get(KV_CAPACITY_KEY)
+    kv = KVCache.of_session(cand_sess)
+    inputs = cand_sess.get_inputs()
     progress = progress or silent()
     for feed in progress.track(feeds, "running reference and candidate", total=total):
         ref = runner.run(ref_sess, feed)
-        cand = runner.run(cand_sess, bounded_cache_feed(feed, capacity), ref_names)
-        yield feed, *bounded_cache_view(ref, cand, capacity)
+        cand_feed, shared = kv.feed(feed, inputs)
+        cand = runner.run(cand_sess, cand_feed, ref_names, shared=shared)
+        yield feed, *kv.view(ref, cand, KVCache.total(feed))
 
 
 def open_pair(reference: str | os.PathLike, candidate: str | os.PathLike, runner: Runner | None = None):
@@ -315,7 +319,6 @@ def open_pair(reference: str | os.PathLike, candidate: str | os.PathLike, runner
     return runner, ref_sess, cand_sess, ref_names
 
 
-KV_CAPACITY_KEY = "sparsec.kv_cache_capacity"  # metadata of a model whose KV cache is bounded
 TOLERANCE_FLOOR_KEY = "sparsec.tolerance_floor"  # metadata: "atol,rtol" its exact rewrites need at least
 MAX_POSITIONS_KEY = "sparsec.max_positions"  # metadata: the fused rotary tables' length (positions 0..N-1)
 
@@ -327,45 +330,6 @@ def recorded_floor(metadata: Mapping[str, str]) -> tuple[float, float] | None:
     except (KeyError, ValueError):
         return None
     return atol, rtol
-
-
-def bounded_cache_feed(feed: Mapping[str, Any], capacity: str | None) -> Mapping[str, Any]:
-    """The input a bounded-cache candidate takes for ``feed``: each KV-cache input (B, heads,
-    positions, D) shorter than the buffer padded with zeros to its capacity (the buffer is not
-    full yet: the cached positions first)."""
-    if capacity is None:
-        return feed
-    from sparsec.feeds import is_kv_cache_name
-
-    out = dict(feed)
-    for name, value in feed.items():
-        if is_kv_cache_name(name) and isinstance(value, np.ndarray) and value.ndim == 4 \
-                and value.shape[2] < int(capacity):
-            pad = np.zeros(value.shape[:2] + (int(capacity) - value.shape[2],) + value.shape[3:], value.dtype)
-            out[name] = np.concatenate([value, pad], axis=2)
-    return out
-
-
-def bounded_cache_view(ref: dict[str, Any], cand: dict[str, Any],
-                       capacity: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(reference, candidate) outputs as a bounded-cache candidate must match them: its KV
-    outputs (B, heads, positions, D) hold the reference's last positions -- or all of them while
-    the buffer is not full, the rest of the buffer being undefined and left out. Other outputs as
-    they are."""
-    if capacity is None:
-        return ref, cand
-    from sparsec.feeds import is_kv_cache_name
-
-    ref, cand = dict(ref), dict(cand)
-    for name, r in list(ref.items()):
-        c = cand.get(name)
-        if not (is_kv_cache_name(name) or "present" in name.lower()) or not isinstance(r, np.ndarray) \
-                or not isinstance(c, np.ndarray) or r.ndim != 4 or c.ndim != 4 \
-                or r.shape[:2] + r.shape[3:] != c.shape[:2] + c.shape[3:]:
-            continue
-        held = min(r.shape[2], c.shape[2])
-        ref[name], cand[name] = r[:, :, r.shape[2] - held:], c[:, :, :held] if r.shape[2] < c.shape[2] else c
-    return ref, cand
 
 
 def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
@@ -388,14 +352,17 @@ def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapp
                   metrics: Sequence[Metric] = (), runner: Runner | None = None,
                   progress: Progress | None = None, floor: tuple[float, float] | None = None) -> Verdict:
     """:func:`verify_models` for models too large to hold twice in memory: both run in stages."""
+    from sparsec.runtime.kvcache import KVCache
     from sparsec.runtime.staged import staged_outputs
 
     ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
-    capacity = candidate.metadata_props.get(KV_CAPACITY_KEY)
+    kv = KVCache.of(candidate.metadata_props)
+    if kv.shared is not None:
+        raise InputError("a model whose KV cache is one shared buffer cannot run in stages; verify it whole")
     floor = floor or recorded_floor(candidate.metadata_props)
-    cand = staged_outputs(candidate, [bounded_cache_feed(f, capacity) for f in feeds], budget_bytes=budget_bytes,
+    cand = staged_outputs(candidate, [kv.feed(f)[0] for f in feeds], budget_bytes=budget_bytes,
                           runner=runner, progress=progress)
-    pairs = ((feed, *bounded_cache_view(r, c, capacity)) for feed, r, c in zip(feeds, ref, cand))
+    pairs = ((feed, *kv.view(r, c)) for feed, r, c in zip(feeds, ref, cand))
     return compare(pairs, inputs=f"{inputs}; run in stages of <= {budget_bytes >> 20} MiB of weights",
                    exact=exact, metrics=metrics, floor=floor)
 

@@ -199,6 +199,8 @@ def test_fused_attention_ops_take_the_pattern(tmp_path, op):
     ("attention:local_blocks=2", "need block="),
     ("attention:window=8,sinks=2,cache=window", "cache=window keeps the last"),
     ("attention:block=16", "no blocks to keep"),
+    ("attention:window=32,lowering=sparse", "lowering=sparse takes a block layout only"),
+    ("attention:block=16,local_blocks=1,sinks=1,lowering=sparse", "lowering=sparse takes a block layout only"),
 ])
 def test_bad_options_exit_2_with_one_line(zoo_path, tmp_path, capsys, spec, words):
     src = zoo_path("minilm" if spec.endswith("block=16") else "tiny-llama")
@@ -268,3 +270,87 @@ def test_decoding_past_the_rotary_tables_is_one_clear_error(kv_models, tmp_path)
     decoder.step(3)  # position 15, the last row
     with pytest.raises(InputError, match="rotary tables end at 16"):
         decoder.step(4)
+
+
+SPARSE = "block=16,local_blocks=2,global_blocks=1"
+
+
+def test_sparse_attention_lowering_equals_the_masked_layout(zoo_path, tmp_path):
+    """SparseAttention (heads of 16 zero-padded to 128, past and present one buffer) against the
+    same block layout as a mask, on prompts of 2 to 70 tokens in a batch of 2; the layout does
+    restrict the keys (70 tokens: 5 blocks, each query block sees at most 3)."""
+    from sparsec.runtime.kvcache import KVCache
+    from sparsec.runtime.session import cpu_runner
+
+    src = zoo_path("tiny-llama")
+    _, masked, _ = rewrite(src, f"attention:{SPARSE},lowering=mask", tmp_path / "mask.onnx")
+    record, out, model = rewrite(src, f"attention:{SPARSE},lowering=sparse,max_positions=256",
+                                 tmp_path / "sparse.onnx")
+    assert [s.details["lowering"] for s in record.changed] == ["sparse", "sparse"]
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("SparseAttention") == 2 and "Softmax" not in ops
+    node = next(n for n in model.graph if n.op_type == "SparseAttention")
+    assert node.attributes["sparse_block_size"].value == 16 and node.inputs[3].shape[3] == 128
+    assert [v.name for v in model.graph.outputs][1:] == [f"present.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
+    runner = cpu_runner()
+    session = runner.session(str(out))
+    kv = KVCache.of_session(session)
+    assert (kv.shared, kv.head) == (256, (16, 128))
+    for seq in (2, 20, 70):
+        feed = {"input_ids": np.random.default_rng(seq).integers(0, 500, (2, seq), dtype=np.int64)}
+        want, dense = run_ort(masked, feed)[0], run_ort(src, feed)[0]
+        cand, shared = kv.feed(feed, session.get_inputs())
+        got = runner.run(session, cand, ["logits"], shared=shared)["logits"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        if seq == 70:
+            assert np.abs(want - dense).max() > 1e-2  # the layout changes the logits
+
+
+def test_sparse_attention_decode_keeps_one_growing_buffer(kv_models, tmp_path):
+    src, models = kv_models
+    _, masked, _ = rewrite(src, f"attention:{SPARSE},lowering=mask", tmp_path / "mask.onnx")
+    _, out, _ = rewrite(src, f"attention:{SPARSE},lowering=sparse,max_positions=512", tmp_path / "sparse.onnx")
+    ids = np.random.default_rng(2).integers(0, 500, 40)
+    want, _ = decode(masked, ids, steps=30)
+    got, decoder = decode(out, ids, steps=30)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want - decode(src, ids, steps=30)[0]).max() > 1e-2  # the layout restricts 70 positions
+    # one buffer per layer of 256 positions (the first size), heads padded to 128: 2 layers x K, V
+    assert decoder.length == 70 and decoder.cache_bytes == 2 * 2 * 2 * 256 * 128 * 4
+
+
+def test_a_covering_sparse_layout_verifies_exactly(kv_models, tmp_path, capsys):
+    """A layout that keeps every block reproduces the original; `sparsec verify` feeds the shared
+    buffer (the original's past padded) and compares its first positions, heads unpadded."""
+    src, _ = kv_models
+    out = tmp_path / "covering.onnx"
+    spec = "attention:block=16,local_blocks=64,lowering=sparse,max_positions=1024"
+    assert main(["compile", str(src), "--passes", spec, "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(src), str(out), "--dim", "past_sequence=16"]) == 0
+    assert "present.0.key" in capsys.readouterr().out
+    narrow = tmp_path / "narrow.onnx"  # one local block: 32 positions restricted, logits move
+    assert main(["compile", str(src), "--passes", "attention:block=16,local_blocks=1,lowering=sparse",
+                 "-o", str(narrow), "--best-effort"]) == 0
+    assert main(["verify", str(src), str(narrow), "--dim", "past_sequence=16"]) == 1
+
+
+def test_a_shared_cache_needs_every_block_lowered(kv_models, tmp_path, capsys):
+    src, _ = kv_models
+    spec = f"attention:{SPARSE},lowering=sparse,include=*layers.0*"
+    assert main(["compile", str(src), "--passes", spec, "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "lower every attention block" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_padded_heads_keep_each_half_first():
+    from sparsec.runtime.kvcache import pad_heads, unpad_heads
+
+    x = np.arange(2 * 64, dtype=np.float32).reshape(2, 64)
+    wide = pad_heads(x, 128)
+    assert wide.shape == (2, 128)
+    np.testing.assert_array_equal(wide[:, :32], x[:, :32])
+    np.testing.assert_array_equal(wide[:, 64:96], x[:, 32:])
+    assert not wide[:, 32:64].any() and not wide[:, 96:].any()
+    np.testing.assert_array_equal(unpad_heads(wide, 64), x)
