@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from sparsec.errors import OptionError
 from sparsec.feeds import input_specs, is_kv_cache_name, random_feeds
-from sparsec.graph import fresh_name, mark_changed, node_label, remove_dead
+from sparsec.graph import add_constant, fresh_name, mark_changed, node_label, remove_dead
 from sparsec.pipeline import (
     REORDER_TOLERANCE,
     Kind,
@@ -49,7 +49,7 @@ from sparsec.pipeline import (
     register,
 )
 from sparsec.targets import ATTENTION_BLOCK_SPARSE, ATTENTION_WINDOW, KV_WINDOW, MASKED
-from sparsec.runtime.kvcache import KV_CAPACITY_KEY, KV_HEAD_PADDING_KEY, KV_SHARED_KEY, present_of
+from sparsec.runtime.kvcache import KV_CAPACITY_KEY, KV_HEAD_PADDING_KEY, KV_SHARED_KEY, pad_heads, present_of
 from sparsec.verify import MAX_POSITIONS_KEY
 
 from .attention_patterns import Pattern, emit_bias, lengths_of, load_layout
@@ -541,14 +541,30 @@ def _lower_sparse(model: ir.Model, site: AttentionSite, pattern: Pattern, opts: 
                 f"attention: SparseAttention ({pattern.describe()})", opset)
     i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
 
-    def widen(x: ir.Value, n: int, tag: str) -> ir.Value:  # (B, S, n*d) -> (B, S, n*128)
+    removed = block.core | {block.reshape, block.transpose}
+
+    def widen(p, n: int, tag: str) -> ir.Value:  # (B, S, n*d) -> (B, S, n*128)
+        x = p.reshape.inputs[0]
+        if p.bias is None and p.site.node.outputs[0] is x and all(u.node in removed or u.node is p.reshape for u in x.uses()):
+            # the projection's own weight padded with zero columns: the MatMul writes the wide
+            # heads (the old MatMul goes with the block)
+            weight = p.site.weight.numpy()
+            wide_weight = pad_heads(weight.reshape(weight.shape[0], n, d), wide).reshape(weight.shape[0], n * wide)
+            padded = add_constant(graph, f"{p.site.weight.name}.heads{wide}", wide_weight)
+            return b.one("MatMul", [p.site.node.inputs[0], padded])
+        # else zeros concatenated (not Pad: ORT's CUDA Pad takes 17x as long, 0.98 against
+        # 0.057 ms for SmolLM2's queries at 8k tokens on an H200)
         halves = b.one("Reshape", [x, b.const(f"{tag}.halves", i64(0, 0, n, 2, d // 2))])
-        padded = b.one("Pad", [halves, b.const(f"{tag}.pads", i64(*[0] * 9, (wide - d) // 2))])
+        shape = b.one("Concat", [b.one("Slice", [b.one("Shape", [halves]), b.const(f"{tag}.z", i64(0)),
+                                                 b.const(f"{tag}.four", i64(4))]),
+                                 b.const(f"{tag}.pad", i64((wide - d) // 2))], axis=0)
+        zeros = b.one("Expand", [b.const(f"{tag}.zero", np.zeros(1, dtype)), shape])
+        padded = b.one("Concat", [halves, zeros], axis=4)
         return b.one("Reshape", [padded, b.const(f"{tag}.heads", i64(0, 0, n * wide))])
 
     query, key, value = (p.reshape.inputs[0] for p in (block.q, block.k, block.v))
     if d != wide:
-        query, key, value = widen(query, heads, "q"), widen(key, kv_heads, "k"), widen(value, kv_heads, "v")
+        query, key, value = widen(block.q, heads, "q"), widen(block.k, kv_heads, "k"), widen(block.v, kv_heads, "v")
     mask = _mask_input(model)
     batch = b.one("Slice", [b.one("Shape", [query]), b.const("z", i64(0)), b.const("o", i64(1))])
     if mask is not None:  # the mask spans every position; its sum per row is each sequence's length

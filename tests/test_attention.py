@@ -291,6 +291,8 @@ def test_sparse_attention_lowering_equals_the_masked_layout(zoo_path, tmp_path):
     assert ops.count("SparseAttention") == 2 and "Softmax" not in ops
     node = next(n for n in model.graph if n.op_type == "SparseAttention")
     assert node.attributes["sparse_block_size"].value == 16 and node.inputs[3].shape[3] == 128
+    assert node.inputs[0].producer().op_type == "MatMul"  # the projection's own weight, padded
+    assert sum(v.name.endswith(".heads128") for v in model.graph.initializers.values()) == 6
     assert [v.name for v in model.graph.outputs][1:] == [f"present.{i}.{k}" for i in (0, 1) for k in ("key", "value")]
     runner = cpu_runner()
     session = runner.session(str(out))
@@ -354,3 +356,25 @@ def test_padded_heads_keep_each_half_first():
     np.testing.assert_array_equal(wide[:, 64:96], x[:, 32:])
     assert not wide[:, 32:64].any() and not wide[:, 96:].any()
     np.testing.assert_array_equal(unpad_heads(wide, 64), x)
+
+
+def test_sparse_attention_with_biased_projections_pads_by_concatenation(zoo_path, tmp_path):
+    """Qwen2's Q/K/V projections have biases: their outputs are widened by a Concat of zeros
+    (no weight padding) and the result still equals the masked layout."""
+    from sparsec.runtime.kvcache import KVCache
+    from sparsec.runtime.session import cpu_runner
+
+    src = zoo_path("tiny-qwen2-moe")
+    _, masked, _ = rewrite(src, f"attention:{SPARSE},lowering=mask", tmp_path / "mask.onnx")
+    record, out, model = rewrite(src, f"attention:{SPARSE},lowering=sparse,max_positions=256", tmp_path / "s.onnx")
+    assert [s.details["lowering"] for s in record.changed] == ["sparse", "sparse"]
+    assert not any(v.name.endswith(".heads128") for v in model.graph.initializers.values())
+    assert sum(n.op_type == "Concat" and n.attributes["axis"].value == 4 for n in model.graph) == 6
+    runner = cpu_runner()
+    session = runner.session(str(out))
+    feed = {"input_ids": np.random.default_rng(0).integers(0, 100, (2, 50), dtype=np.int64)}
+    cand, shared = KVCache.of_session(session).feed(feed, session.get_inputs())
+    got = runner.run(session, cand, ["logits"], shared=shared)["logits"]
+    want = run_ort(masked, feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert np.abs(want - run_ort(src, feed)[0]).max() > 1e-2
