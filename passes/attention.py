@@ -86,7 +86,8 @@ class AttentionOptions(PassOptions):
                            " (decoders; fast on CUDA only; the KV cache becomes one shared buffer); mask: an"
                            " additive bias on the scores (any model, no speed); auto: gqa where it applies, else"
                            " mask", choices=("auto", "gqa", "sparse", "mask"))
-    max_positions: int = option(8192, "gqa: rows of the rotary tables, the longest context the fused model runs",
+    max_positions: int = option(8192, "gqa and sparse: rows of the rotary tables (and the sparse layout's length), the"
+                                " longest context the fused model runs",
                                 min=16, max=1 << 20)
     seed: int = option(0, "random_blocks: seed of the random layout", min=0)
     include: tuple[str, ...] = option((), "glob patterns over the attention block's module path or node name")
