@@ -74,17 +74,18 @@ def long_windows(count: int, length: int) -> list[dict[str, np.ndarray]]:
 
 def perplexities(paths: dict[str, Path], feeds) -> dict[str, float]:
     from sparsec.metrics import Perplexity
+    from sparsec.runtime.kvcache import KVCache
     from sparsec.runtime.session import cpu_runner
-    from sparsec.verify import KV_CAPACITY_KEY, bounded_cache_feed
 
     runner = cpu_runner()
     out = {}
     for label, path in paths.items():
         session = runner.session(path)
-        capacity = session.get_modelmeta().custom_metadata_map.get(KV_CAPACITY_KEY)
+        kv = KVCache.of_session(session)
         metric = Perplexity()
         for feed in feeds:
-            logits = runner.run(session, bounded_cache_feed(feed, capacity), ["logits"])
+            inputs, shared = kv.feed(feed, session.get_inputs())
+            logits = {"logits": runner.run(session, inputs, ["logits"], shared=shared)["logits"]}
             metric.add(feed, logits, logits)
         out[label] = metric.result()["perplexity_candidate"]
         del session

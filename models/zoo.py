@@ -128,7 +128,7 @@ def _require_packages(entry: ZooModel) -> None:
     except ImportError as exc:
         raise InputError(
             f"building the example model '{entry.name}' needs the 'models' extra"
-            f" (pip install 'sparsec[models]'): {exc}"
+            f" (pip install '.[models]' in a clone of sparsec): {exc}"
         ) from None
 
 

@@ -94,7 +94,7 @@ MEANINGS: dict[Code, str] = {
     Code.NOTHING_TO_REMOVE: "the ratio and multiple keep every unit",
     Code.TOO_DENSE: "too few zeros for compression to pay",
     Code.OPSET_TOO_OLD: "the model's opset lacks the ops the rewrite needs",
-    Code.ACTIVATION_UNSUPPORTED: "the kernel has no such activation (lowering=portable computes any)",
+    Code.ACTIVATION_UNSUPPORTED: "the kernel has no such activation (lowering=masked computes any)",
     Code.EXPERTS_UNMATCHED: "a router (Softmax -> TopK) whose experts are not in a form sparsec lowers",
 }
 

@@ -16,7 +16,14 @@ from typing import Any
 import click
 
 from sparsec import __version__
-from sparsec.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_OK, EXIT_VERIFY_FAILED, SparsecError
+from sparsec.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL,
+    EXIT_OK,
+    EXIT_VERIFY_FAILED,
+    SparsecError,
+    missing_package,
+)
 
 
 class _State:
@@ -530,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     except Exception as exc:  # a bug: one line, ask for a report
+        missing = missing_package(exc.name or "") if isinstance(exc, ModuleNotFoundError) else None
+        if missing is not None:  # an optional package: the pip command
+            click.echo(f"sparsec: error: {missing}", err=True)
+            return missing.exit_code
         if _State.debug:
             traceback.print_exc()
         text = " ".join(str(exc).split())[:300]

