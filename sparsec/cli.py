@@ -109,6 +109,9 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
+@click.option("--explain", is_flag=True,
+              help="Let the planner choose the passes (also implied by a budget flag without --passes) and print,"
+              " per site, every option it considered: predicted gain, measured fidelity, why chosen or rejected.")
 @click.option("--constant-initializers", is_flag=True,
               help="Treat initializers that are also listed as graph inputs (old exporters list every weight so)"
               " as constants, so passes may rewrite them.")
@@ -116,7 +119,8 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
                 dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
-                calib_samples, calib_seqlen, tokenizer, verify_each, constant_initializers, threads, as_json) -> None:
+                calib_samples, calib_seqlen, tokenizer, verify_each, explain, constant_initializers, threads,
+                as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
     from sparsec.errors import VerificationError
@@ -144,10 +148,13 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
         model = build(example, progress=progress)
         output = output or f"{example}.sparse.onnx"
     show_plan = None if as_json else (lambda plan: [_echo(line) for line in plan.lines() + [""]])
+    show_auto = None if as_json else (lambda auto: [_echo(line) for line in (
+        auto.lines() if explain else auto.lines()[:1] + [f"  {s}" for s in auto.specs]) + [""]])
     try:
         result = run_compile(model, the_recipe, output=output, report=list(reports) or None, save_recipe=save_recipe,
                              benchmark=benchmark, verify_each=verify_each, best_effort=best_effort,
-                             progress=progress, threads=threads, on_plan=show_plan)
+                             progress=progress, threads=threads, on_plan=show_plan, explain=explain,
+                             on_auto=show_auto)
     except VerificationError as exc:
         if exc.result is not None and not as_json:
             _print_compile(exc.result)
@@ -449,6 +456,7 @@ def targets_cmd(as_json) -> None:
         _echo(f"{t.name}: {t.description}")
         _echo(f"  providers: {providers}")
         _echo(f"  default passes: {t.default_passes or '(none)'}")
+        _echo(_hardware_line(t))
         for form in FORMS:
             gain = t.gain(form)
             word = ("DEPENDS" if gain.depends else "SPEEDUP") if gain.speedup else "no speedup"
@@ -458,6 +466,110 @@ def targets_cmd(as_json) -> None:
                 if fact.provider != gain.provider:
                     _echo(f"  {'':<23} {'':<10} {fact.provider}: {fact.speedup}: {fact.how}")
         _echo()
+
+
+def _hardware_line(target) -> str:
+    """What the cost model starts from: peaks, bandwidth, and a measured profile if there is one."""
+    from sparsec.cost import profile_path
+
+    hw = target.hardware
+    if not hw:
+        return "  hardware: (no figures)"
+    peaks = ", ".join(f"{k} {v / 1e12:g}" for k, v in hw.get("peak_flops", {}).items())
+    sparse = ", ".join(f"{k} {v / 1e12:g}" for k, v in hw.get("sparse_flops", {}).items())
+    line = (f"  hardware: {hw.get('devices', '')}; peak TFLOP/s {peaks}" + (f"; 2:4 sparse {sparse}" if sparse else "")
+            + f"; {hw.get('bandwidth', 0) / 1e9:g} GB/s ({hw.get('sources', '')})")
+    profile = profile_path(target.name)
+    return line + (f"\n  measured profile: {profile}" if profile.exists() else "")
+
+
+@cli.command("bench")
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("compiled", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--target", default="cpu", show_default=True, help="Run on this target's execution providers.")
+@click.option("--mode", type=click.Choice(["prompt", "decode"]), default="prompt", show_default=True,
+              help="decode: one new token after --context cached ones (KV-cache models).")
+@click.option("--context", type=click.IntRange(1, 1 << 20), default=None,
+              help="decode: cached tokens (default 512); prompt: the sequence length (default: the model's"
+              " real inputs or 16).")
+@click.option("--inputs", default=None, metavar="FILE.npz", help="Time on these inputs.")
+@click.option("--dim", "dims", multiple=True, metavar="NAME=N", help="Size of a symbolic dimension.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads.")
+@_json_option
+def bench_cmd(original, compiled, target, mode, context, inputs, dims, threads, as_json) -> None:
+    """Time ORIGINAL and each COMPILED model side by side: interleaved rounds after warm-up, median and p10-p90 of the ratio."""
+    from sparsec.feeds import input_specs, make_feeds, parse_dims
+    from sparsec.model_io import load_model
+    from sparsec.runtime.bench import compare_speed, ratio_table
+    from sparsec.runtime.kvcache import KVCache
+    from sparsec.targets import get_target
+
+    runner = get_target(target).runner(threads)
+    loaded = load_model(original)
+    specs = input_specs(loaded.model)
+    sizes = dict(parse_dims(dims))
+    if mode == "decode":
+        if not any(s.role == "past" for s in specs):
+            raise click.UsageError("--mode decode needs a KV-cache model (past_key_values.* inputs)")
+        cached = context or 512
+        for spec in specs:
+            for axis, dim in enumerate(spec.shape):
+                if isinstance(dim, str) and spec.role == "past" and axis == 2:
+                    sizes.setdefault(dim, cached)
+                elif isinstance(dim, str) and spec.role == "ids" and axis == 1:
+                    sizes.setdefault(dim, 1)
+    elif context:
+        for spec in specs:
+            if spec.role in ("ids", "") and len(spec.shape) > 1 and isinstance(spec.shape[1], str):
+                sizes.setdefault(spec.shape[1], context)
+    if inputs is None and not sizes:
+        from sparsec.data import timing_feed
+
+        feed, note = timing_feed(loaded.model)
+    else:
+        feeds = make_feeds(loaded.model, inputs=inputs, dims=sizes or None, check=runner.checker(original))
+        feed, note = feeds.sets[0], feeds.note
+    del loaded
+    models = {"original": original, **{str(p): p for p in compiled}}
+    own = {}
+    for label, path in models.items():  # bounded and shared KV caches take inputs of their own
+        kv = KVCache.of(load_model(path).model.metadata_props)
+        if not kv.plain:
+            own[label] = kv.feed(feed)[0]
+    with _progress().task("timing the models side by side"):
+        result = compare_speed(models, feed, baseline="original", runner=runner, threads=threads, feeds=own)
+    if as_json:
+        _print_json({"inputs": note, "mode": mode, **result.to_dict()})
+        return
+    _echo(f"{mode} on {note}; {', '.join(result.providers)}, {result.threads} threads, {result.repeats} rounds"
+          + ("" if result.stable else " (NOT STABLE: the ratios did not settle)"))
+    for line in ratio_table(list(result.timings.values()), "original"):
+        _echo(line)
+
+
+@cli.command("calibrate")
+@click.option("--target", default="cpu", show_default=True, help="The target this machine stands for.")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads (default: all).")
+@_json_option
+def calibrate_cmd(target, threads, as_json) -> None:
+    """Measure this machine for the cost model (products, memory bandwidth, per-node overhead) and store the profile."""
+    from sparsec.cost import calibrate, save_profile
+    from sparsec.targets import get_target
+
+    the_target = get_target(target)
+    if the_target.provider_names[0] != "CPUExecutionProvider":
+        raise click.UsageError(f"calibrate measures the CPU provider; target '{target}' runs on"
+                               f" {the_target.provider_names[0]} (its published peaks stand in)")
+    with _progress().task("measuring products, bandwidth and node overhead"):
+        profile = calibrate(the_target, threads)
+    path = save_profile(profile, target)
+    if as_json:
+        _print_json({**profile.to_dict(), "path": str(path)})
+        return
+    rates = ", ".join(f"{f / 1e6:.3g} MFLOP: {r / 1e9:.1f} GFLOP/s" for f, r in profile.gemm)
+    _echo(f"products: {rates}")
+    _echo(f"memory bandwidth: {profile.bandwidth / 1e9:.1f} GB/s; per-node overhead: {profile.overhead * 1e6:.1f} us")
+    _echo(f"wrote {path} (compile's planner uses it for target '{target}' on this host)")
 
 
 @cli.group("zoo")

@@ -66,6 +66,7 @@ class CompileResult:
     speed: dict[str, Any] | None = None
     recipe: Recipe | None = None
     model: ir.Model | None = field(default=None, repr=False)
+    auto: Any = None  # the planner's AutoPlan when it chose the passes
 
     @property
     def passed(self) -> bool:
@@ -96,6 +97,7 @@ class CompileResult:
             "speed": self.speed,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "notes": self.notes,
+            "planner": self.auto.to_dict() if self.auto is not None else None,
         }
 
     @property
@@ -160,6 +162,8 @@ def compile(
     save_recipe: str | os.PathLike | None = None,
     benchmark: bool = False,
     verify_each: bool = False,
+    explain: bool = False,
+    on_auto: Callable[[Any], None] | None = None,
     best_effort: bool = False,
     progress: Progress | None = None,
     threads: int | None = None,
@@ -204,11 +208,17 @@ def compile(
     analysis = analyze_stage(loaded, progress)
     evaluation = evaluation_data(loaded.model, notes=loaded.notes)
     clock.lap("analyze")
-    plan = plan_stage(target, recipe, loaded.model, evaluation)
+    runner = target.runner(threads)
+    auto = calibration = None
+    if recipe.passes is None and (explain or not recipe.fidelity_budget().empty):
+        recipe, auto, calibration = auto_stage(loaded, recipe, target, analysis, evaluation, runner, progress,
+                                               best_effort)
+        if on_auto is not None:
+            on_auto(auto)
+    plan = plan_stage(target, recipe, loaded.model, evaluation, chosen_by="the planner" if auto else "")
     if on_plan is not None:
         on_plan(plan)
-    runner = target.runner(threads)
-    calibration = calibrate_stage(plan, recipe, loaded.model, progress)
+    calibration = calibration or calibrate_stage(plan, recipe, loaded.model, progress)
     feeds = feeds_stage(loaded, recipe, runner) if verify_each else None
     specs = input_specs(loaded.model)  # the original's inputs (a pass may change them: a shared KV cache)
     clock.lap("calibrate")
@@ -221,7 +231,7 @@ def compile(
         result = CompileResult(
             input_path=loaded.path, output=None, report_paths=outputs.reports, target=target.name, plan=plan,
             records=records, before=analysis, after=analysis, output_fingerprint="",
-            notes=list(loaded.notes) + list(runner.notes), model=loaded.model,
+            notes=list(loaded.notes) + list(runner.notes), model=loaded.model, auto=auto,
             calibration=calibration.to_dict() if calibration is not None else None,
             recipe=replayable(recipe, plan.passes))
         with progress.task("analyzing the result"):
@@ -291,7 +301,8 @@ def analyze_stage(loaded: LoadedModel, progress: Progress) -> Analysis:
         return analyze(loaded.model, fingerprint(loaded.model))
 
 
-def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: EvaluationData | None) -> Plan:
+def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: EvaluationData | None,
+               chosen_by: str = "") -> Plan:
     """The plan for ``target``: the recipe's passes or the target's, and the fidelity budget."""
     source = recipe.calibration.get("source")
     available = ""
@@ -302,7 +313,7 @@ def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: Eval
     passes = recipe.pass_objects()
     _check_packages(passes)
     return make_plan(target, passes, task=evaluation.task if evaluation else "",
-                     budget=recipe.fidelity_budget(), calibration=available)
+                     budget=recipe.fidelity_budget(), calibration=available, chosen_by=chosen_by)
 
 
 def _check_packages(passes) -> None:
@@ -314,6 +325,40 @@ def _check_packages(passes) -> None:
     for p in passes:
         if getattr(p.options, "method", "") == "sparsegpt" and importlib.util.find_spec("torch") is None:
             raise missing_package("torch", f"pass '{p.id}' with method=sparsegpt")
+
+
+def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: Analysis,
+               evaluation: EvaluationData | None, runner: Runner, progress: Progress, best_effort: bool):
+    """The planner chooses the passes (a budget and no passes given): (the recipe with them, the
+    AutoPlan, the calibration data it measured options on)."""
+    import dataclasses
+
+    from sparsec import planner
+    from sparsec.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+    from sparsec.errors import VerificationError
+    from sparsec.plan import DEFAULT_BUDGETS
+
+    source = calibration_source(recipe.calibration.get("source"), loaded.model,
+                                tokenizer=recipe.calibration.get("tokenizer"),
+                                needed_by="the planner (it measures each option's fidelity)")
+    with progress.task("preparing calibration data"):
+        calibration = source.calibration(loaded.model, recipe.calibration.get("samples") or DEFAULT_SAMPLES,
+                                         recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
+    budget = recipe.fidelity_budget()
+    if budget.empty:
+        budget = DEFAULT_BUDGETS[evaluation.task if evaluation else ""]
+    workload = evaluation.feeds[0] if evaluation is not None else feeds_stage(loaded, recipe, runner).sets[0]
+    metrics = evaluation.metrics if evaluation is not None else (lambda: [])
+    auto = planner.plan(loaded.runnable, target, budget, calibration=calibration, workload=workload,
+                        metrics=metrics, seed=recipe.seed, runner=runner, progress=progress,
+                        fingerprint=analysis.fingerprint)
+    planner.settle(auto, loaded.runnable, target, budget, calibration=calibration, workload=workload,
+                   metrics=metrics, seed=recipe.seed, runner=runner, progress=progress)
+    if not auto.specs and not best_effort:
+        raise VerificationError(f"the planner found no rewrite that gains speed on '{target.name}' within"
+                                f" {budget.describe()} (--explain says why for each site; --best-effort writes"
+                                " the model unchanged)")
+    return dataclasses.replace(recipe, passes=";".join(auto.specs)), auto, calibration
 
 
 def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progress) -> Calibration | None:

@@ -119,7 +119,7 @@ def _calibration_aware(p: Pass) -> Pass:
 
 
 def make_plan(target: Target, passes: list[Pass] | str | None = None, *, task: str = "",
-              budget: Budget | None = None, calibration: str = "") -> Plan:
+              budget: Budget | None = None, calibration: str = "", chosen_by: str = "") -> Plan:
     """Plan for ``target``: the given passes, or the target's defaults when None.
 
     Args:
@@ -128,6 +128,7 @@ def make_plan(target: Target, passes: list[Pass] | str | None = None, *, task: s
         budget: the user's fidelity budget (None or empty: the default for the task).
         calibration: a description of the calibration data available ("" when there is none);
             with some, options left at their defaults take their calibration-aware values.
+        chosen_by: who chose ``passes`` when not the user ("the planner").
     """
     notes: list[str] = []
     if passes is None:
@@ -138,11 +139,11 @@ def make_plan(target: Target, passes: list[Pass] | str | None = None, *, task: s
                          " give --passes to run one anyway")
     else:
         chosen = parse_pass_specs(passes) if isinstance(passes, str) else list(passes)
-        reason = "requested with --passes"
+        reason = f"chosen by {chosen_by} (--explain says why)" if chosen_by else "requested with --passes"
     if calibration:
         upgraded = [_calibration_aware(p) for p in chosen]
         for before, after in zip(chosen, upgraded):
-            if after is not before:
+            if after is not before and not chosen_by:
                 notes.append(f"{before.id}: calibration data is available, so {after.spec()} replaces the"
                              f" calibration-free default (set method=... to choose)")
         chosen = upgraded

@@ -80,6 +80,9 @@ class Target:
     facts: dict[str, dict[str, Fact]] = field(default_factory=dict)  # provider -> form -> fact
     default_passes: str = ""  # pass spec the plan uses when none is given
     default_reason: str = ""
+    # peak_flops {dtype: FLOP/s dense}, sparse_flops {dtype: FLOP/s with 2:4}, bandwidth (bytes/s),
+    # devices, sources: what the cost model starts from without a measured profile
+    hardware: dict[str, Any] = field(default_factory=dict)
 
     @property
     def provider_names(self) -> list[str]:
@@ -107,6 +110,7 @@ class Target:
         return {
             "name": self.name, "description": self.description, "providers": self.provider_names,
             "default_passes": self.default_passes, "default_reason": self.default_reason,
+            "hardware": self.hardware,
             "gains": {form: _gain_dict(self.gain(form)) for form in FORMS},
         }
 
@@ -152,7 +156,8 @@ def _load() -> dict[str, Target]:
         providers = tuple(p if isinstance(p, str) else (p[0], dict(p[1])) for p in entry["providers"])
         names = [p if isinstance(p, str) else p[0] for p in providers]
         targets[name] = Target(name, entry["description"], providers, {p: facts.get(p, {}) for p in names},
-                               entry.get("default_passes", ""), entry.get("default_reason", ""))
+                               entry.get("default_passes", ""), entry.get("default_reason", ""),
+                               dict(entry.get("hardware") or {}))
     return targets
 
 

@@ -1,0 +1,330 @@
+"""The cost model: predicted latency of a graph, node by node, on a target.
+
+Every node gets its floating-point work and the bytes it moves, from the shapes the model really
+has on a workload (one ONNX Runtime run with every intermediate value exposed), and a time:
+
+    t(node) = overhead + max(flops / gemm_rate(flops), bytes / bandwidth)      linear algebra
+    t(node) = overhead + bytes / bandwidth                                     everything else
+
+``gemm_rate`` (FLOP/s as a function of a product's size), ``bandwidth`` and the per-node
+``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
+calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, a chain of
+tiny ops), or, without one, from the target's published peaks times default efficiencies (the
+plan says which). The kernel facts of the registry correct what a roofline cannot know: on the
+CPU provider a GroupQueryAttention window or a SparseAttention layout computes every causal
+score (the kernels mask, they do not skip); SparseAttention on the CPU runs 1.6x slower than
+GroupQueryAttention.
+
+Predictions are used as ratios (original against candidate, same workload, same profile):
+what a rewrite saves, not absolute times.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+GEMM_OPS = {"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBits", "FusedMatMul", "ConvTranspose"}
+ATTENTION_OPS = {"GroupQueryAttention", "SparseAttention", "MultiHeadAttention", "Attention"}
+CPU = "CPUExecutionProvider"
+# What the CPU provider's attention kernels really compute: a window or a layout is masked, not
+# skipped (docs/measurements/ort-1.32-cpu-kernels.md: 0.86-1.0x), and SparseAttention runs 1.6x
+# slower than GroupQueryAttention on the same layout.
+CPU_ATTENTION_SLOWDOWN = {"SparseAttention": 1.6}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    flops: float
+    bytes: float
+    kind: str  # gemm | attention | memory
+
+    def seconds(self, profile: Profile) -> float:
+        memory = self.bytes / profile.bandwidth
+        if self.kind == "memory":
+            return profile.overhead + memory
+        return profile.overhead + max(self.flops / profile.gemm_rate(self.flops), memory)
+
+
+@dataclass
+class Profile:
+    """How fast a machine runs products, memory traffic and nodes."""
+
+    name: str
+    gemm: list[tuple[float, float]]  # (flops of one product, FLOP/s reached), sorted by flops
+    bandwidth: float  # bytes/s of a large element-wise op
+    overhead: float  # seconds per node
+    source: str  # "measured on <host> (sparsec calibrate)" or "published peaks x default efficiencies"
+    threads: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def gemm_rate(self, flops: float) -> float:
+        """FLOP/s at this size: log-linear interpolation between the measured sizes."""
+        points = self.gemm
+        if flops <= points[0][0]:
+            return points[0][1] * max(flops / points[0][0], 1e-3) ** 0.5  # smaller: less efficient
+        if flops >= points[-1][0]:
+            return points[-1][1]
+        for (f0, r0), (f1, r1) in zip(points, points[1:]):
+            if f0 <= flops <= f1:
+                w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+                return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w)
+        return points[-1][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Profile:
+        data = dict(data)
+        data["gemm"] = [tuple(p) for p in data["gemm"]]
+        return cls(**data)
+
+
+def profile_dir() -> Path:
+    return Path(os.environ.get("SPARSEC_CACHE") or Path.home() / ".cache" / "sparsec") / "profiles"
+
+
+def profile_path(target: str) -> Path:
+    return profile_dir() / f"{target}-{platform.node() or 'host'}.json"
+
+
+def load_profile(target) -> Profile:
+    """The measured profile of ``target`` on this host, else one from its published peaks."""
+    path = profile_path(target.name)
+    if path.exists():
+        return Profile.from_dict(json.loads(path.read_text()))
+    return published_profile(target)
+
+
+def published_profile(target) -> Profile:
+    """A profile from the target's hardware facts (peak FLOP/s, bandwidth) times default
+    efficiencies: half the peak for large products, a quarter at 1 MFLOP, 60% of the bandwidth."""
+    hw = target.hardware or {}
+    peak = float(hw.get("peak_flops", {}).get("fp32", 1e11))
+    bandwidth = float(hw.get("bandwidth", 2e10))
+    overhead = float(hw.get("node_overhead", 5e-6))
+    return Profile(target.name, [(1e6, peak * 0.1), (1e8, peak * 0.3), (1e10, peak * 0.5)], bandwidth * 0.6,
+                   overhead, f"published peaks of '{target.name}' x default efficiencies (run `sparsec calibrate"
+                   f" --target {target.name}` on the machine to measure them)")
+
+
+# --- costs -------------------------------------------------------------------------------------
+
+def _bytes(shape, itemsize: int) -> float:
+    return float(np.prod(shape)) * itemsize if shape is not None else 0.0
+
+
+def _attention_flops(node, shapes: Mapping[str, tuple], provider: str) -> float:
+    """4 * B * N * S * T_eff * H for the attention ops (scores and context)."""
+    q = shapes.get(node.inputs[0].name) if node.inputs[0] is not None else None
+    if q is None or len(q) < 3:
+        return 0.0
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    heads = int(attrs.get("num_heads", 1))
+    b, s = q[0], q[1] if len(q) == 3 else q[2]
+    width = q[-1] if len(q) == 3 else q[1] * q[3]
+    head = width // heads if len(q) == 3 else q[3]
+    total = s
+    if node.op_type in ("GroupQueryAttention", "SparseAttention"):
+        key = shapes.get(node.inputs[3].name) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+        total = max(s, key[2]) if key is not None and node.op_type == "SparseAttention" else \
+            s + (key[2] if key is not None else 0)
+    causal = node.op_type in ("GroupQueryAttention", "SparseAttention") or int(attrs.get("unidirectional", 0))
+    keys = (total - s) + (s + 1) / 2 if causal else total  # average keys per query
+    window = int(attrs.get("local_window_size", -1))
+    if window > 0 and provider != CPU:  # the CPU kernel computes the window's scores and masks
+        keys = min(keys, window)
+    flops = 4.0 * b * heads * s * keys * head
+    if provider == CPU:
+        flops *= CPU_ATTENTION_SLOWDOWN.get(node.op_type, 1.0)
+    return flops
+
+
+def graph_costs(model, shapes: Mapping[str, tuple], itemsizes: Mapping[str, int],
+                provider: str = CPU) -> list[NodeCost]:
+    """The cost of every node of ``model`` (an onnx_ir Model) given its values' shapes."""
+    costs = []
+    for node in model.graph:
+        inputs = [v for v in node.inputs if v is not None]
+        moved = sum(_bytes(shapes.get(v.name), itemsizes.get(v.name, 4)) for v in inputs)
+        moved += sum(_bytes(shapes.get(v.name), itemsizes.get(v.name, 4)) for v in node.outputs)
+        op, flops, kind = node.op_type, 0.0, "memory"
+        out = shapes.get(node.outputs[0].name) if node.outputs else None
+        if op in GEMM_OPS and out is not None and inputs:
+            kind = "gemm"
+            a = shapes.get(inputs[0].name)
+            if op in ("MatMul", "MatMulInteger", "FusedMatMul") and a is not None:
+                flops = 2.0 * float(np.prod(out)) * a[-1]
+            elif op == "Gemm" and a is not None:
+                trans = node.attributes.get("transA")
+                k = a[0] if trans is not None and int(trans.value) else a[-1]
+                flops = 2.0 * float(np.prod(out)) * k
+            elif op in ("Conv", "ConvTranspose") and len(inputs) > 1:
+                w = inputs[1].shape if inputs[1].shape is not None else shapes.get(inputs[1].name)
+                if w is not None:
+                    flops = 2.0 * float(np.prod(out)) * float(np.prod(tuple(w)[1:]))
+            elif op == "MatMulNBits" and a is not None:
+                flops = 2.0 * float(np.prod(out)) * a[-1]
+        elif op in ATTENTION_OPS:
+            kind, flops = "attention", _attention_flops(node, shapes, provider)
+        elif op in ("MoE", "QMoE") and out is not None:
+            kind = "gemm"
+            k = int(node.attributes["k"].value) if "k" in node.attributes else 1
+            fc1 = inputs[2].shape if len(inputs) > 2 and inputs[2].shape is not None else None
+            if fc1 is not None:
+                tokens = float(np.prod(out[:-1]))
+                flops = 2.0 * tokens * k * (fc1[1] * fc1[2] + fc1[2] * fc1[1] / (2 if "swiglu" in str(
+                    node.attributes.get("activation_type").value if "activation_type" in node.attributes else "")
+                    else 1))
+        costs.append(NodeCost(node.name or op, op, flops, moved, kind))
+    return costs
+
+
+def observed_shapes(path: str | os.PathLike, feed: Mapping[str, np.ndarray], runner=None
+                    ) -> tuple[dict[str, tuple], dict[str, int]]:
+    """(shape, itemsize) of every value of the model at ``path`` on ``feed``: one ORT run with
+    every node output exposed (types from ONNX shape inference; a contrib op's outputs take its
+    first input's type), the graph optimizer off so the values are the graph's own."""
+    import onnx
+    from onnx import helper
+
+    from sparsec.runtime.kvcache import KVCache
+    from sparsec.runtime.session import cpu_runner, create_session
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    graph = proto.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)
+             if v.type.HasField("tensor_type")}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    shown = {o.name for o in graph.output}
+    for node in graph.node:
+        for name in node.output:
+            if not name or name in shown:
+                continue
+            elem = types.get(name) or next((types[i] for i in node.input if i in types), None)
+            if elem:
+                graph.output.append(helper.make_tensor_value_info(name, elem, None))
+                shown.add(name)
+    runner = runner or cpu_runner()
+    with tempfile.TemporaryDirectory(prefix="sparsec-cost-") as tmp:
+        exposed = Path(tmp) / "exposed.onnx"
+        onnx.save_model(proto, str(exposed), save_as_external_data=True, location="exposed.onnx.data")
+        session = create_session(exposed, providers=(CPU,), optimize=False)
+        inputs, shared = KVCache.of_session(session).feed(feed, session.get_inputs())
+        values = runner.run(session, inputs, shared=shared)
+        del session
+    arrays = {**values, **inputs}
+    shapes = {k: tuple(v.shape) for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    sizes = {k: v.dtype.itemsize for k, v in arrays.items() if isinstance(v, np.ndarray)}
+    for init in graph.initializer:
+        shapes[init.name] = tuple(init.dims)
+        sizes[init.name] = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return shapes, sizes
+
+
+@dataclass
+class Prediction:
+    seconds: float
+    nodes: list[tuple[NodeCost, float]]
+
+    def by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for cost, t in self.nodes:
+            out[cost.kind] = out.get(cost.kind, 0.0) + t
+        return out
+
+
+def predict(path: str | os.PathLike, feed: Mapping[str, np.ndarray], profile: Profile,
+            provider: str = CPU) -> Prediction:
+    """Predicted latency of the model at ``path`` on ``feed``."""
+    from sparsec.model_io import load_model
+
+    shapes, sizes = observed_shapes(path, feed)
+    model = load_model(path).model
+    costs = graph_costs(model, shapes, sizes, provider)
+    timed = [(c, c.seconds(profile)) for c in costs]
+    return Prediction(sum(t for _, t in timed), timed)
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+GEMM_SIZES = ((1, 576, 1536), (16, 384, 1536), (128, 384, 1536), (512, 384, 1536), (2048, 384, 1536),
+              (2048, 1536, 384), (512, 576, 1536), (2048, 1024, 4096))
+
+
+def _single_node(op: str, inputs: dict[str, tuple], attrs=None, consts: dict[str, np.ndarray] | None = None,
+                 chain: int = 1) -> bytes:
+    from onnx import TensorProto, helper, numpy_helper
+
+    names = list(inputs)
+    nodes, last = [], None
+    for i in range(chain):
+        ins = names if i == 0 else [last, names[1]]
+        last = f"y{i}"
+        nodes.append(helper.make_node(op, ins, [last], **(attrs or {})))
+    graph = helper.make_graph(
+        nodes, "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()
+                         if not consts or n not in consts],
+        [helper.make_tensor_value_info(last, TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for n, a in (consts or {}).items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    return model.SerializeToString()
+
+
+def _median_seconds(session, feed, repeats: int = 20) -> float:
+    for _ in range(3):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def calibrate(target, threads: int | None = None, progress=None) -> Profile:
+    """Measure this machine on the target's first provider (CPU only here): products of several
+    sizes, a large element-wise Add, and a chain of 64 tiny Adds (the per-node overhead)."""
+    from sparsec.runtime.session import create_session
+
+    rng = np.random.default_rng(0)
+    threads = threads or os.cpu_count() or 1
+    gemm = []
+    for m, k, n in GEMM_SIZES:
+        weight = rng.standard_normal((k, n)).astype(np.float32)
+        session = create_session(_single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight}),
+                                 providers=(CPU,), threads=threads)
+        t = _median_seconds(session, {"x": rng.standard_normal((m, k)).astype(np.float32)})
+        gemm.append((2.0 * m * k * n, 2.0 * m * k * n / t))
+    gemm.sort()
+    size = 1 << 22
+    session = create_session(_single_node("Add", {"a": [size], "b": [size]}), providers=(CPU,), threads=threads)
+    t = _median_seconds(session, {"a": np.ones(size, np.float32), "b": np.ones(size, np.float32)})
+    bandwidth = 3 * size * 4 / t
+    chain = 64
+    session = create_session(_single_node("Add", {"a": [1], "b": [1]}, chain=chain), providers=(CPU,), threads=threads)
+    overhead = _median_seconds(session, {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)}, 50) / chain
+    return Profile(target.name, gemm, bandwidth, overhead,
+                   f"measured on {platform.node() or 'this host'} ({platform.machine()}, {threads} threads) by"
+                   " `sparsec calibrate`", threads,
+                   {"processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M")})
+
+
+def save_profile(profile: Profile, target_name: str) -> Path:
+    path = profile_path(target_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(profile.to_dict(), indent=1))
+    return path

@@ -1,0 +1,291 @@
+"""The planner: which rewrite each site gets on a target, under a fidelity budget.
+
+When ``sparsec compile`` is given a budget and no passes, the planner chooses them:
+
+1. **Sites and options.** Every FFN (``ffn-neurons`` at 25/50/75% of its neurons, or ``moe``
+   with 2 or 4 of 8 experts), every attention block (``attention-heads`` at 25/50%), and for
+   decoders the attention fusion (``attention``, exact). A form the target's providers do not
+   accelerate is rejected before anything is computed (the targets registry says why), and so
+   is an option the cost model predicts no gain for.
+2. **Each option alone.** The pass runs on that site only; the cost model
+   (:mod:`sparsec.cost`) predicts what it saves on the workload, and its fidelity is measured on
+   the calibration inputs with the budget's own metric (held-out text is kept for the final
+   verdict). Its *budget use* is how much of the budget it spends: ``(1 - cos) / (1 - min_cos)``,
+   ``(ppl ratio - 1) / (max ratio - 1)``.
+3. **Choice.** Options are taken greedily by predicted saving per unit of budget use, at most
+   one per site, while the summed use stays under :data:`SAFETY` (drops roughly add up, not
+   exactly). The combination is then verified end to end by the compile like any plan; if it
+   misses the budget the planner drops the option with the least saving per use and tries again.
+
+Results of step 2 are cached by (model fingerprint, spec, target, workload), so a re-plan is
+fast. Deterministic for a seed. :class:`AutoPlan` carries every option considered, with its
+predicted saving, measured use and why it was chosen or rejected (``--explain``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SAFETY = 0.7  # the summed budget use the greedy choice stays under
+FFN_RATIOS = (0.25, 0.5, 0.75)
+HEAD_RATIOS = (0.25, 0.5)
+MOE_KS = (4, 2)
+MAX_RETRIES = 4
+
+
+@dataclass
+class Option:
+    site: str
+    family: str  # the pass
+    spec: str
+    form: str
+    saving: float | None = None  # predicted seconds saved on the workload
+    use: float | None = None  # share of the fidelity budget spent, measured alone
+    status: str = "considered"  # chosen | rejected | considered
+    reason: str = ""
+
+    @property
+    def value(self) -> float:
+        return (self.saving or 0.0) / max(self.use or 0.0, 1e-3)
+
+
+@dataclass
+class AutoPlan:
+    target: str
+    budget: str
+    options: list[Option]
+    specs: list[str]
+    predicted_seconds: float
+    original_seconds: float
+    profile: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def predicted_speedup(self) -> float:
+        return self.original_seconds / self.predicted_seconds if self.predicted_seconds else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in asdict(self).items() if k != "options"},
+                "predicted_speedup": self.predicted_speedup, "options": [asdict(o) for o in self.options]}
+
+    def lines(self) -> list[str]:
+        out = [f"planner for '{self.target}' under {self.budget}: {len(self.specs)} rewrite(s) chosen,"
+               f" predicted {self.predicted_speedup:.2f}x on the workload ({self.profile})"]
+        for site in dict.fromkeys(o.site for o in self.options):
+            out.append(f"  {site}")
+            for o in (o for o in self.options if o.site == site):
+                saving = f"saves {o.saving * 1e3:.2f} ms" if o.saving is not None else "-"
+                use = f"uses {o.use:.0%} of the budget" if o.use is not None else "-"
+                out.append(f"    {o.status:<9} {o.spec:<58} {saving:<17} {use:<26} {o.reason}")
+        out.extend(f"  note: {n}" for n in self.notes)
+        return out
+
+
+def budget_use(verdict, budget) -> float:
+    """How much of ``budget`` a candidate spends: the largest share over its criteria (1: all)."""
+    uses = []
+    if budget.min_cosine is not None:
+        uses.append(max((1 - o.cosine) for o in verdict.outputs) / max(1 - budget.min_cosine, 1e-9))
+    if budget.min_embedding_cosine is not None and "embedding_cosine_mean" in verdict.metrics:
+        uses.append((1 - verdict.metrics["embedding_cosine_mean"]) / max(1 - budget.min_embedding_cosine, 1e-9))
+    if budget.max_ppl_ratio is not None and "perplexity_ratio" in verdict.metrics:
+        uses.append((verdict.metrics["perplexity_ratio"] - 1) / max(budget.max_ppl_ratio - 1, 1e-9))
+    return max(max(uses), 0.0) if uses else 0.0
+
+
+def _cache_file(key: str) -> Path:
+    root = Path(os.environ.get("SPARSEC_CACHE") or Path.home() / ".cache" / "sparsec") / "plans"
+    return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+
+
+def _sites(model, ctx) -> dict[str, list[str]]:
+    """Labels of the sites each family would rewrite (from the passes' own matchers)."""
+    from sparsec.pipeline import parse_pass_specs
+
+    out = {}
+    for family in ("ffn-neurons", "attention-heads", "attention"):
+        (p,) = parse_pass_specs(family)
+        record = p.new_record()
+        try:
+            sites = p.match(model, ctx, record)
+        except Exception:  # a family that cannot even match this model offers nothing
+            sites = []
+        out[family] = [s.label for s in sites if getattr(s, "lowering", "gqa") != "mask"]
+    return out
+
+
+def _glob(label: str) -> str:
+    return label.replace("[", "?").replace("]", "?")
+
+
+def candidate_options(model, ctx, target) -> list[Option]:
+    """Every option of every site, the ones the target cannot accelerate already rejected."""
+    from sparsec.targets import MOE, STRUCTURED
+
+    sites = _sites(model, ctx)
+    options = []
+    for label in sites["ffn-neurons"]:
+        g = _glob(label)
+        options += [Option(label, "ffn-neurons", f"ffn-neurons:ratio={r},include={g}", STRUCTURED)
+                    for r in FFN_RATIOS]
+        options += [Option(label, "moe", f"moe:experts=8,k={k},include={g}", MOE) for k in MOE_KS]
+    for label in sites["attention-heads"]:
+        options += [Option(label, "attention-heads", f"attention-heads:ratio={r},include={_glob(label)}",
+                           STRUCTURED) for r in HEAD_RATIOS]
+    if sites["attention"]:
+        options.append(Option("attention blocks (all)", "attention", "attention", "none"))
+    for o in options:
+        if o.form != "none" and not target.gain(o.form).speedup:
+            o.status, o.reason = "rejected", f"no kernel on '{target.name}' turns {o.form} into speed"
+    return options
+
+
+def plan(source: str | os.PathLike, target, budget, *, calibration, workload: dict[str, np.ndarray],
+         metrics: Callable[[], list] = lambda: [], seed: int = 0, runner=None, progress=None,
+         fingerprint: str = "") -> AutoPlan:
+    """Choose the rewrites for the model at ``source`` (see the module's description)."""
+    from sparsec.cost import load_profile, predict
+    from sparsec.model_io import load_model, save_model
+    from sparsec.pipeline import PassContext, run_passes
+    from sparsec.progress import silent
+    from sparsec.verify import verify_models
+
+    progress = progress or silent()
+    profile = load_profile(target)
+    ctx = PassContext(target=target, calibration=calibration, seed=seed, runner=runner)
+    original = load_model(source).model
+    options = candidate_options(original, ctx, target)
+    notes = [] if "measured" in profile.source else [f"cost model: {profile.source}"]
+    with progress.task("predicting the original's latency"):
+        base = predict(source, workload, profile).seconds
+    scoring = list(calibration.feeds[:4]) if calibration is not None else []
+    if not scoring:
+        notes.append("no calibration inputs: options are scored on the workload input")
+        scoring = [workload]
+    workload_key = json.dumps({k: list(v.shape) for k, v in workload.items()}, sort_keys=True)
+    todo = [o for o in options if o.status == "considered"]
+    with tempfile.TemporaryDirectory(prefix="sparsec-plan-") as tmp:
+        for i, o in enumerate(progress.track(todo, "trying each option alone", total=len(todo))):
+            key = f"{fingerprint}|{o.spec}|{target.name}|{workload_key}|{budget.describe()}|{seed}|{profile.source}"
+            cached = _cache_file(key)
+            if fingerprint and cached.exists():
+                data = json.loads(cached.read_text())
+                o.saving, o.use, o.reason = data["saving"], data["use"], data.get("reason", "")
+            else:
+                model = load_model(source).model
+                try:
+                    (record,) = run_passes(model, passes_for([o.spec], calibration), ctx)
+                except Exception as exc:  # an option that cannot run is reported, not fatal
+                    o.status, o.reason = "rejected", f"the pass failed here: {exc}"
+                    continue
+                if not record.changed:
+                    o.status, o.reason = "rejected", "the pass changed nothing here"
+                    continue
+                path = save_model(model, Path(tmp) / f"option{i}.onnx", external_data=True)
+                o.saving = base - predict(path, workload, profile).seconds
+                verdict = verify_models(source, path, scoring, exact=False, metrics=metrics(), runner=runner)
+                o.use = budget_use(verdict, budget)
+                if fingerprint:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
+                    cached.write_text(json.dumps({"saving": o.saving, "use": o.use}))
+            if o.status != "considered":
+                continue
+            if o.saving is None or o.saving <= 0:
+                o.status, o.reason = "rejected", "the cost model predicts no gain on this target"
+            elif o.use > SAFETY:
+                o.status, o.reason = "rejected", "alone it spends more than the budget allows"
+    choose(options)
+    chosen = [o for o in options if o.status == "chosen"]
+    return AutoPlan(target.name, budget.describe(), options, ordered_specs(chosen),
+                    base - sum(o.saving for o in chosen), base, profile.source, notes)
+
+
+def choose(options: list[Option], exclude: set[str] = frozenset()) -> None:
+    """Greedy: the best saving per budget use first, one option per site, summed use <= SAFETY."""
+    spent, taken = 0.0, set()
+    for o in options:
+        if o.status == "chosen":
+            o.status = "considered"
+    pool = sorted((o for o in options if o.status == "considered" and o.spec not in exclude),
+                  key=lambda o: (-o.value, o.spec))
+    for o in pool:
+        if o.site in taken:
+            o.reason = o.reason or "another option of this site saves more per unit of budget"
+            continue
+        if spent + o.use > SAFETY:
+            o.reason = f"the budget is spent ({spent:.0%} of it by better options)"
+            continue
+        o.status, o.reason = "chosen", f"{o.saving * 1e3:.2f} ms for {o.use:.0%} of the budget"
+        spent += o.use
+        taken.add(o.site)
+
+
+def drop_weakest(auto: AutoPlan) -> bool:
+    """After a combination missed the budget: reject its option with the least saving per use
+    and choose again; False when nothing is left to drop."""
+    chosen = [o for o in auto.options if o.status == "chosen"]
+    if not chosen:
+        return False
+    weakest = min(chosen, key=lambda o: (o.value, o.spec))
+    weakest.status, weakest.reason = "rejected", "dropped: the combination missed the budget end to end"
+    choose(auto.options)
+    now = [o for o in auto.options if o.status == "chosen"]
+    auto.specs = ordered_specs(now)
+    auto.predicted_seconds = auto.original_seconds - sum(o.saving for o in now)
+    return True
+
+
+ORDER = ("attention-heads", "ffn-neurons", "moe", "attention")
+
+
+def ordered_specs(chosen: list[Option]) -> list[str]:
+    """Structured removal first (it needs the original blocks), then MoE, then fusion."""
+    return [o.spec for o in sorted(chosen, key=lambda o: (ORDER.index(o.family), o.spec))]
+
+
+def settle(auto: AutoPlan, source, target, budget, *, calibration, workload, metrics, seed: int = 0,
+           runner=None, progress=None) -> None:
+    """Verify the chosen combination end to end on the calibration inputs (every set) and drop
+    options until it is within the budget (at most :data:`MAX_RETRIES` times); its predicted
+    latency is the combined model's (savings measured alone need not add up)."""
+    from sparsec.cost import load_profile, predict
+    from sparsec.model_io import load_model, save_model
+    from sparsec.pipeline import PassContext, run_passes
+    from sparsec.progress import silent
+    from sparsec.verify import verify_models
+
+    progress = progress or silent()
+    ctx = PassContext(target=target, calibration=calibration, seed=seed, runner=runner)
+    feeds = list(calibration.feeds) if calibration is not None else []
+    for attempt in range(MAX_RETRIES + 1):
+        if not auto.specs or not feeds:
+            return
+        with tempfile.TemporaryDirectory(prefix="sparsec-settle-") as tmp, \
+                progress.task(f"verifying the chosen combination ({len(auto.specs)} rewrites)"):
+            model = load_model(source).model
+            run_passes(model, passes_for(auto.specs, calibration), ctx)
+            path = save_model(model, Path(tmp) / "combined.onnx", external_data=True)
+            use = budget_use(verify_models(source, path, feeds, exact=False, metrics=metrics(), runner=runner),
+                             budget)
+            auto.predicted_seconds = predict(path, workload, load_profile(target)).seconds
+        auto.notes.append(f"combination {attempt + 1}: {len(auto.specs)} rewrites use {use:.0%} of the budget on"
+                          " the calibration inputs")
+        if use <= 1.0 or not drop_weakest(auto):
+            return
+
+
+def passes_for(specs: list[str], calibration) -> list:
+    """The passes of ``specs`` with the calibration-aware defaults when there is data."""
+    from sparsec.pipeline import parse_pass_specs
+    from sparsec.plan import _calibration_aware
+
+    passes = parse_pass_specs(";".join(specs)) if specs else []
+    return [_calibration_aware(p) for p in passes] if calibration is not None else passes

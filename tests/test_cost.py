@@ -1,0 +1,111 @@
+"""The cost model: work and bytes per node from observed shapes, the roofline with a profile,
+the CPU provider's attention facts, and predictions that move the right way."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from sparsec.cost import CPU, NodeCost, Profile, graph_costs, observed_shapes, predict
+from tests.helpers import linear, save
+
+PROFILE = Profile("test", [(1e6, 1e10), (1e9, 1e11)], 1e10, 1e-6, "test")
+
+
+def test_a_product_costs_2mkn_flops_and_its_bytes(tmp_path):
+    from sparsec.model_io import load_model
+
+    path = save(linear(k=128, n=64), tmp_path / "m.onnx")
+    feed = {"X": np.ones((32, 128), np.float32)}
+    shapes, sizes = observed_shapes(path, feed)
+    (cost,) = [c for c in graph_costs(load_model(path).model, shapes, sizes) if c.op == "MatMul"]
+    assert cost.flops == 2 * 32 * 128 * 64
+    assert cost.bytes == 4 * (32 * 128 + 128 * 64 + 32 * 64)
+    assert cost.kind == "gemm"
+
+
+def test_profile_rates_interpolate_and_times_follow_the_roofline():
+    assert PROFILE.gemm_rate(1e6) == pytest.approx(1e10) and PROFILE.gemm_rate(1e9) == pytest.approx(1e11)
+    assert 1e10 < PROFILE.gemm_rate(3e7) < 1e11 and PROFILE.gemm_rate(1e12) == pytest.approx(1e11)
+    assert PROFILE.gemm_rate(1e4) < 1e10  # smaller than measured: less efficient, not more
+    compute = NodeCost("a", "MatMul", 1e9, 1e3, "gemm")
+    memory = NodeCost("b", "Add", 0, 1e9, "memory")
+    assert compute.seconds(PROFILE) == pytest.approx(1e-6 + 1e-2)
+    assert memory.seconds(PROFILE) == pytest.approx(1e-6 + 1e-1)
+
+
+def _gqa(window: int) -> ir.Model:
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "sl", "tl"], ["o", "pk", "pv"],
+                            domain="com.microsoft", num_heads=2, kv_num_heads=2, local_window_size=window)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 64, 32])
+                                            for n in "qkv"], [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    return ir.serde.deserialize_model(helper.make_model(graph))
+
+
+def test_cpu_attention_windows_cost_as_much_as_dense_elsewhere_less():
+    shapes = {"q": (1, 64, 32), "k": (1, 64, 32), "v": (1, 64, 32), "o": (1, 64, 32)}
+    sizes = dict.fromkeys(shapes, 4)
+    dense = graph_costs(_gqa(-1), shapes, sizes, CPU)[0].flops
+    assert dense == 4 * 1 * 2 * 64 * (65 / 2) * 16  # 4 B N S keys H, causal: (S + 1) / 2 keys on average
+    assert graph_costs(_gqa(8), shapes, sizes, CPU)[0].flops == dense  # the CPU kernel masks, it does not skip
+    assert graph_costs(_gqa(8), shapes, sizes, "CUDAExecutionProvider")[0].flops == 4 * 2 * 64 * 8 * 16
+
+
+def test_structured_pruning_is_predicted_faster_and_in_proportion(zoo_path, tmp_path):
+    from sparsec.models import bert
+    from tests.test_attention import rewrite
+
+    src = zoo_path("minilm")
+    feed = bert.encode(["A sentence of a few words for the cost model."] * 4)
+    profile = Profile("test", [(1e6, 2e10), (1e8, 6e10), (1e10, 8e10)], 2e10, 4e-6, "test")
+    base = predict(src, feed, profile)
+    _, half, _ = rewrite(src, "ffn-neurons:ratio=0.5", tmp_path / "half.onnx")
+    _, most, _ = rewrite(src, "ffn-neurons:ratio=0.75", tmp_path / "most.onnx")
+    t_half, t_most = predict(half, feed, profile).seconds, predict(most, feed, profile).seconds
+    assert base.seconds > t_half > t_most
+    ffn = sum(t for c, t in base.nodes if c.kind == "gemm") * 0.6  # FFNs: about 2/3 of MiniLM's products
+    assert base.seconds - t_half < 0.5 * ffn + 1e-4  # at most half of the FFN time goes
+
+
+@pytest.mark.integration
+def test_calibrate_measures_this_machine(tmp_path, monkeypatch):
+    from sparsec.cli import main
+    from sparsec.cost import load_profile
+    from sparsec.targets import get_target
+
+    monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))
+    assert "published" in load_profile(get_target("cpu")).source
+    assert main(["calibrate", "--target", "cpu", "--threads", "1"]) == 0
+    profile = load_profile(get_target("cpu"))
+    assert "measured" in profile.source and profile.threads == 1
+    assert all(rate > 1e8 for _, rate in profile.gemm) and profile.bandwidth > 1e8 and 0 < profile.overhead < 1e-3
+    assert main(["calibrate", "--target", "ampere"]) == 2  # a GPU target is not measured on this machine
+
+
+def test_bench_command_times_plain_and_shared_cache_models_side_by_side(kv_paths, capsys):
+    import json
+
+    from sparsec.cli import main
+
+    src, fused, sparse = kv_paths
+    assert main(["bench", str(src), str(fused), str(sparse), "--mode", "decode", "--context", "40", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["ratios"]) == {"original", str(fused), str(sparse)} and data["mode"] == "decode"
+    assert data["ratios"]["original"]["median"] == 1.0 and data["ratios"][str(sparse)]["median"] > 0
+    assert main(["bench", str(src), str(fused), "--mode", "decode", "--context", "40"]) == 0
+    assert "| original |" in capsys.readouterr().out
+    assert main(["bench", str(fused), str(fused), "--mode", "decode", "--target", "nosuch"]) == 2
+
+
+@pytest.fixture(scope="module")
+def kv_paths(tmp_path_factory):
+    from sparsec.models import build
+    from tests.test_attention import rewrite
+
+    src = build("tiny-llama-kv")
+    root = tmp_path_factory.mktemp("bench")
+    _, fused, _ = rewrite(src, "attention", root / "fused.onnx")
+    _, sparse, _ = rewrite(src, "attention:block=16,local_blocks=2,lowering=sparse,max_positions=256",
+                           root / "sparse.onnx")
+    return src, fused, sparse
