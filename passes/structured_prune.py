@@ -92,9 +92,11 @@ class StructuredPass(Pass):
                 record.skip(region, node=node)
                 continue
             packed = next((t.ref for t in region.tensors() if t.ref.packed is not None), None)
-            failure = select(region, opts.include, opts.exclude) or (MatchFailure(
-                Code.COMPRESSED, f"'{packed.name}' is stored compressed; run structured passes before"
-                " compress", node) if packed is not None else None)
+            # (a MatchFailure is falsy: it cannot be chained with `or`)
+            failure = select(region, opts.include, opts.exclude)
+            if failure is None and packed is not None:
+                failure = MatchFailure(Code.COMPRESSED, f"'{packed.name}' is stored compressed; run structured"
+                                       " passes before compress", node)
             if failure is not None:
                 record.skip(failure, site=region.label, node=node)
                 continue
@@ -230,9 +232,10 @@ def _exit_error(region: sp.Region, gram: np.ndarray, kept: np.ndarray, new_exit:
     W the original exit weight (features, out) and W' the refit one on the kept features."""
     w = region.exit.ref.numpy().astype(np.float64)
     w_new = new_exit.astype(np.float64)
-    full = float(np.einsum("fo,fg,go->", w, gram, w))
-    cross = float(np.einsum("ko,kg,go->", w_new, gram[kept], w))
-    kept_part = float(np.einsum("ko,kl,lo->", w_new, gram[np.ix_(kept, kept)], w_new))
+    gw = gram @ w  # (features, out): three traces as matrix products, not a naive three-way einsum
+    full = float(np.sum(w * gw))
+    cross = float(np.sum(w_new * gw[kept]))
+    kept_part = float(np.sum(w_new * (gram[np.ix_(kept, kept)] @ w_new)))
     return (max(full - 2 * cross + kept_part, 0.0) / full) ** 0.5 if full > 0 else 0.0
 
 

@@ -13,9 +13,11 @@ When ``sparsec compile`` is given a budget and no passes, the planner chooses th
    verdict). Its *budget use* is how much of the budget it spends: ``(1 - cos) / (1 - min_cos)``,
    ``(ppl ratio - 1) / (max ratio - 1)``.
 3. **Choice.** Options are taken greedily by predicted saving per unit of budget use, at most
-   one per site, while the summed use stays under :data:`SAFETY` (drops roughly add up, not
-   exactly). The combination is then verified end to end by the compile like any plan; if it
-   misses the budget the planner drops the option with the least saving per use and tries again.
+   one per site, while the summed use stays under :data:`SAFETY`. The combination is measured
+   end to end on the calibration inputs: drops compound rather than add, so the limit on the
+   summed use is rescaled by what the combination really used and the choice made again (at
+   most :data:`MAX_RETRIES` times); one still over budget loses its weakest options one by one.
+   The compile then verifies the result on held-out inputs like any plan.
 
 Results of step 2 are cached by (model fingerprint, spec, target, workload), so a re-plan is
 fast. Deterministic for a seed. :class:`AutoPlan` carries every option considered, with its
@@ -34,7 +36,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-SAFETY = 0.7  # the summed budget use the greedy choice stays under
+SAFETY = 0.7  # the summed budget use the greedy choice first stays under
+AIM = 0.85  # the share of the budget a rescaled choice aims to use end to end
 FFN_RATIOS = (0.25, 0.5, 0.75)
 HEAD_RATIOS = (0.25, 0.5)
 MOE_KS = (4, 2)
@@ -202,26 +205,25 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, workload: di
                 o.status, o.reason = "rejected", "the cost model predicts no gain on this target"
             elif o.use > SAFETY:
                 o.status, o.reason = "rejected", "alone it spends more than the budget allows"
-    choose(options)
+    choose(options, SAFETY)
     chosen = [o for o in options if o.status == "chosen"]
     return AutoPlan(target.name, budget.describe(), options, ordered_specs(chosen),
                     base - sum(o.saving for o in chosen), base, profile.source, notes)
 
 
-def choose(options: list[Option], exclude: set[str] = frozenset()) -> None:
-    """Greedy: the best saving per budget use first, one option per site, summed use <= SAFETY."""
+def choose(options: list[Option], limit: float = SAFETY) -> None:
+    """Greedy: the best saving per budget use first, one option per site, summed use <= ``limit``."""
     spent, taken = 0.0, set()
     for o in options:
         if o.status == "chosen":
-            o.status = "considered"
-    pool = sorted((o for o in options if o.status == "considered" and o.spec not in exclude),
-                  key=lambda o: (-o.value, o.spec))
+            o.status, o.reason = "considered", ""
+    pool = sorted((o for o in options if o.status == "considered"), key=lambda o: (-o.value, o.spec))
     for o in pool:
         if o.site in taken:
-            o.reason = o.reason or "another option of this site saves more per unit of budget"
+            o.reason = "another option of this site saves more per unit of budget"
             continue
-        if spent + o.use > SAFETY:
-            o.reason = f"the budget is spent ({spent:.0%} of it by better options)"
+        if spent + o.use > limit:
+            o.reason = f"the budget is spent ({spent:.0%} of it, measured alone, by better options)"
             continue
         o.status, o.reason = "chosen", f"{o.saving * 1e3:.2f} ms for {o.use:.0%} of the budget"
         spent += o.use
@@ -229,18 +231,21 @@ def choose(options: list[Option], exclude: set[str] = frozenset()) -> None:
 
 
 def drop_weakest(auto: AutoPlan) -> bool:
-    """After a combination missed the budget: reject its option with the least saving per use
-    and choose again; False when nothing is left to drop."""
+    """Reject the chosen option with the least saving per use (no other takes its place); False
+    when nothing is left to drop."""
     chosen = [o for o in auto.options if o.status == "chosen"]
     if not chosen:
         return False
     weakest = min(chosen, key=lambda o: (o.value, o.spec))
     weakest.status, weakest.reason = "rejected", "dropped: the combination missed the budget end to end"
-    choose(auto.options)
+    _update(auto)
+    return True
+
+
+def _update(auto: AutoPlan) -> None:
     now = [o for o in auto.options if o.status == "chosen"]
     auto.specs = ordered_specs(now)
     auto.predicted_seconds = auto.original_seconds - sum(o.saving for o in now)
-    return True
 
 
 ORDER = ("attention-heads", "ffn-neurons", "moe", "attention")
@@ -253,9 +258,12 @@ def ordered_specs(chosen: list[Option]) -> list[str]:
 
 def settle(auto: AutoPlan, source, target, budget, *, calibration, workload, metrics, seed: int = 0,
            runner=None, progress=None) -> None:
-    """Verify the chosen combination end to end on the calibration inputs (every set) and drop
-    options until it is within the budget (at most :data:`MAX_RETRIES` times); its predicted
-    latency is the combined model's (savings measured alone need not add up)."""
+    """Measure the chosen combination end to end on the calibration inputs (every set) and adjust.
+
+    Drops compound rather than add, so the sum of the options' uses that the greedy choice may
+    spend is rescaled from what each combination really used (aiming at :data:`AIM` of the
+    budget), at most :data:`MAX_RETRIES` times; a combination still over the budget then loses its
+    weakest options one by one. The predicted latency is the combined model's."""
     from sparsec.cost import load_profile, predict
     from sparsec.model_io import load_model, save_model
     from sparsec.pipeline import PassContext, run_passes
@@ -264,22 +272,36 @@ def settle(auto: AutoPlan, source, target, budget, *, calibration, workload, met
 
     progress = progress or silent()
     ctx = PassContext(target=target, calibration=calibration, seed=seed, runner=runner)
-    feeds = list(calibration.feeds) if calibration is not None else []
-    for attempt in range(MAX_RETRIES + 1):
-        if not auto.specs or not feeds:
-            return
+    feeds = list(calibration.feeds) if calibration is not None else [workload]
+    profile = load_profile(target)
+
+    def measure() -> float:
         with tempfile.TemporaryDirectory(prefix="sparsec-settle-") as tmp, \
-                progress.task(f"verifying the chosen combination ({len(auto.specs)} rewrites)"):
+                progress.task(f"measuring the chosen combination ({len(auto.specs)} rewrites)"):
             model = load_model(source).model
             run_passes(model, passes_for(auto.specs, calibration), ctx)
             path = save_model(model, Path(tmp) / "combined.onnx", external_data=True)
             use = budget_use(verify_models(source, path, feeds, exact=False, metrics=metrics(), runner=runner),
                              budget)
-            auto.predicted_seconds = predict(path, workload, load_profile(target)).seconds
-        auto.notes.append(f"combination {attempt + 1}: {len(auto.specs)} rewrites use {use:.0%} of the budget on"
-                          " the calibration inputs")
-        if use <= 1.0 or not drop_weakest(auto):
+            auto.predicted_seconds = predict(path, workload, profile).seconds
+        summed = sum(o.use for o in auto.options if o.status == "chosen")
+        auto.notes.append(f"{len(auto.specs)} rewrites (alone {summed:.0%} of the budget in sum) use {use:.0%} of it"
+                          " together on the calibration inputs")
+        return use
+
+    limit = SAFETY
+    for _ in range(MAX_RETRIES + 1):
+        _update(auto)
+        if not auto.specs:
             return
+        use = measure()
+        summed = sum(o.use for o in auto.options if o.status == "chosen")
+        if use <= 1.0 or summed <= 0:
+            return
+        limit = summed * AIM / use
+        choose(auto.options, limit)
+    while use > 1.0 and drop_weakest(auto) and auto.specs:
+        use = measure()
 
 
 def passes_for(specs: list[str], calibration) -> list:

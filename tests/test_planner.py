@@ -26,12 +26,15 @@ def test_greedy_takes_the_best_saving_per_budget_use_one_per_site_within_the_bud
     assert chosen == {"b", "c"} and sum(o.use for o in opts if o.status == "chosen") <= SAFETY
     assert "another option of this site" in next(o for o in opts if o.spec == "a").reason
     assert next(o for o in opts if o.spec == "e").status == "rejected"  # rejected options stay out
+    choose(opts, 0.12)  # a tighter limit (a combination used more than its options' sum): b alone fits
+    assert {o.spec for o in opts if o.status == "chosen"} == {"b"}
+    choose(opts)
     auto = AutoPlan("cpu", "test", opts, ["b", "c"], 1e-2 - 3e-3, 1e-2, "test")
     assert drop_weakest(auto)
-    assert next(o for o in opts if o.spec == "b").status in ("chosen", "rejected")
     dropped = [o for o in opts if o.reason.startswith("dropped")]
-    assert len(dropped) == 1 and dropped[0].spec in ("b", "c")
-    assert dropped[0].spec not in auto.specs
+    assert len(dropped) == 1 and dropped[0].spec in ("b", "c") and dropped[0].status == "rejected"
+    assert len(auto.specs) == 1 and dropped[0].spec not in auto.specs  # nothing else takes its place
+    assert auto.predicted_seconds == pytest.approx(1e-2 - sum(o.saving for o in opts if o.status == "chosen"))
 
 
 def test_compile_with_a_budget_and_no_passes_plans_explains_and_verifies(zoo_path, tmp_path, capsys):

@@ -170,3 +170,15 @@ def test_constants_an_exporter_merged_are_cloned_per_region(zoo_path, tmp_path):
     assert len(record.changed) == 2 and not record.skip_counts().get(Code.ESCAPES)
     record = prune_and_compare(path, "attention-heads:ratio=0.5", sp.match_attention, tmp_path)
     assert len(record.changed) == 2 and not record.skip_counts().get(Code.ESCAPES)
+
+
+def test_include_and_exclude_choose_the_regions(zoo_path):
+    """One FFN by its module path; the others skipped NOT_SELECTED; an excluded one EXCLUDED."""
+    model = load_model(zoo_path("minilm")).model
+    (record,) = run_passes(model, parse_pass_specs("ffn-neurons:ratio=0.5,include=*layer.2.output.dense"),
+                           PassContext())
+    assert [s.site for s in record.changed] == ["m.encoder.layer.2.output.dense"]
+    assert sum(s.code == Code.NOT_SELECTED.value for s in record.skipped) == 5
+    model = load_model(zoo_path("minilm")).model
+    (record,) = run_passes(model, parse_pass_specs("attention-heads:ratio=0.5,exclude=*layer.0*"), PassContext())
+    assert len(record.changed) == 5 and sum(s.code == Code.EXCLUDED.value for s in record.skipped) == 1
