@@ -342,17 +342,19 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
                                 tokenizer=recipe.calibration.get("tokenizer"),
                                 needed_by="the planner (it measures each option's fidelity)")
     with progress.task("preparing calibration data"):
-        calibration = source.calibration(loaded.model, recipe.calibration.get("samples") or DEFAULT_SAMPLES,
+        # twice the default: a quarter is kept out of the fitting to score the options on
+        calibration = source.calibration(loaded.model, recipe.calibration.get("samples") or 2 * DEFAULT_SAMPLES,
                                          recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
+    calibration, scoring = planner.split(calibration)
     budget = recipe.fidelity_budget()
     if budget.empty:
         budget = DEFAULT_BUDGETS[evaluation.task if evaluation else ""]
     workload = evaluation.feeds[0] if evaluation is not None else feeds_stage(loaded, recipe, runner).sets[0]
     metrics = evaluation.metrics if evaluation is not None else (lambda: [])
-    auto = planner.plan(loaded.runnable, target, budget, calibration=calibration, workload=workload,
+    auto = planner.plan(loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                         metrics=metrics, seed=recipe.seed, runner=runner, progress=progress,
                         fingerprint=analysis.fingerprint)
-    planner.settle(auto, loaded.runnable, target, budget, calibration=calibration, workload=workload,
+    planner.settle(auto, loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                    metrics=metrics, seed=recipe.seed, runner=runner, progress=progress)
     if not auto.specs and not best_effort:
         raise VerificationError(f"the planner found no rewrite that gains speed on '{target.name}' within"
