@@ -68,3 +68,20 @@ def test_runner_keeps_available_providers_and_says_which_are_missing():
 def test_to_dict_lists_every_form():
     data = get_target("edge").to_dict()
     assert set(data["gains"]) == set(FORMS) and data["providers"] == ["CPUExecutionProvider"]
+
+
+def test_every_target_has_hardware_figures_with_sources(capsys):
+    from sparsec.cli import main
+    from sparsec.cost import published_profile
+    from sparsec.targets import targets
+
+    for target in targets().values():
+        hw = target.hardware
+        assert hw["peak_flops"] and hw["bandwidth"] > 0 and hw["sources"], target.name
+        profile = published_profile(target)
+        assert profile.gemm_rate(1e12) < max(hw["peak_flops"].values())  # below the peak, never above
+        assert "published" in profile.source
+    gpu = targets()["hopper"].hardware
+    assert abs(gpu["sparse_flops"]["fp16"] / gpu["peak_flops"]["fp16"] - 2) < 1e-2  # 2:4 doubles the tensor-core peak
+    assert main(["targets"]) == 0
+    assert "ada: NVIDIA Ada" in capsys.readouterr().out
