@@ -131,9 +131,29 @@ def _plan_items(report: dict[str, Any]) -> list[str]:
     return items + [f"note: {n}" for n in report["plan"]["notes"]]
 
 
+def _planner_rows(report: dict[str, Any]) -> list[dict[str, str]]:
+    """Every option the planner considered (empty when the user gave the passes)."""
+    planner = report.get("planner") or {}
+    return [{"site": o["site"], "option": o["spec"], "status": o["status"],
+             "predicted saving": f"{o['saving'] * 1e3:.2f} ms" if o.get("saving") is not None else "",
+             "budget use": f"{o['use']:.0%}" if o.get("use") is not None else "", "why": o["reason"]}
+            for o in planner.get("options", [])]
+
+
+def _planner_summary(report: dict[str, Any]) -> str:
+    planner = report.get("planner") or {}
+    speed = report.get("speed") or {}
+    measured = speed.get("speedup")
+    text = (f"{len(planner.get('specs', []))} rewrites chosen under {planner.get('budget', '')};"
+            f" predicted {planner.get('predicted_speedup', 1.0):.2f}x ({planner.get('profile', '')})")
+    return text + (f"; measured {measured:.2f}x" if measured else "; measured: run with --benchmark")
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = ["# sparsec compile report", ""]
     lines += [f"- **{k}**: {v}" for k, v in _summary(report)]
+    if report.get("planner"):
+        lines += ["", "## Planner", "", _planner_summary(report), ""] + _md_table(_planner_rows(report))
     lines += ["", "## Plan", ""] + [f"- {item}" for item in _plan_items(report)]
     lines += ["", "## Passes", ""] + _md_table(_pass_rows(report))
     skips = _skip_rows(report)
@@ -247,6 +267,9 @@ def render_html(report: dict[str, Any], *, sensitivity: dict[str, Any] | None = 
              "<h2 id='plan'>Plan</h2><ul>" + "".join(f"<li>{html.escape(i)}</li>" for i in _plan_items(report))
              + "</ul>",
              "<h2 id='passes'>Passes</h2>" + _html_table(_pass_rows(report))]
+    if report.get("planner"):
+        parts.insert(2, f"<h2 id='planner'>Planner</h2><p>{html.escape(_planner_summary(report))}</p>"
+                     + _html_table(_planner_rows(report)))
     skips = _skip_rows(report)
     if skips:
         parts.append("<p>Skipped sites, by code:</p>" + _html_table(skips))

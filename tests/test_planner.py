@@ -76,3 +76,17 @@ def test_explicit_passes_are_not_planned(zoo_path, tmp_path, capsys, flag):
         args = ["--recipe", str(tmp_path / "r.yaml")]
     assert main(["compile", str(src), *args, "-o", str(tmp_path / "o.onnx")]) == 0
     assert "planner for" not in capsys.readouterr().out
+
+
+def test_reports_show_every_option_and_predicted_against_measured(zoo_path, tmp_path):
+    from html.parser import HTMLParser
+
+    src = zoo_path("tiny-bert")
+    out = tmp_path / "auto.onnx"
+    assert main(["compile", str(src), "--min-cosine", "0.97", "-o", str(out), "--benchmark",
+                 "--report", str(tmp_path / "r.html"), "--report", str(tmp_path / "r.md")]) == 0
+    md = (tmp_path / "r.md").read_text()
+    assert "## Planner" in md and "predicted" in md and "measured" in md and "rejected" in md
+    page = (tmp_path / "r.html").read_text()
+    assert "id='planner'" in page and page.count("<tr>") > 10
+    HTMLParser().feed(page)
