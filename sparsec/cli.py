@@ -110,8 +110,9 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
               help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
 @click.option("--explain", is_flag=True,
-              help="Let the planner choose the passes (also implied by a budget flag without --passes) and print,"
-              " per site, every option it considered: predicted gain, measured fidelity, why chosen or rejected.")
+              help="Let the planner choose the passes (also when a budget flag is given without --passes on a target"
+              " with no default plan, such as cpu) and print, per site, every option it considered: predicted"
+              " gain, measured fidelity, why chosen or rejected.")
 @click.option("--constant-initializers", is_flag=True,
               help="Treat initializers that are also listed as graph inputs (old exporters list every weight so)"
               " as constants, so passes may rewrite them.")

@@ -210,7 +210,8 @@ def compile(
     clock.lap("analyze")
     runner = target.runner(threads)
     auto = calibration = None
-    if recipe.passes is None and (explain or not recipe.fidelity_budget().empty):
+    # the planner chooses: asked for (--explain), or a budget on a target without a default plan
+    if recipe.passes is None and (explain or (not recipe.fidelity_budget().empty and not target.default_passes)):
         recipe, auto, calibration = auto_stage(loaded, recipe, target, analysis, evaluation, runner, progress,
                                                best_effort)
         if on_auto is not None:
@@ -310,10 +311,10 @@ def plan_stage(target: Target, recipe: Recipe, model: ir.Model, evaluation: Eval
         available = str(source) if isinstance(source, (str, os.PathLike)) else "user data"
     elif has_builtin_data(model):  # evaluation_data has already noted a missing tokenizer
         available = "builtin"
-    passes = recipe.pass_objects()
-    _check_packages(passes)
-    return make_plan(target, passes, task=evaluation.task if evaluation else "",
+    plan = make_plan(target, recipe.pass_objects(), task=evaluation.task if evaluation else "",
                      budget=recipe.fidelity_budget(), calibration=available, chosen_by=chosen_by)
+    _check_packages(plan.passes)  # after the calibration-aware defaults are chosen
+    return plan
 
 
 def _check_packages(passes) -> None:
