@@ -189,6 +189,9 @@ def compile(
         progress: where progress goes; silent by default.
         threads: ONNX Runtime intra-op threads.
         on_plan: called with the plan as soon as it is made (the CLI prints it first).
+        explain: let the planner choose the passes (it also does when a budget is given without
+            passes on a target with no default plan).
+        on_auto: called with the planner's AutoPlan (every option considered) when it ran.
 
     Raises:
         InputError, OptionError, OutputError: bad input (exit code 2), before any work.
@@ -330,13 +333,13 @@ def _check_packages(passes) -> None:
 
 def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: Analysis,
                evaluation: EvaluationData | None, runner: Runner, progress: Progress, best_effort: bool):
-    """The planner chooses the passes (a budget and no passes given): (the recipe with them, the
-    AutoPlan, the calibration data it measured options on)."""
+    """The planner chooses the passes: (the recipe with them, the AutoPlan, the calibration sets
+    the passes fit on). Nothing within the budget: VerificationError, or with ``best_effort`` no
+    passes (the model is written unchanged)."""
     import dataclasses
 
     from sparsec import planner
     from sparsec.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
-    from sparsec.errors import VerificationError
     from sparsec.plan import DEFAULT_BUDGETS
 
     source = calibration_source(recipe.calibration.get("source"), loaded.model,
@@ -361,7 +364,7 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
         raise VerificationError(f"the planner found no rewrite that gains speed on '{target.name}' within"
                                 f" {budget.describe()} (--explain says why for each site; --best-effort writes"
                                 " the model unchanged)")
-    return dataclasses.replace(recipe, passes=";".join(auto.specs)), auto, calibration
+    return dataclasses.replace(recipe, passes=";".join(auto.specs) if auto.specs else []), auto, calibration
 
 
 def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progress) -> Calibration | None:

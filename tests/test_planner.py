@@ -64,6 +64,10 @@ def test_a_budget_nothing_meets_writes_nothing(zoo_path, tmp_path, capsys):
     assert main(["compile", str(src), "--target", "cpu", "--min-cosine", "0.9999999", "-o", str(out)]) == 1
     err = capsys.readouterr().err
     assert "found no rewrite that gains speed" in err and not out.exists()
+    assert main(["compile", str(src), "--target", "cpu", "--min-cosine", "0.9999999", "-o", str(out),
+                 "--best-effort"]) == 0  # asked to write anyway: the model unchanged
+    report = json.loads((tmp_path / "auto.report.json").read_text())
+    assert report["planner"]["specs"] == [] and report["records"] == [] and out.exists()
 
 
 @pytest.mark.parametrize("flag", ["--passes", "--recipe"])
