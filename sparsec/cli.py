@@ -534,7 +534,7 @@ def bench_cmd(original, compiled, target, mode, context, inputs, dims, threads, 
     models = {"original": original, **{str(p): p for p in compiled}}
     own = {}
     for label, path in models.items():  # bounded and shared KV caches take inputs of their own
-        kv = KVCache.of(load_model(path).model.metadata_props)
+        kv = KVCache.of(load_model(path).model.metadata_props)  # also refuses a bad file with one line
         if not kv.plain:
             own[label] = kv.feed(feed)[0]
     with _progress().task("timing the models side by side"):

@@ -194,16 +194,25 @@ def graph_costs(model, shapes: Mapping[str, tuple], itemsizes: Mapping[str, int]
 
 def observed_shapes(path: str | os.PathLike, feed: Mapping[str, np.ndarray], runner=None
                     ) -> tuple[dict[str, tuple], dict[str, int]]:
-    """(shape, itemsize) of every value of the model at ``path`` on ``feed``: one ORT run with
-    every node output exposed (types from ONNX shape inference; a contrib op's outputs take its
-    first input's type), the graph optimizer off so the values are the graph's own."""
+    """(shape, itemsize) of every value of the model at ``path`` on ``feed`` (see :func:`_observe`)."""
+    shapes, sizes, _ = _observe(path, feed, runner)
+    return shapes, sizes
+
+
+def _observe(path: str | os.PathLike, feed: Mapping[str, np.ndarray], runner=None):
+    """(shapes, itemsizes, the model as an onnx_ir Model) of the model at ``path`` on ``feed``,
+    read from disk once: one ORT run with every node output exposed (types from ONNX shape
+    inference; a contrib op's outputs take its first input's type), the graph optimizer off so
+    the values are the graph's own."""
     import onnx
+    import onnx_ir as ir
     from onnx import helper
 
     from sparsec.runtime.kvcache import KVCache
     from sparsec.runtime.session import cpu_runner, create_session
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    model = ir.serde.deserialize_model(proto)  # taken before the exposed outputs are added below
     graph = proto.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input, *graph.output)
              if v.type.HasField("tensor_type")}
@@ -231,7 +240,7 @@ def observed_shapes(path: str | os.PathLike, feed: Mapping[str, np.ndarray], run
     for init in graph.initializer:
         shapes[init.name] = tuple(init.dims)
         sizes[init.name] = helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-    return shapes, sizes
+    return shapes, sizes, model
 
 
 @dataclass
@@ -249,10 +258,7 @@ class Prediction:
 def predict(path: str | os.PathLike, feed: Mapping[str, np.ndarray], profile: Profile,
             provider: str = CPU) -> Prediction:
     """Predicted latency of the model at ``path`` on ``feed``."""
-    from sparsec.model_io import load_model
-
-    shapes, sizes = observed_shapes(path, feed)
-    model = load_model(path).model
+    shapes, sizes, model = _observe(path, feed)
     costs = graph_costs(model, shapes, sizes, provider)
     timed = [(c, c.seconds(profile)) for c in costs]
     return Prediction(sum(t for _, t in timed), timed)

@@ -96,6 +96,10 @@ def test_bench_command_times_plain_and_shared_cache_models_side_by_side(kv_paths
     assert main(["bench", str(src), str(fused), "--mode", "decode", "--context", "40"]) == 0
     assert "| original |" in capsys.readouterr().out
     assert main(["bench", str(fused), str(fused), "--mode", "decode", "--target", "nosuch"]) == 2
+    junk = fused.parent / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert main(["bench", str(src), str(junk)]) == 2  # a bad file: one line, no traceback
+    assert "not an ONNX model" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
