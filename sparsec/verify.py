@@ -39,6 +39,7 @@ DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "bfloat16": (1e-2, 5e-2),
 }
 _SAMPLE_LIMIT = 200_000  # abs differences kept per output for the median / p99
+_CHUNK = 1 << 20  # elements compared at a time
 
 
 def tolerances_for(dtype: np.dtype, atol: float | None, rtol: float | None,
@@ -162,34 +163,48 @@ class _Accumulator:
             self.sq_cand += float(ref.size)
             self.sq_diff += float(unequal)
             return
-        a = ref.astype(np.float64).ravel()
-        b = cand.astype(np.float64).ravel()
-        finite = np.isfinite(a)
-        s.nonfinite += int((finite & ~np.isfinite(b)).sum())
-        ok = finite & np.isfinite(b)
-        a, b = a[ok], b[ok]
-        diff = np.abs(a - b)
-        s.failing += int(np.count_nonzero((diff > s.atol) & (diff > s.rtol * np.abs(a))))
         s.elements += int(ref.size)
-        if diff.size:
-            s.max_abs = max(s.max_abs, float(diff.max()))
-            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-                rel = np.where(diff == 0, 0.0, diff / np.abs(a))
-            s.max_rel = max(s.max_rel, float(rel.max()))
-            self.sum_abs += float(diff.sum())
-            take = min(diff.size, _SAMPLE_LIMIT)
-            self.samples.append(diff if take == diff.size else self.rng.choice(diff, take, replace=False))
-        self.sq_diff += float(np.dot(a - b, a - b))
+        rows = ref.ndim >= 2 and ref.size and np.issubdtype(ref.dtype, np.floating)
+        # in chunks of about a million elements: a decoder's logits (25M values a window) are
+        # otherwise copied to float64 several times over, which costs more than the model's run
+        width = ref.shape[-1] if rows else 1
+        ref2, cand2 = ref.reshape(-1, width), cand.reshape(-1, width)
+        step = max(1, _CHUNK // max(width, 1))
+        for i in range(0, ref2.shape[0], step):
+            self._add_chunk(ref2[i:i + step], cand2[i:i + step], bool(rows), _SAMPLE_LIMIT / ref.size)
+
+    def _add_chunk(self, ref: np.ndarray, cand: np.ndarray, rows: bool, share: float) -> None:
+        """Add a chunk; ``share``: the fraction of its absolute differences kept as a sample."""
+        s = self.stats
+        a, b = ref.astype(np.float64), cand.astype(np.float64)
+        finite_a, finite_b = np.isfinite(a), np.isfinite(b)
+        if rows:
+            den = np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                cos = np.where(den > 0, np.einsum("ij,ij->i", a, b) / np.where(den > 0, den, 1), 1.0)
+            self.row_cos.append(cos[np.isfinite(cos)])
+        a, b = a.ravel(), b.ravel()
+        if not (finite_a.all() and finite_b.all()):
+            s.nonfinite += int(np.count_nonzero(finite_a & ~finite_b))
+            ok = (finite_a & finite_b).ravel()
+            a, b = a[ok], b[ok]
+        if not a.size:
+            return
+        diff = a - b
+        self.sq_diff += float(np.dot(diff, diff))
         self.sq_ref += float(np.dot(a, a))
         self.sq_cand += float(np.dot(b, b))
         self.dot += float(np.dot(a, b))
-        if ref.ndim >= 2 and ref.size and np.issubdtype(ref.dtype, np.floating):
-            ra = ref.astype(np.float64).reshape(-1, ref.shape[-1])
-            rb = cand.astype(np.float64).reshape(-1, ref.shape[-1])
-            den = np.linalg.norm(ra, axis=1) * np.linalg.norm(rb, axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                cos = np.where(den > 0, (ra * rb).sum(axis=1) / np.where(den > 0, den, 1), 1.0)
-            self.row_cos.append(cos[np.isfinite(cos)])
+        np.abs(diff, out=diff)
+        np.abs(a, out=a)
+        s.failing += int(np.count_nonzero((diff > s.atol) & (diff > s.rtol * a)))
+        s.max_abs = max(s.max_abs, float(diff.max()))
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            s.max_rel = max(s.max_rel, float(np.max(np.where(diff == 0, 0.0, diff / a))))
+        self.sum_abs += float(diff.sum())
+        # a uniform sample, at most _SAMPLE_LIMIT per array; with replacement (drawing
+        # without it permutes the whole chunk)
+        self.samples.append(diff if share >= 1 else diff[self.rng.integers(0, diff.size, max(1, round(share * diff.size)))])
 
     def finish(self) -> OutputStats:
         s = self.stats
