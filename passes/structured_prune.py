@@ -117,26 +117,22 @@ class StructuredPass(Pass):
             return record
         if ctx.calibration is None:
             raise OptionError(f"{self.id}: method 'activation' needs --calib")
-        runner = ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
+        known = ctx.extras.get(DENSE_STATISTICS, {})
+        runner = None
         for region in ctx.progress.track(regions, f"{self.id}: {len(regions)} regions", total=len(regions)):
-            sq, gram = None, None
-            features = region.exit.ref.shape[region.exit.axis]
-            for x in runner.capture(region.exit_input):
-                a = _features(region, x)
-                sq = (a.astype(np.float64) ** 2).sum(0) + (0 if sq is None else sq)
-                if opts.reconstruct and region.kind != "channels":
-                    g = a.T.astype(np.float64) @ a
-                    gram = g if gram is None else gram + g
-            if sq is None or sq.shape != (features,):
-                raise PassError(f"{self.id}: captured {None if sq is None else sq.shape} features at"
-                                f" '{region.exit_input.name}', expected ({features},)")
+            if region.exit_input.name in known:
+                sq, gram = known[region.exit_input.name]
+            else:
+                runner = runner or ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
+                sq, gram = _statistics(region, runner.capture(region.exit_input), opts.reconstruct, self.id)
             per_unit = sq.reshape(region.units, -1).sum(1)
             scores = np.sqrt(per_unit) * self._exit_norms(region)
             kept = self.apply(region, scores, gram, record)
             if kept is not None:  # what is already computed of the exit input loses those units
                 index = _unit_index(kept, region.exit_unit)
                 axis = 1 if region.kind == "channels" else -1
-                runner.transform(region.exit_input, lambda arr: np.take(arr, index, axis=axis))
+                if runner is not None:
+                    runner.transform(region.exit_input, lambda arr: np.take(arr, index, axis=axis))
         record.notes.append(f"calibration: {ctx.calibration.source}")
         return record
 
@@ -209,6 +205,40 @@ def keep_units(region: sp.Region, kept: np.ndarray, new_exit: np.ndarray, pass_i
     touched |= {fix.node for fix in region.shape_fixes} | {fix.node for fix in region.attr_fixes}
     for node in touched:
         mark_changed(node, pass_id, reason)
+
+
+DENSE_STATISTICS = "structured.dense_statistics"  # PassContext.extras key, see dense_statistics
+
+
+def _statistics(region: sp.Region, arrays, gram: bool, who: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(per-feature sums of squares, Gram matrix or None) of the exit input over ``arrays``."""
+    features = region.exit.ref.shape[region.exit.axis]
+    sq, g = None, None
+    for x in arrays:
+        a = _features(region, x)
+        sq = (a.astype(np.float64) ** 2).sum(0) + (0 if sq is None else sq)
+        if gram and region.kind != "channels":
+            g = a.T.astype(np.float64) @ a + (0 if g is None else g)
+    if sq is None or sq.shape != (features,):
+        raise PassError(f"{who}: captured {None if sq is None else sq.shape} features at '{region.exit_input.name}',"
+                        f" expected ({features},)")
+    return sq, g
+
+
+def dense_statistics(model: ir.Model, regions: list[sp.Region], ctx: PassContext) -> dict:
+    """The exit-input statistics of every region of the unpruned ``model``, captured in one
+    staged run, by exit-input name. Put under ``ctx.extras[DENSE_STATISTICS]``, a structured pass
+    on a copy of the model takes every region's statistics from there instead of capturing them
+    layer by layer: the planner fits each option from one capture. (So an option that prunes
+    several regions fits the later ones on the unpruned upstream; a compile refits them on the
+    pruned one.)"""
+    order = {node: i for i, node in enumerate(model.graph)}
+    runner = ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
+    out = {}
+    for region in sorted(regions, key=lambda r: order[r.exit_node]):
+        if region.exit_input.name not in out:
+            out[region.exit_input.name] = _statistics(region, runner.capture(region.exit_input), True, "planner")
+    return out
 
 
 def _features(region: sp.Region, x: np.ndarray) -> np.ndarray:

@@ -15,14 +15,18 @@ When ``sparsec compile`` is given a budget and no passes, the planner chooses th
 3. **Choice.** Options are taken greedily by predicted saving per unit of budget use, at most
    one per site, while the summed use stays under :data:`SAFETY`. The combination is measured
    end to end on the calibration inputs: drops compound rather than add, so the limit on the
-   summed use is rescaled by what the combination really used and the choice made again (at
-   most :data:`MAX_RETRIES` times); one still over budget loses its weakest options one by one.
+   summed use is rescaled by what the combination really used (down when it missed the budget,
+   up when it left much of it unused) and the choice made again (at most :data:`MAX_RETRIES`
+   times); one still over budget loses its weakest options one by one.
    Measured on the sets the passes were not fitted on: scored on their own fitting data, MiniLM's
    structured options looked 5x cheaper than they were on held-out text.
    The compile then verifies the result on held-out inputs like any plan.
 
-Results of step 2 are cached by (model fingerprint, spec, target, workload), so a re-plan is
-fast. Deterministic for a seed. :class:`AutoPlan` carries every option considered, with its
+On deep models (more than :data:`MAX_SITES` sites of a family) the options are per group of
+consecutive sites. Step 2 fits every option from one capture of the calibration statistics of
+the unpruned model, predicts each distinct (option, site shapes) once, and runs the original on
+the scoring sets once (as many as :data:`REFERENCE_BYTES` of its outputs hold). Its results are
+cached by (model fingerprint, spec, target, workload), so a re-plan is fast. Deterministic for a seed. :class:`AutoPlan` carries every option considered, with its
 predicted saving, measured use and why it was chosen or rejected (``--explain``).
 """
 
@@ -44,6 +48,9 @@ FFN_RATIOS = (0.25, 0.5, 0.75)
 HEAD_RATIOS = (0.25, 0.5)
 MOE_KS = (4, 2)
 MAX_RETRIES = 4
+MAX_SITES = 12  # a family with more sites is planned per group of consecutive sites ...
+GROUPS = 6  # ... this many groups
+REFERENCE_BYTES = 512 << 20  # the reference outputs kept to score options on (whole input sets)
 
 
 @dataclass
@@ -56,6 +63,12 @@ class Option:
     use: float | None = None  # share of the fidelity budget spent, measured alone
     status: str = "considered"  # chosen | rejected | considered
     reason: str = ""
+    signature: tuple = field(default=(), repr=False)  # the site's shapes (savings are shared by equal ones)
+
+    @property
+    def shape_key(self) -> str:
+        """The option without its site: options with equal keys and signatures save the same."""
+        return f"{self.spec.split(',include=')[0]}|{self.signature}"
 
     @property
     def value(self) -> float:
@@ -79,7 +92,8 @@ class AutoPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in asdict(self).items() if k != "options"},
-                "predicted_speedup": self.predicted_speedup, "options": [asdict(o) for o in self.options]}
+                "predicted_speedup": self.predicted_speedup,
+                "options": [{k: v for k, v in asdict(o).items() if k != "signature"} for o in self.options]}
 
     def lines(self) -> list[str]:
         out = [f"planner for '{self.target}' under {self.budget}: {len(self.specs)} rewrite(s) chosen,"
@@ -111,8 +125,30 @@ def _cache_file(key: str) -> Path:
     return root / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
-def _sites(model, ctx) -> dict[str, list[str]]:
-    """Labels of the sites each family would rewrite (from the passes' own matchers)."""
+@dataclass
+class Site:
+    """A site the planner chooses for: one region, or a group of consecutive ones (deep models)."""
+
+    label: str
+    include: str  # the include patterns that select exactly these regions
+    signature: tuple  # the shapes of its tensors: equal signatures, equal predicted savings
+    regions: list = field(default_factory=list)
+
+
+def _group(family: str, regions: list) -> list[Site]:
+    def site(part):
+        label = part[0].label if len(part) == 1 else f"{part[0].label} .. {part[-1].label} ({len(part)} {family} sites)"
+        signature = tuple(tuple((t.ref.shape, t.axis) for t in r.tensors()) for r in part if hasattr(r, "tensors"))
+        return Site(label, "|".join(_glob(r.label) for r in part), signature, list(part))
+
+    if len(regions) <= MAX_SITES:
+        return [site([r]) for r in regions]
+    size = -(-len(regions) // GROUPS)
+    return [site(regions[i:i + size]) for i in range(0, len(regions), size)]
+
+
+def _sites(model, ctx) -> dict[str, list[Site]]:
+    """The sites of each family (from the passes' own matchers), grouped on deep models."""
     from sparsec.pipeline import parse_pass_specs
 
     out = {}
@@ -120,10 +156,10 @@ def _sites(model, ctx) -> dict[str, list[str]]:
         (p,) = parse_pass_specs(family)
         record = p.new_record()
         try:
-            sites = p.match(model, ctx, record)
+            regions = p.match(model, ctx, record)
         except Exception:  # a family that cannot even match this model offers nothing
-            sites = []
-        out[family] = [s.label for s in sites if getattr(s, "lowering", "gqa") != "mask"]
+            regions = []
+        out[family] = _group(family, [r for r in regions if getattr(r, "lowering", "gqa") != "mask"])
     return out
 
 
@@ -131,20 +167,20 @@ def _glob(label: str) -> str:
     return label.replace("[", "?").replace("]", "?")
 
 
-def candidate_options(model, ctx, target) -> list[Option]:
+def candidate_options(model, ctx, target, sites: dict[str, list[Site]] | None = None) -> list[Option]:
     """Every option of every site, the ones the target cannot accelerate already rejected."""
     from sparsec.targets import MOE, STRUCTURED
 
-    sites = _sites(model, ctx)
+    sites = sites if sites is not None else _sites(model, ctx)
     options = []
-    for label in sites["ffn-neurons"]:
-        g = _glob(label)
-        options += [Option(label, "ffn-neurons", f"ffn-neurons:ratio={r},include={g}", STRUCTURED)
-                    for r in FFN_RATIOS]
-        options += [Option(label, "moe", f"moe:experts=8,k={k},include={g}", MOE) for k in MOE_KS]
-    for label in sites["attention-heads"]:
-        options += [Option(label, "attention-heads", f"attention-heads:ratio={r},include={_glob(label)}",
-                           STRUCTURED) for r in HEAD_RATIOS]
+    for site in sites["ffn-neurons"]:
+        options += [Option(site.label, "ffn-neurons", f"ffn-neurons:ratio={r},include={site.include}", STRUCTURED,
+                           signature=site.signature) for r in FFN_RATIOS]
+        options += [Option(site.label, "moe", f"moe:experts=8,k={k},include={site.include}", MOE,
+                           signature=site.signature) for k in MOE_KS]
+    for site in sites["attention-heads"]:
+        options += [Option(site.label, "attention-heads", f"attention-heads:ratio={r},include={site.include}",
+                           STRUCTURED, signature=site.signature) for r in HEAD_RATIOS]
     if sites["attention"]:
         options.append(Option("attention blocks (all)", "attention", "attention", "none"))
     for o in options:
@@ -173,18 +209,23 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
          fingerprint: str = "") -> AutoPlan:
     """Choose the rewrites for the model at ``source`` (see the module's description): passes fit
     on ``calibration``, options are scored on ``scoring`` (input sets kept out of the fitting)."""
+    from sparsec.passes.structured_prune import DENSE_STATISTICS, dense_statistics
     from sparsec.cost import load_profile, predict
     from sparsec.model_io import load_model, save_model
     from sparsec.pipeline import PassContext, run_passes
     from sparsec.progress import silent
-    from sparsec.verify import verify_models
+    from sparsec.verify import reference_outputs, verify_against
 
     progress = progress or silent()
     profile = load_profile(target)
     ctx = PassContext(target=target, calibration=calibration, seed=seed, runner=runner)
     original = load_model(source).model
-    options = candidate_options(original, ctx, target)
+    sites = _sites(original, ctx)
+    options = candidate_options(original, ctx, target, sites)
     notes = [] if "measured" in profile.source else [f"cost model: {profile.source}"]
+    grouped = [f for f, found in sites.items() if found and len(found[0].regions) > 1]
+    if grouped:
+        notes.append(f"{', '.join(grouped)}: more than {MAX_SITES} sites, so options are per group of consecutive sites")
     with progress.task("predicting the original's latency"):
         base = predict(source, workload, profile).seconds
     if not scoring:
@@ -192,12 +233,27 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
         scoring = [workload]
     workload_key = json.dumps({k: list(v.shape) for k, v in workload.items()}, sort_keys=True)
     todo = [o for o in options if o.status == "considered"]
+    keys = {id(o): (f"{fingerprint}|{o.spec}|{target.name}|{workload_key}|{budget.describe()}|{seed}|{profile.source}"
+                    f"|{calibration.source if calibration is not None else ''}|{len(scoring)}") for o in todo}
+    fresh = [o for o in todo if not (fingerprint and _cache_file(keys[id(o)]).exists())]
+    is_fresh = {id(o) for o in fresh}
+    if fresh and calibration is not None and any(o.family in ("ffn-neurons", "attention-heads") for o in fresh):
+        regions = [r for f in ("ffn-neurons", "attention-heads") for site in sites[f] for r in site.regions]
+        with progress.task(f"capturing calibration statistics at {len(regions)} sites"):
+            ctx.extras[DENSE_STATISTICS] = dense_statistics(original, regions, ctx)
+    references: list = []
+    if fresh:
+        with progress.task("running the original on the scoring inputs"):
+            references = reference_outputs(source, scoring, runner=runner, max_bytes=REFERENCE_BYTES)
+        if len(references) < len(scoring):
+            notes.append(f"options are scored on {len(references)} of the {len(scoring)} scoring input sets"
+                         f" (the original's outputs on them are kept in memory, at most {REFERENCE_BYTES >> 20} MiB);"
+                         " the chosen combination on all of them")
+    savings: dict[str, float] = {}  # predicted saving by shape key: equal shapes, equal saving
     with tempfile.TemporaryDirectory(prefix="sparsec-plan-") as tmp:
         for i, o in enumerate(progress.track(todo, "trying each option alone", total=len(todo))):
-            key = (f"{fingerprint}|{o.spec}|{target.name}|{workload_key}|{budget.describe()}|{seed}|{profile.source}"
-                   f"|{calibration.source if calibration is not None else ''}|{len(scoring)}")
-            cached = _cache_file(key)
-            if fingerprint and cached.exists():
+            cached = _cache_file(keys[id(o)])
+            if id(o) not in is_fresh:
                 data = json.loads(cached.read_text())
                 o.saving, o.use, o.reason = data["saving"], data["use"], data.get("reason", "")
             else:
@@ -211,9 +267,14 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                     o.status, o.reason = "rejected", "the pass changed nothing here"
                     continue
                 path = save_model(model, Path(tmp) / f"option{i}.onnx", external_data=True)
-                o.saving = base - predict(path, workload, profile).seconds
-                verdict = verify_models(source, path, scoring, exact=False, metrics=metrics(), runner=runner)
+                if o.shape_key not in savings or not o.signature:
+                    savings[o.shape_key] = base - predict(path, workload, profile).seconds
+                o.saving = savings[o.shape_key]
+                verdict = verify_against(references, path, scoring, exact=False, metrics=metrics(), runner=runner,
+                                         outputs=budget.min_cosine is not None)
                 o.use = budget_use(verdict, budget)
+                for written in Path(tmp).glob(f"option{i}.*"):  # a decoder's options would fill the disk
+                    written.unlink()
                 if fingerprint:
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     cached.write_text(json.dumps({"saving": o.saving, "use": o.use}))
@@ -278,10 +339,12 @@ def settle(auto: AutoPlan, source, target, budget, *, calibration, scoring: list
            runner=None, progress=None) -> None:
     """Measure the chosen combination end to end on the scoring inputs and adjust.
 
-    Drops compound rather than add, so the sum of the options' uses that the greedy choice may
-    spend is rescaled from what each combination really used (aiming at :data:`AIM` of the
-    budget), at most :data:`MAX_RETRIES` times; a combination still over the budget then loses its
-    weakest options one by one. The predicted latency is the combined model's."""
+    Drops compound rather than add (or, between distant sites, partly cancel), so the sum of the
+    options' uses that the greedy choice may spend is rescaled from what each combination really
+    used, aiming at :data:`AIM` of the budget: down when it missed the budget, up when it left
+    more than ``1 - AIM`` of it unused; at most :data:`MAX_RETRIES` times. A larger combination
+    that misses the budget gives way to the last one within it; a combination still over the
+    budget loses its weakest options one by one. The predicted latency is the combined model's."""
     from sparsec.cost import load_profile, predict
     from sparsec.model_io import load_model, save_model
     from sparsec.pipeline import PassContext, run_passes
@@ -307,17 +370,43 @@ def settle(auto: AutoPlan, source, target, budget, *, calibration, scoring: list
                           " together on the scoring inputs")
         return use
 
-    limit = SAFETY
+    adjust(auto, measure)
+
+
+def adjust(auto: AutoPlan, measure: Callable[[], float]) -> None:
+    """:func:`settle`'s search: ``measure()`` gives the budget use of the chosen combination
+    (and sets its predicted latency)."""
+    within = None  # the last combination within the budget: (statuses, predicted seconds)
     for _ in range(MAX_RETRIES + 1):
         _update(auto)
         if not auto.specs:
             return
         use = measure()
         summed = sum(o.use for o in auto.options if o.status == "chosen")
-        if use <= 1.0 or summed <= 0:
+        if use <= 1.0:
+            within = ([(o.status, o.reason) for o in auto.options], auto.predicted_seconds)
+            if use >= AIM:
+                return
+        elif within is not None:  # grown past the budget
+            break
+        if summed <= 0:
             return
-        limit = summed * AIM / use
-        choose(auto.options, limit)
+        before = [(o.status, o.reason) for o in auto.options]
+        choose(auto.options, summed * AIM / use)  # less than the budget used: a larger limit
+        now = [o.status for o in auto.options]
+        if now == [status for status, _ in before]:
+            break
+        if "chosen" not in now:  # the limit left nothing: drop options one by one instead
+            for o, (status, reason) in zip(auto.options, before):
+                o.status, o.reason = status, reason
+            break
+    if within is not None and use > 1.0:  # growing overshot: back to the combination within it
+        for o, (status, reason) in zip(auto.options, within[0]):
+            o.status, o.reason = status, reason
+        _update(auto)
+        auto.predicted_seconds = within[1]
+        auto.notes.append("the larger combination missed the budget; the last one within it is kept")
+        return
     while use > 1.0 and drop_weakest(auto) and auto.specs:
         use = measure()
 

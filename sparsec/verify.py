@@ -279,13 +279,15 @@ def compare(
     metrics: Sequence[Metric] = (),
     seed: int = 0,
     floor: tuple[float, float] | None = None,
+    outputs: bool = True,
 ) -> Verdict:
-    """Accumulate (feed, reference outputs, candidate outputs) triples into a verdict."""
+    """Accumulate (feed, reference outputs, candidate outputs) triples into a verdict
+    (``outputs=False``: the task metrics only, no per-output comparison)."""
     accs: dict[str, _Accumulator] = {}
     count = 0
     for feed, ref, cand in results:
         count += 1
-        for name, r in ref.items():
+        for name, r in ref.items() if outputs else ():
             if name not in accs:
                 accs[name] = _Accumulator(name, atol, rtol, seed, floor)
             if name not in cand:
@@ -316,6 +318,51 @@ def run_pair(reference: str | os.PathLike, candidate: str | os.PathLike,
         cand_feed, shared = kv.feed(feed, inputs)
         cand = runner.run(cand_sess, cand_feed, ref_names, shared=shared)
         yield feed, *kv.view(ref, cand, KVCache.total(feed))
+
+
+def reference_outputs(reference: str | os.PathLike, feeds: Sequence[Mapping[str, np.ndarray]], *,
+                      runner: Runner | None = None, max_bytes: int | None = None) -> list[dict[str, Any]]:
+    """The reference's outputs on each of ``feeds``, kept for comparing several candidates
+    against (:func:`verify_against`); with ``max_bytes``, only as many sets as fit (at least one)."""
+    from sparsec.runtime.session import cpu_runner
+
+    runner = runner or cpu_runner()
+    session = runner.session(reference)
+    out, total = [], 0
+    for feed in feeds:
+        outputs = runner.run(session, feed)
+        total += sum(v.nbytes for v in outputs.values() if isinstance(v, np.ndarray))
+        if out and max_bytes is not None and total > max_bytes:
+            break
+        out.append(outputs)
+    return out
+
+
+def verify_against(references: Sequence[Mapping[str, Any]], candidate: str | os.PathLike,
+                   feeds: Sequence[Mapping[str, np.ndarray]], *, exact: bool = True, inputs: str = "",
+                   metrics: Sequence[Metric] = (), runner: Runner | None = None, outputs: bool = True) -> Verdict:
+    """:func:`verify_models` against the reference outputs of :func:`reference_outputs` (the
+    first ``len(references)`` of ``feeds``): only the candidate runs."""
+    from sparsec.runtime.kvcache import KVCache
+    from sparsec.runtime.session import cpu_runner
+
+    runner = runner or cpu_runner()
+    session = runner.session(candidate)
+    names = list(references[0]) if references else []
+    have = {o.name for o in session.get_outputs()}
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise InputError(f"the candidate has no output '{missing[0]}' (reference outputs: {', '.join(names)})")
+    kv = KVCache.of_session(session)
+
+    def triples():
+        for feed, ref in zip(feeds, references):
+            cand_feed, shared = kv.feed(feed, session.get_inputs())
+            cand = runner.run(session, cand_feed, names, shared=shared)
+            yield feed, *kv.view(ref, cand, KVCache.total(feed))
+
+    return compare(triples(), inputs=inputs, exact=exact, metrics=metrics, outputs=outputs,
+                   floor=recorded_floor(session.get_modelmeta().custom_metadata_map))
 
 
 def open_pair(reference: str | os.PathLike, candidate: str | os.PathLike, runner: Runner | None = None):

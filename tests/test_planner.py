@@ -3,6 +3,8 @@ compile choosing, explaining and verifying a plan when given a budget and no pas
 
 import json
 
+import numpy as np
+
 import pytest
 
 from sparsec.cli import main
@@ -94,3 +96,108 @@ def test_reports_show_every_option_and_predicted_against_measured(zoo_path, tmp_
     page = (tmp_path / "r.html").read_text()
     assert "id='planner'" in page and page.count("<tr>") > 10
     HTMLParser().feed(page)
+
+
+def _measured(table):
+    """A stand-in for the end-to-end measurement: the use of each chosen set of specs."""
+    calls = []
+
+    def measure(auto):
+        def run():
+            chosen = frozenset(o.spec for o in auto.options if o.status == "chosen")
+            calls.append(chosen)
+            auto.predicted_seconds = 1.0 - 0.1 * len(chosen)
+            return table(chosen)
+        return run
+    return measure, calls
+
+
+def _three():
+    return [Option(f"s{i}", "ffn-neurons", f"o{i}", "structured", saving=1e-3 * (3 - i), use=0.3) for i in range(3)]
+
+
+def test_a_combination_that_leaves_budget_unused_grows():
+    from sparsec.planner import adjust
+
+    opts = _three()
+    choose(opts)
+    auto = AutoPlan("cpu", "test", opts, [], 0.0, 1.0, "test")
+    measure, calls = _measured(lambda chosen: 0.25 * len(chosen) / 2 if len(chosen) < 3 else 0.6)
+    adjust(auto, measure(auto))
+    assert calls[0] == {"o0", "o1"}  # the greedy start: 0.6 of the budget in sum (SAFETY 0.7)
+    assert calls[-1] == {"o0", "o1", "o2"} and sorted(auto.specs) == ["o0", "o1", "o2"]
+
+
+def test_growing_past_the_budget_keeps_the_last_combination_within_it():
+    from sparsec.planner import adjust
+
+    opts = _three()
+    choose(opts)
+    auto = AutoPlan("cpu", "test", opts, [], 0.0, 1.0, "test")
+    measure, calls = _measured(lambda chosen: 0.25 if len(chosen) < 3 else 1.4)
+    adjust(auto, measure(auto))
+    assert calls == [{"o0", "o1"}, {"o0", "o1", "o2"}]
+    assert sorted(auto.specs) == ["o0", "o1"] and auto.predicted_seconds == pytest.approx(0.8)
+    assert next(o for o in opts if o.spec == "o2").status != "chosen"
+    assert any("the last one within it is kept" in n for n in auto.notes)
+
+
+def test_a_combination_over_the_budget_shrinks():
+    from sparsec.planner import adjust
+
+    opts = _three()
+    choose(opts)
+    auto = AutoPlan("cpu", "test", opts, [], 0.0, 1.0, "test")
+    measure, calls = _measured(lambda chosen: 0.9 * len(chosen))
+    adjust(auto, measure(auto))
+    assert calls[0] == {"o0", "o1"} and 0.9 * len(calls[-1]) <= 1.0 and auto.specs == ["o0"]
+
+
+def test_deep_models_are_planned_per_group_of_consecutive_sites(zoo_path, monkeypatch):
+    from sparsec import planner
+    from sparsec.model_io import load_model
+    from sparsec.pipeline import PassContext, parse_pass_specs
+
+    model = load_model(zoo_path("tiny-llama")).model
+    alone = planner._sites(model, PassContext())["ffn-neurons"]
+    assert len(alone) == 2 and alone[0].signature == alone[1].signature  # equal shapes: one prediction
+    monkeypatch.setattr(planner, "MAX_SITES", 1)
+    monkeypatch.setattr(planner, "GROUPS", 1)
+    (group,) = planner._sites(model, PassContext())["ffn-neurons"]
+    assert "(2 ffn-neurons sites)" in group.label and len(group.regions) == 2
+    (p,) = parse_pass_specs(f"ffn-neurons:ratio=0.5,include={group.include}")
+    assert len(p.run(model, PassContext()).changed) == 2  # the group's patterns select exactly its sites
+    (p,) = parse_pass_specs(f"ffn-neurons:ratio=0.5,include={alone[1].include}")
+    fresh = load_model(zoo_path("tiny-llama")).model
+    assert len(p.run(fresh, PassContext()).changed) == 1
+
+
+def test_options_fitted_from_one_capture_equal_a_pass_that_captures_itself(zoo_path):
+    """The planner fits every option from the unpruned model's statistics, captured once: for a
+    single site that is exactly what the pass captures on its own."""
+    from sparsec.data import Calibration
+    from sparsec.feeds import input_specs, random_feeds
+    from sparsec.model_io import load_model
+    from sparsec.passes.structured_prune import DENSE_STATISTICS, dense_statistics
+    from sparsec.pipeline import PassContext, parse_pass_specs
+    from sparsec.planner import _sites
+
+    src = zoo_path("tiny-llama")
+    original = load_model(src).model
+    calibration = Calibration(random_feeds(input_specs(original), seed=3, samples=3), "random")
+    sites = _sites(original, PassContext())
+    regions = [r for f in ("ffn-neurons", "attention-heads") for s in sites[f] for r in s.regions]
+    ctx = PassContext(calibration=calibration)
+    ctx.extras[DENSE_STATISTICS] = dense_statistics(original, regions, ctx)
+    for spec in (f"ffn-neurons:ratio=0.5,method=activation,include={sites['ffn-neurons'][1].include}",
+                 f"attention-heads:ratio=0.5,method=activation,include={sites['attention-heads'][1].include}"):
+        models = []
+        for c in (ctx, PassContext(calibration=calibration)):
+            model = load_model(src).model
+            (p,) = parse_pass_specs(spec)
+            assert len(p.run(model, c).changed) == 1
+            models.append({k: v.const_value.numpy() for k, v in model.graph.initializers.items()})
+        cached, captured = models
+        assert cached.keys() == captured.keys()
+        assert all(np.array_equal(cached[k], captured[k]) for k in cached)
+        assert any(cached[k].shape != v.const_value.shape for k, v in original.graph.initializers.items())

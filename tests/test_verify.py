@@ -129,3 +129,32 @@ def test_verify_applies_the_tolerance_floor_a_model_records(tmp_path):
     feeds = [{"X": np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)}]
     assert not verify_models(ref, plain, feeds).passed
     assert verify_models(ref, floored, feeds).passed
+
+
+def test_verifying_against_kept_reference_outputs_equals_running_both(tmp_path):
+    from sparsec.verify import reference_outputs, verify_against
+
+    a = save(linear(seed=0), tmp_path / "a.onnx")
+    c = save(linear(seed=1), tmp_path / "c.onnx")
+    feeds = random_feeds(input_specs(ir.serde.deserialize_model(linear())), samples=3)
+    refs = reference_outputs(a, feeds)
+    both, kept = verify_models(a, c, feeds, exact=False), verify_against(refs, c, feeds, exact=False)
+    assert kept.input_sets == 3 and kept.outputs[0].cosine == pytest.approx(both.outputs[0].cosine, abs=1e-12)
+    assert kept.outputs[0].cosine < 0.9  # a different model: the comparison saw it
+    assert verify_against(refs, a, feeds).passed
+    one_set = sum(v.nbytes for v in refs[0].values())
+    assert len(reference_outputs(a, feeds, max_bytes=one_set + 1)) == 1  # only what fits, at least one
+
+
+def test_large_outputs_compare_in_chunks_to_the_same_figures():
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((3, 1000, 1500)).astype(np.float32)  # several chunks
+    cand = ref + 0.1 * rng.standard_normal(ref.shape).astype(np.float32)
+    a, b = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+    s = verdict(ref, cand, exact=False).outputs[0]
+    assert s.cosine == pytest.approx(a @ b / np.sqrt((a @ a) * (b @ b)), abs=1e-12)
+    assert s.max_abs == pytest.approx(np.abs(a - b).max()) and s.elements == ref.size
+    assert s.median_abs == pytest.approx(np.median(np.abs(a - b)), rel=0.02)
+    rows = (ref.astype(np.float64) * cand).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(cand, axis=-1)
+    assert s.row_cosine_min == pytest.approx(rows.min(), abs=1e-9)
+    assert compare([({}, {"y": ref}, {"y": cand})], outputs=False).outputs == []
