@@ -1,30 +1,44 @@
-"""The planner's pick against a sweep of uniform configurations, MiniLM on this CPU.
+"""The planner's pick against other configurations of its own space, MiniLM.
 
-The planner (``sparsec compile --min-cosine B``, no passes) chooses per site; the sweep compiles
-every uniform combination of the same families -- each FFN at 0/25/50/75% of its neurons, each
-attention block at 0/25/50% of its heads, or every FFN as MoE with 4 or 2 of 8 experts -- with
-the same calibration data. Every candidate is verified on the held-out sentences with the same
-budget (``best_effort``, so the ones below it are still measured) and all are timed side by side
-with the original in one process. Reported: which meet the budget, the fastest that does, and
-the planner's pick.
+The planner (``sparsec compile --min-cosine B --explain``, no passes) chooses per site. It is
+compared with two families of configurations, all compiled with the same calibration data and
+verified on the same held-out sentences with the same budget (``best_effort``, so the ones
+below it are still measured):
 
-The planner's own space is larger (a ratio per site), so it can meet budgets no uniform
-configuration meets; a full sweep of its space (5 x 5 x ... options per site) is not feasible.
+* uniform: every FFN at 0/25/50/75% of its neurons and every attention block at 0/25/50% of its
+  heads, or every FFN as MoE with 4 or 2 of 8 experts;
+* sampled per-site combinations (``--random N``): the planner's space has about 3^12 x ... combinations, too
+  many to sweep, but a combination holding an option that alone spends more than the budget
+  does not meet it (drops compound), so the fastest plan within the budget is a maximal
+  combination of the options that alone fit. N such combinations are drawn (seeded): the
+  options in a random order, each taken while the sum of their alone-uses stays under a random
+  cap between 0.8 and 1.6 of the budget, one per site.
 
-    python benchmarks/planner_pick.py --min-cosine 0.98   # writes results/planner_pick_minilm.md
+Every configuration is then timed side by side with the original in one process (CPU), or, with
+``--export DIR``, written as specs for ``benchmarks/planner_gpu.py`` to build and time on the
+CUDA provider in fp16 (the machine with the GPU has neither the tokenizer nor the weights: speed
+depends on shapes only, so it builds each configuration from an fp16 copy of the original with
+magnitude scores, which keep as many units as the calibrated ones).
+
+    python benchmarks/planner_pick.py --min-cosine 0.98 --random 24   # results/planner_pick_minilm.md
+    python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --target hopper --export DIR --no-time
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import platform
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+PICK = "planner's pick"
 
 
 def uniform_specs() -> dict[str, str]:
@@ -39,59 +53,131 @@ def uniform_specs() -> dict[str, str]:
     return out
 
 
+def sampled_specs(options, count: int, seed: int = 0) -> dict[str, str]:
+    """``count`` maximal combinations of the options that alone fit the budget (see the module)."""
+    from sparsec.planner import ordered_specs
+
+    fit = [o for o in options if o.use is not None and o.use <= 1.0 and (o.saving or 0) > 0]
+    rng = np.random.default_rng(seed)
+    out: dict[str, str] = {}
+    for _ in range(count * 20):
+        if len(out) >= count:
+            break
+        cap, spent, taken = rng.uniform(0.8, 1.6), 0.0, {}
+        for i in rng.permutation(len(fit)):
+            o = fit[i]
+            if o.site not in taken and spent + o.use <= cap:
+                taken[o.site], spent = o, spent + o.use
+        spec = ";".join(ordered_specs(list(taken.values())))
+        if spec and spec not in out.values():
+            out[f"sampled {len(out) + 1} ({len(taken)} sites, {spent:.0%} alone)"] = spec
+    return out
+
+
+def _file(label: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in label)[:60] + ".onnx"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--min-cosine", type=float, default=0.98)
+    parser.add_argument("--target", default="cpu", help="the planner's target")
+    parser.add_argument("--random", type=int, default=0, help="sampled per-site combinations")
+    parser.add_argument("--export", type=Path, help="write specs, verdicts and an fp16 original for planner_gpu.py")
+    parser.add_argument("--no-time", action="store_true", help="do not time on this CPU")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sparsec" / "bench" / "planner_pick")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "planner_pick_minilm.md")
     args = parser.parse_args()
     from sparsec.compiler import compile
+    from sparsec.cost import load_profile, predict
     from sparsec.data import evaluation_data
     from sparsec.model_io import load_model
     from sparsec.models import build
     from sparsec.runtime.bench import compare_speed
+    from sparsec.targets import get_target
 
     src = build("minilm")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results, paths = {}, {"original": src}
-    pick = compile(src, min_cosine=args.min_cosine, output=args.workdir / "planner.onnx", best_effort=True,
-                   calib_samples=64)
-    results["planner's pick"] = pick
-    paths["planner's pick"] = args.workdir / "planner.onnx"
-    for label, spec in uniform_specs().items():
-        path = args.workdir / f"{label.replace(' ', '_').replace('%', 'pc').replace('+', 'p').replace(',', '')}.onnx"
+    results, paths, specs = {}, {"original": src}, {}
+    pick = compile(src, target=args.target, min_cosine=args.min_cosine, output=args.workdir / "planner.onnx",
+                   best_effort=True, calib_samples=64, explain=True)
+    results[PICK], paths[PICK] = pick, args.workdir / "planner.onnx"
+    specs[PICK] = ";".join(pick.auto.specs) if pick.auto else ""
+    specs.update(uniform_specs())
+    if args.random and pick.auto:
+        specs.update(sampled_specs(pick.auto.options, args.random))
+    for label, spec in specs.items():
+        if label == PICK:
+            continue
+        paths[label] = args.workdir / _file(label)
         # the same calibration data as the planner's passes: 48 of its 64 sentences
-        results[label] = compile(src, passes=spec, min_cosine=args.min_cosine, output=path, best_effort=True,
-                                 calib_samples=48)
-        paths[label] = path
+        results[label] = compile(src, target=args.target, passes=spec, min_cosine=args.min_cosine,
+                                 output=paths[label], best_effort=True, calib_samples=48)
         print(label, results[label].judgement.status, flush=True)
     feed = evaluation_data(load_model(src).model, 1).feeds[0]
-    speed = compare_speed(paths, feed, baseline="original", min_repeats=12, max_repeats=40)
+    profile = load_profile(get_target(args.target))
+    base = predict(src, feed, profile).seconds
+    predicted = {label: base / predict(path, feed, profile).seconds for label, path in paths.items() if label != "original"}
 
     def fidelity(result) -> float:
         verdict = result.verdicts.get("real") or result.verdicts.get("random")
         return verdict.min_cosine
 
-    meets = {label: r for label, r in results.items() if r.judgement.status == "WITHIN BUDGET"}
-    fastest = max((label for label in meets if label != "planner's pick"), key=lambda k: speed.ratios[k].median,
-                  default=None)
-    picked = speed.ratios["planner's pick"]
-    lines = [f"# The planner's pick against uniform configurations: MiniLM, --min-cosine {args.min_cosine}", "",
-             f"ONNX Runtime CPU provider, {platform.machine()}, {os.cpu_count()} cores. Fidelity: min output cosine"
-             " on the held-out sentences (the compile's verdict); speed: original time / model time, every model"
-             " interleaved in one process, median (p10-p90) on 16 held-out sentences.",
-             f"Planner: {len(pick.auto.specs) if pick.auto else 0} rewrites -- "
-             + ", ".join(f"`{s}`" for s in (pick.auto.specs if pick.auto else [])) + ".",
-             f"**Fastest uniform configuration within the budget: {fastest or 'none'}"
-             + (f" ({speed.ratios[fastest].median:.2f}x)" if fastest else "")
-             + f"; the planner's pick: {picked.median:.2f}x ({pick.judgement.status}).**",
-             "Command: `python benchmarks/planner_pick.py --min-cosine " + f"{args.min_cosine}`", "",
-             "| configuration | verdict | min output cosine | speedup |", "|---|---|---|---|"]
-    for label, result in results.items():
-        r = speed.ratios[label]
-        lines.append(f"| {label} | {result.judgement.status} | {fidelity(result):.4f} | {r.median:.2f}x"
-                     f" ({r.p10:.2f}-{r.p90:.2f}) |")
-    args.out.write_text("\n".join(lines) + "\n")
+    table = {label: {"spec": specs[label], "status": r.judgement.status, "cosine": fidelity(r),
+                     "predicted": predicted[label]} for label, r in results.items()}
+    if args.export:
+        export(args, src, feed, table, pick)
+    if args.no_time:
+        return
+    speed = compare_speed(paths, feed, baseline="original", min_repeats=12, max_repeats=40)
+    write_table(args.out, table, {k: (r.median, r.p10, r.p90) for k, r in speed.ratios.items()},
+                pick.auto.profile if pick.auto else "", args, f"ONNX Runtime CPU provider, {platform.machine()}, {os.cpu_count()} cores, fp32")
+
+
+def export(args, src, feed, table, pick) -> None:
+    """What planner_gpu.py needs: the configurations, an fp16 original, the workload."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    args.export.mkdir(parents=True, exist_ok=True)
+    onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(args.export / "minilm16.onnx"))
+    np.savez(args.export / "feed.npz", **feed)
+    (args.export / "configs.json").write_text(json.dumps(
+        {"min_cosine": args.min_cosine, "target": args.target, "planner": pick.auto.to_dict() if pick.auto else None,
+         "configs": table}, indent=1))
+
+
+def write_table(out: Path, table: dict, speed: dict, profile: str, args, where: str) -> None:
+    """The table of ``table``'s configurations (spec, status, cosine, predicted) with ``speed``
+    (label: (median, p10, p90)); ``profile``: the planner's cost-model profile."""
+    meets = [label for label, row in table.items() if row["status"] == "WITHIN BUDGET"]
+    fastest = max((label for label in meets if label != PICK), key=lambda k: speed[k][0], default=None)
+    picked = speed[PICK][0]
+    pick_specs = [s for s in table[PICK]["spec"].split(";") if s]
+    sampled = sum(label.startswith("sampled") for label in table)
+    within_5 = fastest is None or picked >= 0.95 * speed[fastest][0]
+    lines = [f"# The planner's pick against its space: MiniLM, --min-cosine {args.min_cosine}, target {args.target}", "",
+             f"{where}. Fidelity: min output cosine on the held-out sentences (the compile's verdict, fp32 on the"
+             " CPU); speed: original time / model time, every model interleaved in one process, median (p10-p90)"
+             " on 16 held-out sentences; predicted: the cost model's ratio for the target"
+             f" ({'measured profile' if 'measured' in profile else 'published peaks'}).",
+             f"Configurations: the planner's pick, {len(uniform_specs())} uniform ones and {sampled} sampled maximal"
+             " per-site combinations of the options that alone fit the budget (benchmarks/planner_pick.py says how).",
+             f"Planner: {len(pick_specs)} rewrites -- " + ", ".join(f"`{s}`" for s in pick_specs) + ".",
+             f"**Fastest other configuration within the budget: {fastest or 'none'}"
+             + (f" ({speed[fastest][0]:.2f}x)" if fastest else "")
+             + f"; the planner's pick: {picked:.2f}x ({table[PICK]['status']})"
+             + f"; within 5% of the fastest: {'yes' if within_5 else 'no'}.**",
+             f"Command: `python benchmarks/planner_pick.py --min-cosine {args.min_cosine} --random {args.random}"
+             f" --target {args.target}`", "",
+             "| configuration | verdict | min output cosine | predicted | speedup |", "|---|---|---|---|---|"]
+    for label, row in sorted(table.items(), key=lambda kv: (kv[0] != PICK, -speed[kv[0]][0])):
+        m, lo, hi = speed[label]
+        lines.append(f"| {label} | {row['status']} | {row['cosine']:.4f} | {row['predicted']:.2f}x | {m:.2f}x"
+                     f" ({lo:.2f}-{hi:.2f}) |")
+    lines += ["", "Specs of the sampled combinations:", ""]
+    lines += [f"- {label}: `{row['spec']}`" for label, row in table.items() if label.startswith("sampled")]
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

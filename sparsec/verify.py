@@ -330,10 +330,10 @@ def reference_outputs(reference: str | os.PathLike, feeds: Sequence[Mapping[str,
     session = runner.session(reference)
     out, total = [], 0
     for feed in feeds:
+        if out and max_bytes is not None and total * (len(out) + 1) / len(out) > max_bytes:
+            break  # another set of the same size would not fit
         outputs = runner.run(session, feed)
         total += sum(v.nbytes for v in outputs.values() if isinstance(v, np.ndarray))
-        if out and max_bytes is not None and total > max_bytes:
-            break
         out.append(outputs)
     return out
 
