@@ -256,6 +256,12 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
             if id(o) not in is_fresh:
                 data = json.loads(cached.read_text())
                 o.saving, o.use, o.reason = data["saving"], data["use"], data.get("reason", "")
+            elif savings.get(o.shape_key, 1.0) <= 0 and o.signature:
+                o.saving = savings[o.shape_key]  # the same option on a site of the same shapes: known
+            elif (milder := _milder_over(o, todo)) is not None:
+                o.status, o.reason = "rejected", f"the milder {milder.spec.split(',include=')[0]} alone already" \
+                                                 " spends more than the budget allows here"
+                continue
             else:
                 model = load_model(source).model
                 try:
@@ -288,6 +294,18 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
     chosen = [o for o in options if o.status == "chosen"]
     return AutoPlan(target.name, budget.describe(), options, ordered_specs(chosen),
                     base - sum(o.saving for o in chosen), base, profile.source, notes)
+
+
+def _milder_over(option: Option, options: list[Option]) -> Option | None:
+    """An option of the same site and family that removes less (the ones before ``option``:
+    lower ratios, more experts) and alone already spends more than :data:`SAFETY` of the budget;
+    the harsher one is not tried. Removing more units of a site does not lose less."""
+    for o in options:
+        if o is option:
+            return None
+        if o.site == option.site and o.family == option.family and o.use is not None and o.use > SAFETY:
+            return o
+    return None
 
 
 def choose(options: list[Option], limit: float = SAFETY) -> None:

@@ -201,3 +201,16 @@ def test_options_fitted_from_one_capture_equal_a_pass_that_captures_itself(zoo_p
         assert cached.keys() == captured.keys()
         assert all(np.array_equal(cached[k], captured[k]) for k in cached)
         assert any(cached[k].shape != v.const_value.shape for k, v in original.graph.initializers.items())
+
+
+def test_a_harsher_option_is_not_tried_where_a_milder_one_already_spends_too_much():
+    from sparsec.planner import _milder_over
+
+    opts = [Option("ffn0", "ffn-neurons", "ffn-neurons:ratio=0.25,include=a", "structured", saving=1e-3, use=0.9),
+            Option("ffn0", "ffn-neurons", "ffn-neurons:ratio=0.5,include=a", "structured"),
+            Option("ffn0", "moe", "moe:experts=8,k=4,include=a", "moe"),
+            Option("ffn1", "ffn-neurons", "ffn-neurons:ratio=0.5,include=b", "structured")]
+    assert _milder_over(opts[1], opts) is opts[0]
+    assert _milder_over(opts[2], opts) is None and _milder_over(opts[3], opts) is None  # other family, other site
+    opts[0].use = SAFETY  # within what one option may spend: the harsher one is tried
+    assert _milder_over(opts[1], opts) is None
