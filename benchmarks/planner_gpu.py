@@ -65,7 +65,7 @@ def main() -> None:
     runner = Runner.for_providers(["CUDAExecutionProvider"])
     speed = compare_speed(paths, feed, baseline="original", runner=runner, min_repeats=20, max_repeats=60)
     gpu = ort.get_device()
-    args.min_cosine, args.target, args.random = data["min_cosine"], data["target"], sum(
+    args.budget, args.model, args.target, args.random = data["budget"], data["model"], data["target"], sum(
         label.startswith("sampled") for label in table)
     write_table(args.out, table, {k: (r.median, r.p10, r.p90) for k, r in speed.ratios.items()},
                 (data["planner"] or {}).get("profile", ""), args,

@@ -1,4 +1,4 @@
-"""The planner's pick against other configurations of its own space, MiniLM.
+"""The planner's pick against other configurations of its own space: MiniLM, SmolLM2.
 
 The planner (``sparsec compile --min-cosine B --explain``, no passes) chooses per site. It is
 compared with two families of configurations, all compiled with the same calibration data and
@@ -21,6 +21,8 @@ depends on shapes only, so it builds each configuration from an fp16 copy of the
 magnitude scores, which keep as many units as the calibrated ones).
 
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24   # results/planner_pick_minilm.md
+    python benchmarks/planner_pick.py --model smollm2 --max-ppl-increase 1.2 \
+        --out benchmarks/results/planner_pick_smollm2.md    # uniform configurations of FFNs and heads only
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --target hopper --export DIR --no-time
 """
 
@@ -39,6 +41,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PICK = "planner's pick"
+SMOLLM2_UNIFORM = {"ffn 25%": "ffn-neurons:ratio=0.25", "ffn 50%": "ffn-neurons:ratio=0.5",
+                   "heads 25%": "attention-heads:ratio=0.25",
+                   "ffn 25% + heads 25%": "attention-heads:ratio=0.25;ffn-neurons:ratio=0.25"}
 
 
 def uniform_specs() -> dict[str, str]:
@@ -80,7 +85,9 @@ def _file(label: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("minilm", "smollm2"), default="minilm")
     parser.add_argument("--min-cosine", type=float, default=0.98)
+    parser.add_argument("--max-ppl-increase", type=float, help="the budget for smollm2")
     parser.add_argument("--target", default="cpu", help="the planner's target")
     parser.add_argument("--random", type=int, default=0, help="sampled per-site combinations")
     parser.add_argument("--export", type=Path, help="write specs, verdicts and an fp16 original for planner_gpu.py")
@@ -96,14 +103,16 @@ def main() -> None:
     from sparsec.runtime.bench import compare_speed
     from sparsec.targets import get_target
 
-    src = build("minilm")
+    src = build(args.model)
+    budget = {"max_ppl_increase": args.max_ppl_increase} if args.max_ppl_increase else {"min_cosine": args.min_cosine}
+    args.budget = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budget.items())
     args.workdir.mkdir(parents=True, exist_ok=True)
     results, paths, specs = {}, {"original": src}, {}
-    pick = compile(src, target=args.target, min_cosine=args.min_cosine, output=args.workdir / "planner.onnx",
+    pick = compile(src, target=args.target, **budget, output=args.workdir / "planner.onnx",
                    best_effort=True, calib_samples=64, explain=True)
     results[PICK], paths[PICK] = pick, args.workdir / "planner.onnx"
     specs[PICK] = ";".join(pick.auto.specs) if pick.auto else ""
-    specs.update(uniform_specs())
+    specs.update(uniform_specs() if args.model == "minilm" else SMOLLM2_UNIFORM)
     if args.random and pick.auto:
         specs.update(sampled_specs(pick.auto.options, args.random))
     for label, spec in specs.items():
@@ -111,7 +120,7 @@ def main() -> None:
             continue
         paths[label] = args.workdir / _file(label)
         # the same calibration data as the planner's passes: 48 of its 64 sentences
-        results[label] = compile(src, target=args.target, passes=spec, min_cosine=args.min_cosine,
+        results[label] = compile(src, target=args.target, passes=spec, **budget,
                                  output=paths[label], best_effort=True, calib_samples=48)
         print(label, results[label].judgement.status, flush=True)
     feed = evaluation_data(load_model(src).model, 1).feeds[0]
@@ -121,7 +130,7 @@ def main() -> None:
 
     def fidelity(result) -> float:
         verdict = result.verdicts.get("real") or result.verdicts.get("random")
-        return verdict.min_cosine
+        return verdict.metrics["perplexity_ratio"] if args.max_ppl_increase else verdict.min_cosine
 
     table = {label: {"spec": specs[label], "status": r.judgement.status, "cosine": fidelity(r),
                      "predicted": predicted[label]} for label, r in results.items()}
@@ -143,7 +152,7 @@ def export(args, src, feed, table, pick) -> None:
     onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(args.export / "minilm16.onnx"))
     np.savez(args.export / "feed.npz", **feed)
     (args.export / "configs.json").write_text(json.dumps(
-        {"min_cosine": args.min_cosine, "target": args.target, "planner": pick.auto.to_dict() if pick.auto else None,
+        {"budget": args.budget, "model": args.model, "target": args.target, "planner": pick.auto.to_dict() if pick.auto else None,
          "configs": table}, indent=1))
 
 
@@ -156,21 +165,22 @@ def write_table(out: Path, table: dict, speed: dict, profile: str, args, where: 
     pick_specs = [s for s in table[PICK]["spec"].split(";") if s]
     sampled = sum(label.startswith("sampled") for label in table)
     within_5 = fastest is None or picked >= 0.95 * speed[fastest][0]
-    lines = [f"# The planner's pick against its space: MiniLM, --min-cosine {args.min_cosine}, target {args.target}", "",
-             f"{where}. Fidelity: min output cosine on the held-out sentences (the compile's verdict, fp32 on the"
-             " CPU); speed: original time / model time, every model interleaved in one process, median (p10-p90)"
-             " on 16 held-out sentences; predicted: the cost model's ratio for the target"
+    metric = "perplexity ratio" if "ppl" in args.budget else "min output cosine"
+    lines = [f"# The planner's pick against its space: {args.model}, {args.budget}, target {args.target}", "",
+             f"{where}. Fidelity: {metric} on held-out {'text' if 'ppl' in args.budget else 'sentences'} (the"
+             " compile's verdict, fp32 on the CPU); speed: original time / model time, every model interleaved in one process, median (p10-p90)"
+             " on the first held-out input set; predicted: the cost model's ratio for the target"
              f" ({'measured profile' if 'measured' in profile else 'published peaks'}).",
-             f"Configurations: the planner's pick, {len(uniform_specs())} uniform ones and {sampled} sampled maximal"
+             f"Configurations: the planner's pick, {len(table) - 1 - sampled} uniform ones and {sampled} sampled maximal"
              " per-site combinations of the options that alone fit the budget (benchmarks/planner_pick.py says how).",
              f"Planner: {len(pick_specs)} rewrites -- " + ", ".join(f"`{s}`" for s in pick_specs) + ".",
              f"**Fastest other configuration within the budget: {fastest or 'none'}"
              + (f" ({speed[fastest][0]:.2f}x)" if fastest else "")
              + f"; the planner's pick: {picked:.2f}x ({table[PICK]['status']})"
              + f"; within 5% of the fastest: {'yes' if within_5 else 'no'}.**",
-             f"Command: `python benchmarks/planner_pick.py --min-cosine {args.min_cosine} --random {args.random}"
+             f"Command: `python benchmarks/planner_pick.py --model {args.model} {args.budget} --random {args.random}"
              f" --target {args.target}`", "",
-             "| configuration | verdict | min output cosine | predicted | speedup |", "|---|---|---|---|---|"]
+             f"| configuration | verdict | {metric} | predicted | speedup |", "|---|---|---|---|---|"]
     for label, row in sorted(table.items(), key=lambda kv: (kv[0] != PICK, -speed[kv[0]][0])):
         m, lo, hi = speed[label]
         lines.append(f"| {label} | {row['status']} | {row['cosine']:.4f} | {row['predicted']:.2f}x | {m:.2f}x"
