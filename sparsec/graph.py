@@ -186,6 +186,12 @@ class ConstantRef:
     def users(self) -> list[tuple[ir.Node, int]]:
         return [(use.node, use.idx) for use in self.value.uses()]
 
+    @property
+    def readers(self) -> list[ir.Node]:
+        """The nodes that read the weight (for a weight read through a decoding step, see
+        :class:`sparsec.passes.quantized.EncodedWeight`, the nodes behind it)."""
+        return [node for node, _ in self.users]
+
 
 def constant_ref(value: ir.Value | None) -> ConstantRef | None:
     """The constant behind ``value``, or None when it is computed or overridable at run time."""
