@@ -37,11 +37,14 @@ class Spill:
 
     def store(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
         data = np.asarray(array, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray does not)
-        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        dtype = ir.DataType.from_numpy(data.dtype)
+        # 4-bit codes are one per byte in numpy and two per byte on disk.
+        raw = ir.Tensor(data).tobytes() if dtype.bitwidth < 8 else memoryview(data.reshape(-1).view(np.uint8))
+        self._file.write(raw)
         self._file.flush()
-        tensor = ir.ExternalTensor(self.name, self.offset, data.nbytes, ir.DataType.from_numpy(data.dtype),
-                                   shape=ir.Shape(data.shape), name=name, base_dir=str(self.directory))
-        self.offset += data.nbytes
+        tensor = ir.ExternalTensor(self.name, self.offset, len(raw), dtype, shape=ir.Shape(data.shape),
+                                   name=name, base_dir=str(self.directory))
+        self.offset += len(raw)
         return tensor
 
     def close(self) -> None:

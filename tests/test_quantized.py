@@ -379,3 +379,26 @@ def test_analysis_measures_quantized_weights_after_dequantization():
     assert info.name == "q" and info.dtype == "UINT8" and info.nm == ["2:4", "4:8", "8:16"]
     assert info.zeros == 0.5 and np.mean(stored(model, "q") == 0) < 0.01  # zero codes are not zeros
     assert summarize_sparsity(analyze(model).weights)["linear_zero_fraction"] == 0.5
+
+
+def test_int4_codes_spilled_to_disk_are_packed_two_per_byte(tmp_path, monkeypatch):
+    """The streamed compile path writes rewritten weights to a spill file: int4 codes must be
+    packed there as in the in-memory path (numpy holds them one per byte)."""
+    from sparsec import compiler
+    from tests.helpers import save
+
+    proto, (q, scale, zp, attrs) = qdq_model("int4", "blocked", k=128, n=64)
+    src = save(proto, tmp_path / "src.onnx", external=True)
+    results = {}
+    for mode in ("memory", "streamed"):
+        if mode == "streamed":
+            monkeypatch.setattr(compiler, "STREAM_BYTES", 0)
+            monkeypatch.setattr("sparsec.graph.SPILL_MIN_BYTES", 1)
+        (tmp_path / mode).mkdir()
+        results[mode] = compiler.compile(src, passes="nm:min_params=0", output=tmp_path / mode / "m.onnx",
+                                         best_effort=True)
+    assert any("compiled streamed" in n for n in results["streamed"].notes)
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes()
+    new_q = load_model(tmp_path / "streamed" / "m.onnx").model.graph.initializers["q"].const_value.numpy()
+    assert new_q.dtype == ml_dtypes.int4 and is_nm(dequantize(new_q, scale, zp, attrs), 2, 4, axis=0)
