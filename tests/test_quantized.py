@@ -402,3 +402,71 @@ def test_int4_codes_spilled_to_disk_are_packed_two_per_byte(tmp_path, monkeypatc
         assert (tmp_path / "memory" / name).read_bytes() == (tmp_path / "streamed" / name).read_bytes()
     new_q = load_model(tmp_path / "streamed" / "m.onnx").model.graph.initializers["q"].const_value.numpy()
     assert new_q.dtype == ml_dtypes.int4 and is_nm(dequantize(new_q, scale, zp, attrs), 2, 4, axis=0)
+
+
+# --- a real model, quantized by ONNX Runtime's own tooling -------------------------------------
+
+@pytest.fixture(scope="module")
+def qdq_minilm(zoo_path, tmp_path_factory):
+    """MiniLM through onnxruntime.quantization.quantize_static: QDQ, int8 weights per output
+    channel (axis 1), uint8 activations calibrated on 16 sentences of the calibration half."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from sparsec.models.bert import calibration_inputs
+
+    feeds, _ = calibration_inputs(16, 64)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.sets = iter(feeds)
+
+        def get_next(self):
+            return next(self.sets, None)
+
+    path = tmp_path_factory.mktemp("qdq-minilm") / "model.onnx"
+    quantize_static(str(zoo_path("minilm")), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, op_types_to_quantize=["MatMul"],
+                    use_external_data_format=True)
+    return path
+
+
+def dequantized_weights(path):
+    """{MatMul name: (dequantized weight, scale, zero point)} for every MatMul reading a constant
+    through DequantizeLinear, from the ONNX file (numpy, the DequantizeLinear definition)."""
+    model = onnx.load(str(path))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for node in model.graph.node:
+        dq = producers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
+            continue
+        q, scale, zp = (inits[name] for name in dq.input)
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+        assert q.ndim == 2 and axis == 1 and scale.shape == (q.shape[1],)
+        out[node.name] = ((q.astype(np.int64) - zp).astype(np.float32) * scale, scale, zp)
+    return out
+
+
+def test_qdq_minilm_pruned_to_exact_2_4_through_the_cli(qdq_minilm, tmp_path, capsys):
+    import json
+
+    from sparsec.cli import main
+
+    out = tmp_path / "minilm.qdq.2_4.onnx"
+    code = main(["compile", str(qdq_minilm), "--passes", "nm", "--best-effort", "-o", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(out.with_name("minilm.qdq.2_4.report.json").read_text())
+    (record,) = report["records"]
+    assert record["changed"] == 36 and record["skipped"] == {"NOT_CONSTANT": 12}  # Q.K^T and P.V read activations
+    assert report["sparsity_after"]["nm_compliant"]["2:4"] == 36  # analysed after dequantization
+    before, after = dequantized_weights(qdq_minilm), dequantized_weights(out)
+    assert len(after) == 36 and after.keys() == before.keys()
+    for name, (w, scale, zp) in after.items():
+        assert is_nm(w, 2, 4, axis=0), name  # K is axis 0 of a MatMul's right operand
+        assert np.count_nonzero(w) <= w.size // 2
+        np.testing.assert_array_equal(scale, before[name][1])
+        np.testing.assert_array_equal(zp, before[name][2])
+    cosine = report["verification"]["real"]["metrics"]["embedding_cosine_mean"]
+    assert 0.5 < cosine < 1 and f"embedding_cosine_mean | {cosine:.6f}" in printed
