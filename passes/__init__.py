@@ -3,6 +3,7 @@
 Importing this package registers every built-in pass; ``sparsec passes`` lists them.
 
 * :mod:`.patterns` -- the shared subgraph matchers and skip codes
+* :mod:`.quantized` -- weights read through DequantizeLinear, MatMulNBits or Cast: decode, re-encode
 * :mod:`.prune` -- the weight-pruning site loop shared by the pruning passes
 * :mod:`.prune_methods` -- magnitude, Wanda and SparseGPT on one weight
 * :mod:`.nm_prune` -- ``nm``: N:M semi-structured pruning

@@ -42,7 +42,8 @@ class BlockPrunePass(WeightPrunePass):
 
     id = "block"
     summary = "block pruning: whole tiles (4x4 to 32x32) of a weight set to zero"
-    matches = "MatMul / Gemm / Conv with a constant float weight whose canonical shape divides by the block"
+    matches = ("MatMul / Gemm / Conv with a constant float weight (stored as it is, behind DequantizeLinear"
+               " or Cast) or a com.microsoft MatMulNBits, whose canonical shape divides by the block")
     Options = BlockOptions
 
     def layout(self, sparsity: float | None = None) -> BlockLayout:

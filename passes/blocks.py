@@ -235,7 +235,7 @@ def _forward(start: ir.Value, nodes: set[ir.Node]) -> set[ir.Node]:
 
 def match_ffn_block(exit_node: ir.Node) -> FfnBlock | MatchFailure:
     """An FFN ending in ``exit_node`` (MatMul with a constant (I, H) weight on the right)."""
-    down = match_linear_weight(exit_node)
+    down = match_linear_weight(exit_node, decode=False)
     if not down or down.op != "MatMul" or down.input_index != 1 or len(down.weight.shape) != 2:
         return MatchFailure(Code.NOT_A_REGION, "not a MatMul with a constant 2-D weight on the right"
                             + (f" ({down.message})" if not down else ""), exit_node)
@@ -245,7 +245,7 @@ def match_ffn_block(exit_node: ir.Node) -> FfnBlock | MatchFailure:
         producer = value.producer()
         if producer is None or producer.op_type not in ("MatMul", "Gemm") or producer.domain not in ("", "ai.onnx"):
             return False
-        entry = match_linear_weight(producer)
+        entry = match_linear_weight(producer, decode=False)
         return bool(entry) and entry.input_index == 1 and len(entry.weight.shape) == 2 and \
             entry.weight.shape[entry.out_axis] == units
 
@@ -255,7 +255,7 @@ def match_ffn_block(exit_node: ir.Node) -> FfnBlock | MatchFailure:
     nodes, stops, consts = walked
     if not stops:
         return MatchFailure(Code.NOT_A_REGION, "no MatMul producing the hidden units", exit_node)
-    entries = [match_linear_weight(v.producer()) for v in stops]
+    entries = [match_linear_weight(v.producer(), decode=False) for v in stops]
     if len({e.node.inputs[0] for e in entries}) != 1:
         return MatchFailure(Code.NOT_A_REGION, "the hidden units come from MatMuls of different inputs", exit_node)
     region = set(nodes)
@@ -372,7 +372,7 @@ def _projection(value: ir.Value) -> Projection | None:
                 break
     if p is None or p.op_type != "MatMul":
         return None
-    site = match_linear_weight(p)
+    site = match_linear_weight(p, decode=False)
     if not site or site.input_index != 1 or len(site.weight.shape) != 2:
         return None
     return Projection(t, r, pieces, head_dim, bias, site)
@@ -564,7 +564,7 @@ def _describe_core(block: AttentionBlock, upstream: set[ir.Node], graph_outputs:
 
 def match_attention_block(exit_node: ir.Node, model: ir.Model | None = None) -> AttentionBlock | MatchFailure:
     """Multi-head (or grouped-query) attention whose output projection is ``exit_node``."""
-    site = match_linear_weight(exit_node)
+    site = match_linear_weight(exit_node, decode=False)
     if not site or site.op != "MatMul" or site.input_index != 1 or len(site.weight.shape) != 2:
         return MatchFailure(Code.NOT_A_REGION, "not a MatMul with a constant 2-D weight on the right", exit_node)
     reshape = exit_node.inputs[0].producer()

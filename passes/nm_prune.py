@@ -9,6 +9,9 @@ Lossy: the model's outputs change; compile measures the fidelity. Only TensorRT 
 ``trt_sparsity_enable``) runs 2:4 weights faster; see ``sparsec targets``. Methods: magnitude,
 wanda, sparsegpt (see :mod:`sparsec.passes.prune_methods`).
 
+Quantized weights (DequantizeLinear, MatMulNBits) are pruned after dequantization and
+written back with pruned codes equal to their zero point, so they dequantize to exactly 0.
+
 Skipped (see :mod:`sparsec.passes.prune` for the common rules): K not divisible by M
 (NOT_DIVISIBLE); weights already N:M (ALREADY_SPARSE: left bit-identical, so a second run
 changes nothing).
@@ -42,7 +45,8 @@ class NMPrunePass(WeightPrunePass):
 
     id = "nm"
     summary = "N:M semi-structured pruning (2:4 default) along the reduction axis"
-    matches = "MatMul / Gemm / Conv with a constant float weight whose reduction size divides by M"
+    matches = ("MatMul / Gemm / Conv with a constant float weight (stored as it is, behind DequantizeLinear"
+               " or Cast) or a com.microsoft MatMulNBits, whose reduction size divides by M")
     Options = NMOptions
 
     def layout(self, sparsity: float | None = None) -> NMLayout:

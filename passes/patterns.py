@@ -7,9 +7,11 @@ Passes turn failures into skipped sites in their record, grouped by code; tests 
 Matchers here:
 
 * :func:`match_linear_weight` -- a MatMul, Gemm or Conv whose weight operand is a constant
-  (initializer or Constant node), with the axis its products are summed over.
+  (initializer or Constant node), with the axis its products are summed over; the constant
+  may be read through DequantizeLinear or Cast, and a com.microsoft MatMulNBits is a MatMul
+  with a packed 2/4/8-bit weight (see :mod:`sparsec.passes.quantized` for the codecs).
 * :func:`check_shared_weight` -- a weight read by several nodes is only safe to rewrite when
-  every reader is a linear site summing over the same axis.
+  every reader is a linear site summing over the same axis (and decoding it the same way).
 * :func:`select` -- include / exclude glob patterns over a site's label, node and weight names.
 """
 
@@ -24,6 +26,9 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsec.graph import ConstantRef, constant_ref, node_label
+
+from . import quantized
+from .quantized import EncodedWeight
 
 
 class Code(str, enum.Enum):
@@ -71,10 +76,12 @@ class Code(str, enum.Enum):
 
 
 MEANINGS: dict[Code, str] = {
-    Code.NOT_LINEAR: "the op is not a MatMul, Gemm or Conv",
+    Code.NOT_LINEAR: "the op is not a MatMul, Gemm, Conv or MatMulNBits",
     Code.NOT_CONSTANT: "the weight is computed at run time, so it cannot be rewritten ahead of time",
     Code.GRAPH_INPUT: "the weight is also a graph input: callers may override it (--constant-initializers)",
-    Code.QUANTIZED: "the weight comes out of DequantizeLinear (a quantized weight)",
+    Code.QUANTIZED: "stored quantized or cast in a form this pass cannot rewrite exactly (float8"
+                    " codes, MatMulNBits g_idx or prepacked B, fractional zero points; any, for"
+                    " passes that resize weights)",
     Code.DTYPE_UNSUPPORTED: "the weight is not floating point",
     Code.RANK_UNSUPPORTED: "the weight's rank does not fit the layout",
     Code.NOT_DIVISIBLE: "the weight's shape does not divide into the layout's groups or tiles",
@@ -101,7 +108,9 @@ MEANINGS: dict[Code, str] = {
 
 FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16,
                          ir.DataType.DOUBLE})
-LINEAR_OPS = ("MatMul", "Gemm", "Conv")
+LINEAR_OPS = ("MatMul", "Gemm", "Conv", "MatMulNBits")
+STANDARD_DOMAINS = ("", "ai.onnx")
+MS_DOMAIN = "com.microsoft"
 
 
 @dataclass(frozen=True)
@@ -128,11 +137,15 @@ class LinearWeight:
     (leading batch axes of a batched MatMul weight included), the columns ordered with the
     reduction axis innermost, so N:M groups run along consecutive input channels (for a Conv,
     at each kernel position: columns ordered (kh, kw, c_in)).
+
+    ``weight.numpy()`` is the float weight the op multiplies by, decoded where it is stored
+    quantized (:class:`~sparsec.passes.quantized.EncodedWeight`); ``weight.replace`` takes such
+    a weight and stores it encoded, keeping zeros exact.
     """
 
     node: ir.Node
     input_index: int
-    weight: ConstantRef
+    weight: ConstantRef | EncodedWeight
     reduce_axis: int
     out_axis: int
 
@@ -181,25 +194,121 @@ def _int_attr(node: ir.Node, name: str, default: int) -> int:
     return default if attr is None or attr.is_ref() else int(attr.value)
 
 
-def constant_operand(node: ir.Node, index: int) -> ConstantRef | MatchFailure:
-    """The constant that input ``index`` of ``node`` reads, or why it is not one."""
-    value = node.inputs[index] if index < len(node.inputs) else None
-    if value is None:
-        return MatchFailure(Code.NOT_CONSTANT, f"input {index} is missing", node)
+def _graph_input(value: ir.Value, node: ir.Node) -> MatchFailure | None:
     if value.is_graph_input() and value.is_initializer():
         return MatchFailure(Code.GRAPH_INPUT, f"'{value.name}' is an initializer that is also a graph input:"
                             " callers may override it at run time, so it is not rewritten"
                             " (--constant-initializers treats such initializers as constants)", node)
+    return None
+
+
+def _stored(value: ir.Value | None, node: ir.Node, what: str) -> ConstantRef | MatchFailure:
+    """The constant behind ``value`` (``what`` names it in messages), or why it is not one."""
+    if value is None:
+        return MatchFailure(Code.NOT_CONSTANT, f"{what} is missing", node)
+    failure = _graph_input(value, node)
+    if failure is not None:
+        return failure
+    ref = constant_ref(value)
+    if ref is None:
+        return MatchFailure(Code.NOT_CONSTANT, f"{what} '{value.name}' is computed at run time", node)
+    return ref
+
+
+def _optional_array(node: ir.Node, index: int, reader: ir.Node, what: str) -> np.ndarray | None | MatchFailure:
+    """The contents of optional constant input ``index`` of ``node`` (None when absent)."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        return None
+    ref = _stored(value, reader, what)
+    return ref if isinstance(ref, MatchFailure) else ref.numpy()
+
+
+def _dequantized(dq: ir.Node, reader: ir.Node) -> EncodedWeight | MatchFailure:
+    """The weight behind ``DequantizeLinear(q, scale, zero_point)``, q a constant."""
+    q = _stored(dq.inputs[0], reader, "quantized weight")
+    if isinstance(q, MatchFailure):
+        return q
+    scale = _stored(dq.inputs[1] if len(dq.inputs) > 1 else None, reader, f"scale of '{q.name}'")
+    if isinstance(scale, MatchFailure):
+        return scale
+    zero_point = _optional_array(dq, 2, reader, f"zero point of '{q.name}'")
+    if isinstance(zero_point, MatchFailure):
+        return zero_point
+    out_type = _int_attr(dq, "output_dtype", 0)
+    dtype = ir.DataType(out_type) if out_type else scale.dtype
+    codec = quantized.qdq_codec(q.shape, q.dtype, scale.numpy(), zero_point, _int_attr(dq, "axis", 1),
+                                _int_attr(dq, "block_size", 0), dtype)
+    if isinstance(codec, str):
+        return MatchFailure(Code.QUANTIZED, f"'{q.name}' (DequantizeLinear '{dq.name}'): {codec}", reader)
+    return EncodedWeight(q, codec, dq, quantized.decoding_key(dq), "qdq")
+
+
+def _cast(cast: ir.Node, reader: ir.Node) -> EncodedWeight | MatchFailure | None:
+    """A float constant read through ``Cast`` to another float type; None when the Cast's input
+    is computed (the caller says so)."""
+    source = cast.inputs[0]
+    if source is None:
+        return None
+    ref = constant_ref(source)
+    if ref is None:
+        return _graph_input(source, reader)
+    target = _int_attr(cast, "to", 0)
+    if ref.dtype not in FLOAT_TYPES or ir.DataType(target) not in FLOAT_TYPES:
+        return MatchFailure(Code.DTYPE_UNSUPPORTED, f"'{ref.name}' is {ref.dtype} cast to"
+                            f" {ir.DataType(target)}: only float constants cast to float are pruned", reader)
+    return EncodedWeight(ref, quantized.CastCodec(ref.dtype), cast, quantized.decoding_key(cast), "cast")
+
+
+def constant_operand(node: ir.Node, index: int) -> ConstantRef | EncodedWeight | MatchFailure:
+    """The constant that input ``index`` of ``node`` reads, or why it is not one.
+
+    A constant read through DequantizeLinear or a float-to-float Cast is an
+    :class:`~sparsec.passes.quantized.EncodedWeight`: the decoded weight, written back encoded.
+    """
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None:
+        return MatchFailure(Code.NOT_CONSTANT, f"input {index} is missing", node)
+    failure = _graph_input(value, node)
+    if failure is not None:
+        return failure
     producer = value.producer()
-    if producer is not None and producer.op_type == "DequantizeLinear":
-        return MatchFailure(Code.QUANTIZED, f"'{value.name}' comes out of DequantizeLinear (quantized weight)", node)
+    if producer is not None and producer.domain in STANDARD_DOMAINS:
+        if producer.op_type == "DequantizeLinear":
+            return _dequantized(producer, node)
+        if producer.op_type == "Cast" and (found := _cast(producer, node)) is not None:
+            return found
     ref = constant_ref(value)
     if ref is None:
         return MatchFailure(Code.NOT_CONSTANT, f"'{value.name}' is computed at run time", node)
     return ref
 
 
-def _weight_operand(node: ir.Node, first: int, second: int) -> tuple[ConstantRef, int] | MatchFailure:
+def _nbits_weight(node: ir.Node) -> EncodedWeight | MatchFailure:
+    """The packed weight B of a com.microsoft ``MatMulNBits``."""
+    b = _stored(node.inputs[1] if len(node.inputs) > 1 else None, node, "packed weight B")
+    if isinstance(b, MatchFailure):
+        return b
+    if _int_attr(node, "weight_prepacked", 0):
+        return MatchFailure(Code.QUANTIZED, f"'{b.name}' is prepacked for an execution provider", node)
+    if len(node.inputs) > 4 and node.inputs[4] is not None:
+        return MatchFailure(Code.QUANTIZED, f"'{b.name}' has a g_idx input (act-order groups, deprecated):"
+                            " its blocks are not consecutive along K", node)
+    scales = _stored(node.inputs[2] if len(node.inputs) > 2 else None, node, f"scales of '{b.name}'")
+    if isinstance(scales, MatchFailure):
+        return scales
+    zero_points = _optional_array(node, 3, node, f"zero points of '{b.name}'")
+    if isinstance(zero_points, MatchFailure):
+        return zero_points
+    codec = quantized.nbits_codec(_int_attr(node, "K", 0), _int_attr(node, "N", 0), _int_attr(node, "bits", 4),
+                                  _int_attr(node, "block_size", 0), b.shape, scales.numpy(), zero_points, scales.dtype)
+    if isinstance(codec, str):
+        return MatchFailure(Code.QUANTIZED, f"'{b.name}' (MatMulNBits): {codec}", node)
+    # Readers of B share it when they share scales, zero points and attributes (A and bias differ).
+    return EncodedWeight(b, codec, None, quantized.decoding_key(node, skip=(0, 1, 5)), "nbits")
+
+
+def _weight_operand(node: ir.Node, first: int, second: int) -> tuple[ConstantRef | EncodedWeight, int] | MatchFailure:
     """The constant among inputs ``first`` then ``second``; the failure of the usual position
     (``first``) unless only ``second``'s failure says more than "computed at run time"."""
     ref = constant_operand(node, first)
@@ -208,16 +317,38 @@ def _weight_operand(node: ir.Node, first: int, second: int) -> tuple[ConstantRef
     other = constant_operand(node, second)
     if not isinstance(other, MatchFailure):
         return other, second
-    return ref if ref.code != Code.NOT_CONSTANT else other
+    return other if ref.code == Code.NOT_CONSTANT and other.code != Code.NOT_CONSTANT else ref
 
 
-def match_linear_weight(node: ir.Node) -> LinearWeight | MatchFailure:
-    """Match a MatMul / Gemm / Conv with a constant floating-point weight."""
-    if node.domain not in ("", "ai.onnx"):
-        return MatchFailure(Code.CUSTOM_DOMAIN, f"op {node.domain}::{node.op_type} is not a standard op", node)
+def match_linear_weight(node: ir.Node, *, decode: bool = True) -> LinearWeight | MatchFailure:
+    """Match a MatMul / Gemm / Conv with a constant floating-point weight (stored as it is,
+    quantized behind DequantizeLinear, or of another precision behind Cast), or a
+    com.microsoft MatMulNBits: its packed B is a (K, N) weight summed over K.
+
+    ``decode=False`` is for rewrites that change a weight's shape (structured pruning, MoE):
+    they only take weights stored as they are; the others fail with QUANTIZED.
+    """
+    site = _match_linear_weight(node)
+    if site and not decode and isinstance(site.weight, EncodedWeight):
+        stored = {"qdq": "quantized (DequantizeLinear)", "nbits": "packed (MatMulNBits)",
+                  "cast": f"as {site.weight.dtype} (read through Cast)"}[site.weight.form]
+        return MatchFailure(Code.QUANTIZED, f"'{site.weight.name}' is stored {stored}: this rewrite"
+                            " resizes only weights stored as the op reads them", node)
+    return site
+
+
+def _match_linear_weight(node: ir.Node) -> LinearWeight | MatchFailure:
     op = node.op_type
+    if node.domain == MS_DOMAIN and op == "MatMulNBits":
+        found = _nbits_weight(node)
+        return found if isinstance(found, MatchFailure) else LinearWeight(node, 1, found, 0, 1)
+    if node.domain not in STANDARD_DOMAINS:
+        return MatchFailure(Code.CUSTOM_DOMAIN, f"op {node.domain}::{node.op_type} is not a standard op", node)
     if op not in LINEAR_OPS:
         return MatchFailure(Code.NOT_LINEAR, f"op {op} is not a linear op ({', '.join(LINEAR_OPS)})", node)
+    if op == "MatMulNBits":
+        return MatchFailure(Code.NOT_LINEAR, f"MatMulNBits is a {MS_DOMAIN} op, not one of domain"
+                            f" '{node.domain}'", node)
     found = constant_operand(node, 1) if op == "Conv" else _weight_operand(node, 1, 0)
     if isinstance(found, MatchFailure):
         return found
@@ -247,14 +378,22 @@ def match_linear_weight(node: ir.Node) -> LinearWeight | MatchFailure:
     return LinearWeight(node, index, ref, reduce_axis, out_axis)
 
 
+def _same_decoding(a: ConstantRef | EncodedWeight, b: ConstantRef | EncodedWeight) -> bool:
+    if isinstance(a, EncodedWeight) and isinstance(b, EncodedWeight):
+        return a.key == b.key
+    return not isinstance(a, EncodedWeight) and not isinstance(b, EncodedWeight)
+
+
 def check_shared_weight(site: LinearWeight) -> MatchFailure | None:
-    """None when every reader of the weight is a linear site summing over the same axis."""
-    users = site.weight.users
-    if len(users) <= 1:
+    """None when every reader of the weight is a linear site summing over the same axis and,
+    for a weight read through a decoding step, decoding it the same way."""
+    readers = site.weight.readers
+    if len(readers) <= 1:
         return None
-    for user, _ in users:
+    for user in readers:
         other = match_linear_weight(user)
-        if not other or other.weight.value is not site.weight.value or other.reduce_axis != site.reduce_axis:
+        if (not other or other.weight.value is not site.weight.value or other.reduce_axis != site.reduce_axis
+                or not _same_decoding(other.weight, site.weight)):
             return MatchFailure(Code.SHARED_WEIGHT, f"weight '{site.weight.name}' is also read by"
                                 f" {user.op_type} '{user.name}', which does not accept the same layout", site.node)
     return None

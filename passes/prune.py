@@ -12,6 +12,11 @@ everything:
   ``keep_output_layers=false``;
 * calibration-aware methods (wanda, sparsegpt) need a layer input they can read as a matrix.
 
+A weight stored quantized (DequantizeLinear, com.microsoft MatMulNBits) or in another precision
+(read through Cast) is pruned as the float matrix the op multiplies by and written back encoded
+(:mod:`sparsec.passes.quantized`): a pruned entry gets its zero point as code, so it decodes to
+exactly 0.0; the layout is checked again on the decoded result.
+
 Calibration-aware methods run sequentially: the sites are grouped by the value they read, in
 graph order; each group's input is captured with the weights pruned so far (one stage of
 :class:`~sparsec.runtime.staged.StagedRunner`), its statistics accumulated, and its weights
@@ -26,13 +31,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from sparsec.errors import OptionError
+from sparsec.errors import OptionError, PassError
 from sparsec.graph import all_nodes, mark_changed
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option
 from sparsec.sparsity import Layout, zero_fraction
 
 from . import patterns, prune_methods
 from .patterns import LINEAR_OPS, Code, LinearWeight, MatchFailure
+from .quantized import EncodedWeight
 
 
 @dataclass(frozen=True)
@@ -248,12 +254,20 @@ class WeightPrunePass(Pass):
         else:
             new_matrix = result.values.astype(array.dtype)
         pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
+        site.weight.replace(pruned, **{"sparsec.layout": layout.name})
+        if isinstance(site.weight, EncodedWeight):
+            # What the readers now multiply by: pruned entries decode to exactly 0; values a
+            # method changed (SparseGPT) were quantized again, so the layout is checked here.
+            pruned = site.weight.numpy()
+            new_matrix = site.to_matrix(pruned)
+            if not layout.complies(new_matrix):
+                raise PassError(f"{self.id}: '{site.weight.name}' ({site.weight.form}) is not {layout.name}"
+                                " after re-encoding")
         figures = _damage(matrix, new_matrix, statistic)
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")
-        site.weight.replace(pruned, **{"sparsec.layout": layout.name})
-        readers = [user for user, _ in site.weight.users]
+        readers = site.weight.readers
         for reader in readers:
             mark_changed(reader, self.id, reason)
         record.sites.append(SiteRecord(
@@ -261,6 +275,7 @@ class WeightPrunePass(Pass):
             weight=site.weight.name, shape=site.weight.shape, params=int(array.size),
             sparsity_before=before, sparsity_after=after, message=reason,
             details={"op": site.op, "reduce_axis": site.reduce_axis, "layout": layout.name, **figures,
+                     **({"stored": site.weight.form} if isinstance(site.weight, EncodedWeight) else {}),
                      **({"readers": [r.name for r in readers]} if len(readers) > 1 else {})},
         ))
 

@@ -57,9 +57,10 @@ def supports(site: LinearWeight, method: str) -> MatchFailure | None:
         if (group is not None and int(group.value) != 1) or rank != 4:
             return MatchFailure(Code.METHOD_UNSUPPORTED, f"{method} supports 2-D convolutions with"
                                 " group=1 only", site.node)
-    if len(site.weight.users) > 1:
+    readers = site.weight.readers
+    if len(readers) > 1:
         return MatchFailure(Code.SHARED_WEIGHT, f"{method} needs one reader per weight;"
-                            f" '{site.weight.name}' has {len(site.weight.users)}", site.node)
+                            f" '{site.weight.name}' has {len(readers)}", site.node)
     return None
 
 

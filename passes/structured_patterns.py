@@ -278,7 +278,7 @@ _CHANNEL_OPS = ELEMENTWISE | {"BatchNormalization", "Conv"}
 
 def match_conv_channels(exit_node: ir.Node) -> Region | MatchFailure:
     """Conv -> [element-wise, BatchNormalization, depthwise Conv] -> ``exit_node`` (Conv, group 1)."""
-    site = match_linear_weight(exit_node)
+    site = match_linear_weight(exit_node, decode=False)
     group = exit_node.attributes.get("group")
     if not site or site.op != "Conv" or (group is not None and int(group.value) != 1):
         return MatchFailure(Code.NOT_A_REGION, "not a Conv with group=1 and a constant weight", exit_node)
@@ -289,7 +289,7 @@ def match_conv_channels(exit_node: ir.Node) -> Region | MatchFailure:
         if producer is None or producer.op_type != "Conv":
             return False
         g = producer.attributes.get("group")
-        entry = match_linear_weight(producer)
+        entry = match_linear_weight(producer, decode=False)
         return bool(entry) and (g is None or int(g.value) == 1) and entry.weight.shape[0] == units
 
     walked = walk_back(exit_node.inputs[0], is_entry, _CHANNEL_OPS)
@@ -298,7 +298,7 @@ def match_conv_channels(exit_node: ir.Node) -> Region | MatchFailure:
     nodes, stops, consts = walked
     if len(stops) != 1:
         return MatchFailure(Code.NOT_A_REGION, "no single Conv producing the channels", exit_node)
-    entry = match_linear_weight(stops[0].producer())
+    entry = match_linear_weight(stops[0].producer(), decode=False)
     inside = set(nodes) | {exit_node}
     for v in [*(o for n in nodes for o in n.outputs), *stops]:
         if not _uses_inside(v, inside):

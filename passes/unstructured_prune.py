@@ -33,7 +33,8 @@ class UnstructuredPrunePass(WeightPrunePass):
 
     id = "unstructured"
     summary = "unstructured pruning to a given fraction of zeros"
-    matches = "MatMul / Gemm / Conv with a constant float weight"
+    matches = ("MatMul / Gemm / Conv with a constant float weight (stored as it is, behind DequantizeLinear"
+               " or Cast) or a com.microsoft MatMulNBits")
     Options = UnstructuredOptions
 
     def layout(self, sparsity: float | None = None) -> UnstructuredLayout:

@@ -1,7 +1,8 @@
 """Analysis: what a model holds before anything changes (ops, parameters, weights, layouts).
 
 ``sparsec inspect`` prints it; compile keeps it in the report. Each weight of a linear op is
-listed with its reduction axis and the N:M layouts it already complies with along that axis.
+listed with its reduction axis and the N:M layouts it already complies with along that axis;
+a weight stored quantized (DequantizeLinear, MatMulNBits) is measured after dequantization.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _io(values) -> list[dict[str, Any]]:
 def analyze(model: ir.Model, fingerprint: str = "") -> Analysis:
     """Collect op counts, parameter counts and per-weight sparsity and N:M compliance."""
     from sparsec.passes.patterns import LINEAR_OPS, match_linear_weight
+    from sparsec.passes.quantized import EncodedWeight
 
     op_counts = Counter(
         (f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type)
@@ -91,7 +93,12 @@ def analyze(model: ir.Model, fingerprint: str = "") -> Analysis:
                 if info is not None and not info.op:
                     info.op, info.node, info.label = node.op_type, node.name or "", node_label(node)
                     info.reduce_axis = site.reduce_axis
-                    info.nm = nm_layouts(site.weight.numpy(), site.reduce_axis)
+                    weight = site.weight.numpy()
+                    info.nm = nm_layouts(weight, site.reduce_axis)
+                    if isinstance(site.weight, EncodedWeight):
+                        # Stored quantized or packed: zeros and shape of what the op multiplies by.
+                        info.shape, info.params = list(weight.shape), int(weight.size)
+                        info.zeros = zero_fraction(weight)
     for graph in all_graphs(model):
         for value in graph.initializers.values():
             if not value.is_graph_input():

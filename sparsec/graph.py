@@ -37,11 +37,14 @@ class Spill:
 
     def store(self, array: np.ndarray, name: str) -> ir.ExternalTensor:
         data = np.asarray(array, order="C")  # keeps 0-d arrays 0-d (ascontiguousarray does not)
-        self._file.write(memoryview(data.reshape(-1).view(np.uint8)))
+        dtype = ir.DataType.from_numpy(data.dtype)
+        # 4-bit codes are one per byte in numpy and two per byte on disk.
+        raw = ir.Tensor(data).tobytes() if dtype.bitwidth < 8 else memoryview(data.reshape(-1).view(np.uint8))
+        self._file.write(raw)
         self._file.flush()
-        tensor = ir.ExternalTensor(self.name, self.offset, data.nbytes, ir.DataType.from_numpy(data.dtype),
-                                   shape=ir.Shape(data.shape), name=name, base_dir=str(self.directory))
-        self.offset += data.nbytes
+        tensor = ir.ExternalTensor(self.name, self.offset, len(raw), dtype, shape=ir.Shape(data.shape),
+                                   name=name, base_dir=str(self.directory))
+        self.offset += len(raw)
         return tensor
 
     def close(self) -> None:
@@ -185,6 +188,12 @@ class ConstantRef:
     @property
     def users(self) -> list[tuple[ir.Node, int]]:
         return [(use.node, use.idx) for use in self.value.uses()]
+
+    @property
+    def readers(self) -> list[ir.Node]:
+        """The nodes that read the weight (for a weight read through a decoding step, see
+        :class:`sparsec.passes.quantized.EncodedWeight`, the nodes behind it)."""
+        return [node for node, _ in self.users]
 
 
 def constant_ref(value: ir.Value | None) -> ConstantRef | None:

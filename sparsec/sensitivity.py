@@ -84,6 +84,7 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
     """Measure per-layer sensitivity on ``calibration`` (the first ``sets`` input sets)."""
     from sparsec.passes import prune_methods
     from sparsec.passes.allocation import layer_of, owl_allocation
+    from sparsec.passes.quantized import EncodedWeight
     from sparsec.passes.unstructured_prune import UnstructuredPrunePass
     from sparsec.runtime.session import cpu_runner
 
@@ -92,6 +93,12 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
     probe = UnstructuredPrunePass(min_params=1)
     record = PassRecord("sensitivity", "analysis", {})
     sites = [s for s in probe.select_sites(model, record) if s.weight.constant_node is None]
+    # Weights read through DequantizeLinear, MatMulNBits or Cast would be fed to ORT in their
+    # stored types (int4, packed, bf16), which it does not take as plain inputs: measured dense.
+    encoded = [s for s in sites if isinstance(s.weight, EncodedWeight)]
+    sites = [s for s in sites if not isinstance(s.weight, EncodedWeight)]
+    notes = [f"{len(encoded)} weights stored quantized or cast (QDQ, MatMulNBits, Cast) are not"
+             " measured"] if encoded else []
     feeds = calibration.feeds[:sets]
     norms: dict[int, np.ndarray] = {}
     allocation = None
@@ -139,4 +146,4 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
     finally:
         for value in overridable:
             model.graph.inputs.remove(value)
-    return Sensitivity(method, list(levels), calibration.source, layers, allocation)
+    return Sensitivity(method, list(levels), calibration.source, layers, allocation, notes)
