@@ -101,10 +101,11 @@ def profile_path(target: str) -> Path:
 
 
 def load_profile(target) -> Profile:
-    """The measured profile of ``target`` on this host, else one from its published peaks."""
-    path = profile_path(target.name)
-    if path.exists():
-        return Profile.from_dict(json.loads(path.read_text()))
+    """The measured profile of ``target``: this host's, else one copied from the machine that
+    runs the model (``profiles/<target>.json``), else one from the target's published peaks."""
+    for path in (profile_path(target.name), profile_dir() / f"{target.name}.json"):
+        if path.exists():
+            return Profile.from_dict(json.loads(path.read_text()))
     return published_profile(target)
 
 
@@ -268,11 +269,13 @@ def predict(path: str | os.PathLike, feed: Mapping[str, np.ndarray], profile: Pr
 
 GEMM_SIZES = ((1, 576, 1536), (16, 384, 1536), (128, 384, 1536), (512, 384, 1536), (2048, 384, 1536),
               (2048, 1536, 384), (512, 576, 1536), (2048, 1024, 4096))
+GPU_GEMM_SIZES = GEMM_SIZES + ((4096, 4096, 4096), (8192, 8192, 8192))  # where a GPU reaches its peak
+CUDA = "CUDAExecutionProvider"
 
 
 def _single_node(op: str, inputs: dict[str, tuple], attrs=None, consts: dict[str, np.ndarray] | None = None,
-                 chain: int = 1) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
+                 chain: int = 1, elem: int = 1) -> bytes:
+    from onnx import helper, numpy_helper
 
     names = list(inputs)
     nodes, last = [], None
@@ -281,52 +284,75 @@ def _single_node(op: str, inputs: dict[str, tuple], attrs=None, consts: dict[str
         last = f"y{i}"
         nodes.append(helper.make_node(op, ins, [last], **(attrs or {})))
     graph = helper.make_graph(
-        nodes, "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()
+        nodes, "probe", [helper.make_tensor_value_info(n, elem, s) for n, s in inputs.items()
                          if not consts or n not in consts],
-        [helper.make_tensor_value_info(last, TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info(last, elem, None)],
         [numpy_helper.from_array(a, n) for n, a in (consts or {}).items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     return model.SerializeToString()
 
 
-def _median_seconds(session, feed, repeats: int = 20) -> float:
-    for _ in range(3):
-        session.run(None, feed)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def measuring_runner(target, threads: int | None = None):
+    """The runner ``sparsec calibrate`` measures ``target`` with: its first provider among CUDA
+    and CPU (TensorRT builds engines of its own; its profile is not measured), or None when this
+    onnxruntime build lacks it."""
+    from sparsec.runtime.session import Runner, available_providers
+
+    wanted = next((p for p in target.provider_names if p in (CUDA, CPU)), CPU)
+    if wanted not in available_providers():
+        return None
+    return Runner((wanted,) if wanted == CPU else (wanted, CPU), threads)
 
 
 def calibrate(target, threads: int | None = None, progress=None) -> Profile:
-    """Measure this machine on the target's first provider (CPU only here): products of several
-    sizes, a large element-wise Add, and a chain of 64 tiny Adds (the per-node overhead)."""
-    from sparsec.runtime.session import create_session
+    """Measure this machine on the target's provider (:func:`measuring_runner`): products of
+    several sizes, a large element-wise Add, and a chain of 64 tiny Adds (the per-node
+    overhead). On a GPU in fp16 (what GPU targets deploy), inputs and outputs on the device."""
+    from sparsec.errors import InputError
+    from sparsec.runtime.bench import _calls
 
-    rng = np.random.default_rng(0)
+    runner = measuring_runner(target, threads)
+    if runner is None:
+        raise InputError(f"target '{target.name}' runs on {target.provider_names[0]}, which this onnxruntime build"
+                         f" lacks: run `sparsec calibrate --target {target.name}` on the machine with the GPU and copy"
+                         f" the profile it writes to {profile_dir() / (target.name + '.json')} here")
+    dtype, elem = (np.float16, 10) if runner.on_gpu else (np.float32, 1)
     threads = threads or os.cpu_count() or 1
+    rng = np.random.default_rng(0)
+
+    def seconds(model: bytes, feed: dict[str, np.ndarray], repeats: int = 20) -> float:
+        session = runner.session(model, threads=threads)
+        (call,) = _calls(runner, {"probe": session}, feed, {}).values()
+        for _ in range(3):
+            call()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return float(np.median(times))
+
     gemm = []
-    for m, k, n in GEMM_SIZES:
-        weight = rng.standard_normal((k, n)).astype(np.float32)
-        session = create_session(_single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight}),
-                                 providers=(CPU,), threads=threads)
-        t = _median_seconds(session, {"x": rng.standard_normal((m, k)).astype(np.float32)})
+    for m, k, n in GPU_GEMM_SIZES if runner.on_gpu else GEMM_SIZES:
+        weight = rng.standard_normal((k, n)).astype(dtype)
+        t = seconds(_single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight}, elem=elem),
+                    {"x": rng.standard_normal((m, k)).astype(dtype)})
         gemm.append((2.0 * m * k * n, 2.0 * m * k * n / t))
     gemm.sort()
-    size = 1 << 22
-    session = create_session(_single_node("Add", {"a": [size], "b": [size]}), providers=(CPU,), threads=threads)
-    t = _median_seconds(session, {"a": np.ones(size, np.float32), "b": np.ones(size, np.float32)})
-    bandwidth = 3 * size * 4 / t
+    size = 1 << (26 if runner.on_gpu else 22)
+    t = seconds(_single_node("Add", {"a": [size], "b": [size]}, elem=elem),
+                {"a": np.ones(size, dtype), "b": np.ones(size, dtype)})
+    bandwidth = 3 * size * np.dtype(dtype).itemsize / t
     chain = 64
-    session = create_session(_single_node("Add", {"a": [1], "b": [1]}, chain=chain), providers=(CPU,), threads=threads)
-    overhead = _median_seconds(session, {"a": np.ones(1, np.float32), "b": np.ones(1, np.float32)}, 50) / chain
+    overhead = seconds(_single_node("Add", {"a": [1], "b": [1]}, chain=chain, elem=elem),
+                       {"a": np.ones(1, dtype), "b": np.ones(1, dtype)}, 50) / chain
+    where = f"{runner.provider_names[0]}, {np.dtype(dtype).name}" if runner.on_gpu else \
+        f"{platform.machine()}, {threads} threads"
     return Profile(target.name, gemm, bandwidth, overhead,
-                   f"measured on {platform.node() or 'this host'} ({platform.machine()}, {threads} threads) by"
-                   " `sparsec calibrate`", threads,
-                   {"processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M")})
+                   f"measured on {platform.node() or 'this host'} ({where}) by `sparsec calibrate`", threads,
+                   {"processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M"),
+                    "provider": runner.provider_names[0], "dtype": np.dtype(dtype).name})
 
 
 def save_profile(profile: Profile, target_name: str) -> Path:

@@ -1,6 +1,8 @@
 """The cost model: work and bytes per node from observed shapes, the roofline with a profile,
 the CPU provider's attention facts, and predictions that move the right way."""
 
+import json
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -81,6 +83,10 @@ def test_calibrate_measures_this_machine(tmp_path, monkeypatch):
     assert "measured" in profile.source and profile.threads == 1
     assert all(rate > 1e8 for _, rate in profile.gemm) and profile.bandwidth > 1e8 and 0 < profile.overhead < 1e-3
     assert main(["calibrate", "--target", "ampere"]) == 2  # a GPU target is not measured on this machine
+    assert "published" in load_profile(get_target("ampere")).source
+    copied = tmp_path / "profiles" / "ampere.json"  # a profile measured on the GPU machine, copied here
+    copied.write_text(json.dumps({**profile.to_dict(), "name": "ampere", "source": "measured on gpu-host"}))
+    assert load_profile(get_target("ampere")).source == "measured on gpu-host"
 
 
 def test_bench_command_times_plain_and_shared_cache_models_side_by_side(kv_paths, capsys):
