@@ -43,6 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     import onnxruntime as ort
 
+    if hasattr(ort, "preload_dlls"):  # the CUDA libraries PyTorch brought (onnxruntime-gpu >= 1.21)
+        ort.preload_dlls()
     from benchmarks.planner_pick import _file, write_table
     from sparsec.model_io import load_model, save_model
     from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
