@@ -12,6 +12,7 @@ out). Every model is timed interleaved in one process with IOBinding, ratios aga
 original, and the table is written with the verdicts from the export.
 
     python benchmarks/planner_gpu.py --run DIR --out benchmarks/results/planner_pick_minilm_h200.md
+    python benchmarks/planner_gpu.py --run DIR --batch 64 --seq 256 --out ...   # a GPU-sized workload
 """
 
 from __future__ import annotations
@@ -36,10 +37,23 @@ def magnitude(spec: str) -> str:
     return ";".join(parts)
 
 
+def tiled(feed: dict[str, np.ndarray], batch: int, seq: int) -> dict[str, np.ndarray]:
+    """The held-out sentences' tokens repeated into a (batch, seq) workload, every token attended."""
+    ids = feed["input_ids"][feed["attention_mask"].astype(bool)]  # the real tokens, in order
+    ids = np.resize(ids, batch * seq).reshape(batch, seq)
+    out = {"input_ids": ids.astype(feed["input_ids"].dtype),
+           "attention_mask": np.ones((batch, seq), feed["attention_mask"].dtype)}
+    if "token_type_ids" in feed:
+        out["token_type_ids"] = np.zeros((batch, seq), feed["token_type_ids"].dtype)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batch", type=int, help="tile the held-out sentences to this many rows ...")
+    parser.add_argument("--seq", type=int, help="... of this many tokens (a GPU-sized workload)")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -54,6 +68,8 @@ def main() -> None:
     data = json.loads((args.run / "configs.json").read_text())
     src = args.run / "minilm16.onnx"
     feed = dict(np.load(args.run / "feed.npz"))
+    if args.batch or args.seq:
+        feed = tiled(feed, args.batch or len(feed["input_ids"]), args.seq or feed["input_ids"].shape[1])
     built = args.run / "built"
     built.mkdir(exist_ok=True)
     paths, table = {"original": src}, {}
@@ -72,7 +88,8 @@ def main() -> None:
     write_table(args.out, table, {k: (r.median, r.p10, r.p90) for k, r in speed.ratios.items()},
                 (data["planner"] or {}).get("profile", ""), args,
                 f"ONNX Runtime {ort.__version__} CUDA provider ({gpu}, {platform.node()}), fp16 weights, IOBinding,"
-                f" providers {speed.providers}")
+                f" providers {speed.providers}; workload {' x '.join(map(str, feed['input_ids'].shape))} tokens"
+                + (" (the held-out sentences' tokens tiled)" if args.batch or args.seq else ""))
 
 
 if __name__ == "__main__":
