@@ -92,6 +92,8 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=0, help="sampled per-site combinations")
     parser.add_argument("--export", type=Path, help="write specs, verdicts and an fp16 original for planner_gpu.py")
     parser.add_argument("--no-time", action="store_true", help="do not time on this CPU")
+    parser.add_argument("--retime", action="store_true", help="only time the configurations a previous run left in"
+                        " --workdir (its table.json), e.g. again on a quiet machine")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sparsec" / "bench" / "planner_pick")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "planner_pick_minilm.md")
     args = parser.parse_args()
@@ -100,10 +102,15 @@ def main() -> None:
     from sparsec.data import evaluation_data
     from sparsec.model_io import load_model
     from sparsec.models import build
-    from sparsec.runtime.bench import compare_speed
     from sparsec.targets import get_target
 
     src = build(args.model)
+    if args.retime:
+        saved = json.loads((args.workdir / "table.json").read_text())
+        args.budget, table, profile_source = saved["budget"], saved["configs"], saved["profile"]
+        paths = {"original": src, **{label: args.workdir / row["file"] for label, row in table.items()}}
+        time_and_write(args, src, paths, table, profile_source)
+        return
     budget = {"max_ppl_increase": args.max_ppl_increase} if args.max_ppl_increase else {"min_cosine": args.min_cosine}
     args.budget = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budget.items())
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -133,14 +140,26 @@ def main() -> None:
         return verdict.metrics["perplexity_ratio"] if args.max_ppl_increase else verdict.min_cosine
 
     table = {label: {"spec": specs[label], "status": r.judgement.status, "cosine": fidelity(r),
-                     "predicted": predicted[label]} for label, r in results.items()}
+                     "predicted": predicted[label], "file": paths[label].name} for label, r in results.items()}
+    profile_source = pick.auto.profile if pick.auto else ""
+    (args.workdir / "table.json").write_text(json.dumps({"budget": args.budget, "profile": profile_source,
+                                                         "configs": table}, indent=1))
     if args.export:
         export(args, src, feed, table, pick)
     if args.no_time:
         return
+    time_and_write(args, src, paths, table, profile_source)
+
+
+def time_and_write(args, src, paths, table, profile_source) -> None:
+    from sparsec.data import evaluation_data
+    from sparsec.model_io import load_model
+    from sparsec.runtime.bench import compare_speed
+
+    feed = evaluation_data(load_model(src).model, 1).feeds[0]
     speed = compare_speed(paths, feed, baseline="original", min_repeats=12, max_repeats=40)
-    write_table(args.out, table, {k: (r.median, r.p10, r.p90) for k, r in speed.ratios.items()},
-                pick.auto.profile if pick.auto else "", args, f"ONNX Runtime CPU provider, {platform.machine()}, {os.cpu_count()} cores, fp32")
+    write_table(args.out, table, {k: (r.median, r.p10, r.p90) for k, r in speed.ratios.items()}, profile_source, args,
+                f"ONNX Runtime CPU provider, {platform.machine()}, {os.cpu_count()} cores, fp32")
 
 
 def export(args, src, feed, table, pick) -> None:
