@@ -10,6 +10,7 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 * :mod:`.unstructured_prune` -- ``unstructured``: a fraction of zeros anywhere
 * :mod:`.block_prune` -- ``block``: whole tiles zero
 * :mod:`.compress` -- ``compress``: sparse weights stored as values + bit mask
+* :mod:`.quantize` -- ``quantize``: ONNX Runtime's int8 / int4 quantizers, run last, zeros kept exact
 * :mod:`.structured_patterns` -- FFN, attention and conv-chain region matchers
 * :mod:`.structured_prune` -- ``ffn-neurons``, ``attention-heads``, ``conv-channels``
 * :mod:`.blocks` -- typed FFN and attention blocks
@@ -21,4 +22,6 @@ Importing this package registers every built-in pass; ``sparsec passes`` lists t
 * :mod:`.rewrite` -- building rewrites: named, tagged nodes; rewiring
 """
 
-from . import attention, block_prune, compress, moe, moe_fuse, nm_prune, structured_prune, unstructured_prune  # noqa: F401
+from . import (  # noqa: F401
+    attention, block_prune, compress, moe, moe_fuse, nm_prune, quantize, structured_prune, unstructured_prune,
+)

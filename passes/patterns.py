@@ -63,6 +63,8 @@ class Code(str, enum.Enum):
     OPSET_TOO_OLD = "OPSET_TOO_OLD"
     ACTIVATION_UNSUPPORTED = "ACTIVATION_UNSUPPORTED"
     EXPERTS_UNMATCHED = "EXPERTS_UNMATCHED"
+    MODE_UNSUPPORTED = "MODE_UNSUPPORTED"
+    LEFT_FLOAT = "LEFT_FLOAT"
 
     def __str__(self) -> str:
         return self.value
@@ -103,6 +105,9 @@ MEANINGS: dict[Code, str] = {
     Code.OPSET_TOO_OLD: "the model's opset lacks the ops the rewrite needs",
     Code.ACTIVATION_UNSUPPORTED: "the kernel has no such activation (lowering=masked computes any)",
     Code.EXPERTS_UNMATCHED: "a router (Softmax -> TopK) whose experts are not in a form sparsec lowers",
+    Code.MODE_UNSUPPORTED: "the quantization mode has no quantized form for this op or weight (dynamic: MatMul,"
+                           " Conv; static: MatMul, Gemm, Conv; int4: MatMul with a 2-D weight)",
+    Code.LEFT_FLOAT: "ONNX Runtime's quantizer left the weight in float (a Constant node, or a node it declined)",
 }
 
 

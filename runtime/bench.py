@@ -61,9 +61,18 @@ class SpeedComparison:
     tolerance: float
     threads: int
     providers: list[str] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)  # ms per round
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data.pop("samples")
+        return data
+
+    def ratio(self, label: str, against: str) -> Ratio:
+        """``against``'s time / ``label``'s time per round (any model, not only the baseline):
+        its median and p10-p90 over the same interleaved rounds."""
+        med, p10, p90 = _quantiles([b / v for b, v in zip(self.samples[against], self.samples[label])])
+        return Ratio(label, med, p10, p90)
 
     def line(self, label: str) -> str:
         r, t, b = self.ratios[label], self.timings[label], self.timings[self.baseline]
@@ -171,7 +180,7 @@ def compare_speed(models: Mapping[str, str | os.PathLike], feed: Mapping[str, np
         timings[label] = Timing(label, med, p10, p90, load[label])
     stable = all(r.spread <= tolerance for r in current.values())
     return SpeedComparison(baseline, timings, current, len(samples[baseline]), stable, tolerance, threads,
-                           runner.provider_names)
+                           runner.provider_names, samples)
 
 
 def time_models(models: Mapping[str, str | os.PathLike], feeds: Mapping[str, np.ndarray], *,

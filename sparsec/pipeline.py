@@ -300,6 +300,9 @@ class Pass(abc.ABC):
     # rewrite computes the same sums in another order (a fused kernel): over a deep model the
     # drift exceeds the per-dtype defaults. None: the defaults; REORDER_TOLERANCE the usual floor.
     reorder_tolerance: ClassVar[tuple[float, float] | None] = None
+    # True for a pass that must see every other pass's result (quantization turns float weights
+    # into integer codes that no other pass rewrites): the plan moves it after the others.
+    runs_last: ClassVar[bool] = False
 
     @property
     def kind(self) -> Kind:

@@ -8,6 +8,8 @@ pruned. It also fixes what the result is judged against:
 * an exact plan must reproduce the original to fp tolerance;
 * a lossy plan gets a fidelity budget: the user's, else a default per task (the model's task
   metric when it has real evaluation data, else every output's cosine);
+* passes that must see every other pass's result (``quantize``) run last, whatever order the
+  user wrote;
 * where calibration data is available (``--calib`` or an example model's built-in text),
   options the user left at their default take their calibration-aware value (``method``:
   SparseGPT for weight pruning, activation scores for structured pruning).
@@ -140,6 +142,11 @@ def make_plan(target: Target, passes: list[Pass] | str | None = None, *, task: s
     else:
         chosen = parse_pass_specs(passes) if isinstance(passes, str) else list(passes)
         reason = f"chosen by {chosen_by} (--explain says why)" if chosen_by else "requested with --passes"
+    last = [p for p in chosen if p.runs_last]
+    if last and chosen[-len(last):] != last:
+        chosen = [p for p in chosen if not p.runs_last] + last
+        notes.append(f"{', '.join(p.id for p in last)} moved after the other passes: it must see their result"
+                     " (quantized weights are integer codes that no other pass rewrites)")
     if calibration:
         upgraded = [_calibration_aware(p) for p in chosen]
         for before, after in zip(chosen, upgraded):

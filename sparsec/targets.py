@@ -28,8 +28,11 @@ ATTENTION_WINDOW = "attention-window"
 ATTENTION_BLOCK_SPARSE = "attention-block-sparse"
 KV_WINDOW = "kv-window"
 MASKED = "masked"  # computation masked in standard ops (an attention mask, a portable MoE)
+INT8_DYNAMIC = "int8-dynamic"  # int8 weights, activations quantized at run time (MatMulInteger)
+INT8_QDQ = "int8-qdq"  # int8 weights and calibrated activations as QuantizeLinear/DequantizeLinear
+INT4 = "int4"  # 4-bit blocked weights in com.microsoft.MatMulNBits
 FORMS = (NM_2_4, NM_OTHER, UNSTRUCTURED, BLOCK, STRUCTURED, STORAGE, MOE, ATTENTION_WINDOW,
-         ATTENTION_BLOCK_SPARSE, KV_WINDOW, MASKED)
+         ATTENTION_BLOCK_SPARSE, KV_WINDOW, MASKED, INT8_DYNAMIC, INT8_QDQ, INT4)
 
 REGISTRY = Path(__file__).with_name("targets.yaml")
 
