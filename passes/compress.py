@@ -13,6 +13,15 @@ created (graph optimizations on, the default): the model runs exactly as before,
 holds ``nnz * itemsize + n / 8`` bytes instead of ``n * itemsize`` (2:4 fp32: 53%; 90%
 unstructured fp32: 13%). Exact: the rebuilt weights equal the pruned ones bit for bit.
 
+Quantized weights: int8/uint8 codes read by a quantized operator (DequantizeLinear, MatMulInteger,
+ConvInteger, QLinearMatMul, QLinearConv) whose zero point is one constant value are packed the
+same way with that zero point as the fill: a pruned code is the zero point (passes/quantized.py),
+so ``values`` starts with the zero point instead of 0 and the mask marks codes that differ from
+it. The rebuilt codes are constants again after folding, so ORT's quantized kernels see (and
+prepack) an initializer as before. Zero points that differ per channel or per block
+(ZERO_POINTS_VARY), 4-bit and 2-bit codes (Gather has no 4-bit kernel) and MatMulNBits' packed
+blobs are left as they are.
+
 Skipped: weights below ``min_sparsity`` or ``min_params`` (TOO_DENSE / TOO_SMALL: compression
 would not pay), non-float weights, initializers that are graph inputs, weights inside
 subgraphs, models with a default-domain opset below 11 (OPSET_TOO_OLD).
@@ -45,16 +54,16 @@ def compressed_bytes(numel: int, nnz: int, itemsize: int) -> int:
     return nnz * itemsize + (numel + 7) // 8
 
 
-def pack(array: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(non-zero values in row-major order, packed bit mask) of ``array``."""
+def pack(array: np.ndarray, fill: int | float = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(the values other than ``fill`` in row-major order, packed bit mask) of ``array``."""
     flat = array.reshape(-1)
-    keep = flat != 0
+    keep = flat != fill
     return flat[keep], np.packbits(keep)
 
 
 def unpack(values: np.ndarray, mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """The numpy twin of the ONNX subgraph: rebuild the dense array from stored values
-    (with their leading 0) and the packed mask."""
+    (with their leading fill: 0, or a quantized weight's zero point) and the packed mask."""
     numel = int(np.prod(shape, dtype=np.int64))
     bits = np.unpackbits(mask)[:numel].astype(np.int64)
     return values[np.cumsum(bits) * bits].reshape(shape)
@@ -119,6 +128,7 @@ class CompressPass(Pass):
     kinds = (Kind.EXACT,)
     matches = "float initializers of the main graph with enough zeros"
     Options = CompressOptions
+    order = 2  # last: it packs the final weights, quantized ones included
 
     def sparse_form(self) -> str:
         return "storage"
@@ -148,10 +158,10 @@ class CompressPass(Pass):
         for site in ctx.progress.track(sites, "compress: packing sparse weights", total=len(sites)):
             value, tensor = site.value, site.value.const_value
             array = tensor.numpy()
-            values, mask = pack(array)
+            values, mask = pack(array, site.fill)
             before, after = array.nbytes, compressed_bytes(array.size, values.size, array.dtype.itemsize)
             name = value.name or "weight"
-            padded = np.concatenate([np.zeros(1, values.dtype), values])
+            padded = np.concatenate([np.full(1, site.fill, values.dtype), values])
             stored_values = add_constant(graph, f"{name}.values", padded)
             stored_mask = add_constant(graph, f"{name}.mask", mask)
             nodes = _rebuild_nodes(graph, name, stored_values, stored_mask, array.size, array.shape, tensor.dtype)
@@ -163,7 +173,9 @@ class CompressPass(Pass):
                 graph.outputs[graph.outputs.index(value)] = rebuilt
             graph.initializers.pop(value.name)
             rebuilt.name = name
-            reason = f"stored as {values.size} values + bit mask: {after} of {before} bytes ({after / before:.1%})"
+            kept = "values" if site.fill == 0 and tensor.dtype in patterns.FLOAT_TYPES else \
+                f"codes other than the zero point {site.fill}"
+            reason = f"stored as {values.size} {kept} + bit mask: {after} of {before} bytes ({after / before:.1%})"
             for node in nodes:
                 mark_changed(node, self.id, reason)
             mark_packed(nodes, CODEC, f"{stored_values.name},{stored_mask.name}")
@@ -184,7 +196,8 @@ class PackSite:
     """A weight worth packing."""
 
     value: ir.Value
-    zeros: float
+    zeros: float  # the fraction of elements equal to ``fill``
+    fill: int | float = 0  # what a pruned element holds: 0, or a quantized weight's zero point
 
     @property
     def label(self) -> str:
@@ -199,9 +212,18 @@ def _check(value: ir.Value, opts: CompressOptions, opset: int) -> PackSite | Mat
     """A weight to pack, a failure to record, or None for weights that are not candidates."""
     tensor = value.const_value
     numel = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
-    if tensor.dtype not in patterns.FLOAT_TYPES or numel < opts.min_params:
+    if numel < opts.min_params:
         return None
-    zeros = zero_fraction(tensor.numpy())
+    fill: int | float = 0
+    if tensor.dtype not in patterns.FLOAT_TYPES:
+        if tensor.dtype not in CODE_TYPES:
+            return None
+        found = _zero_point(value)
+        if not isinstance(found, int):
+            return found
+        fill = found
+    array = tensor.numpy()
+    zeros = float(np.mean(array == fill)) if fill else zero_fraction(array)
     if zeros == 0:
         return None
     reader = next((use.node for use in value.uses()), None)
@@ -212,4 +234,38 @@ def _check(value: ir.Value, opts: CompressOptions, opset: int) -> PackSite | Mat
         return MatchFailure(Code.OPSET_TOO_OLD, f"opset {opset} < {MIN_OPSET} (BitShift, ScatterND)", reader)
     if zeros < opts.min_sparsity:
         return MatchFailure(Code.TOO_DENSE, f"{zeros:.1%} zeros < min_sparsity={opts.min_sparsity}", reader)
-    return PackSite(value, zeros)
+    return PackSite(value, zeros, fill)
+
+
+CODE_TYPES = frozenset({ir.DataType.INT8, ir.DataType.UINT8})
+# quantized operators: (the input index of the integer weight, the input index of its zero point)
+CODE_READERS = {"DequantizeLinear": (0, 2), "MatMulInteger": (1, 3), "ConvInteger": (1, 3),
+                "QLinearMatMul": (3, 5), "QLinearConv": (3, 5)}
+
+
+def _zero_point(value: ir.Value) -> int | MatchFailure | None:
+    """The one zero point every reader of the integer weight ``value`` decodes it with (what a
+    pruned code holds), a failure when they differ, or None when ``value`` is not a quantized
+    weight (every reader must be a quantized operator reading it as its weight)."""
+    from sparsec.graph import constant_ref
+
+    points = set()
+    for use in value.uses():
+        node = use.node
+        slots = CODE_READERS.get(node.op_type) if node.domain in patterns.STANDARD_DOMAINS else None
+        if slots is None or use.idx != slots[0]:
+            return None
+        zp = node.inputs[slots[1]] if len(node.inputs) > slots[1] else None
+        if zp is None:
+            points.add(0)
+            continue
+        ref = constant_ref(zp)
+        if ref is None:
+            return MatchFailure(Code.NOT_CONSTANT, f"the zero point of '{value.name}' is computed at run time", node)
+        points.update(np.unique(ref.numpy()).tolist())
+    if not points:
+        return None
+    if len(points) > 1:
+        return MatchFailure(Code.ZERO_POINTS_VARY, f"'{value.name}' has {len(points)} different zero points (per"
+                            " channel or block); the bit mask stores one fill value", None)
+    return int(points.pop())

@@ -123,7 +123,7 @@ class QuantizePass(Pass):
     kinds = (Kind.LOSSY,)
     matches = "MatMul / Gemm / Conv with a float32 initializer weight, as the mode's ORT quantizer takes it"
     Options = QuantizeOptions
-    runs_last = True
+    order = 1  # after the sparsity passes, before compress
 
     def sparse_form(self) -> str:
         return MODE_FORMS[self.options.mode]

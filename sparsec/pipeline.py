@@ -300,9 +300,10 @@ class Pass(abc.ABC):
     # rewrite computes the same sums in another order (a fused kernel): over a deep model the
     # drift exceeds the per-dtype defaults. None: the defaults; REORDER_TOLERANCE the usual floor.
     reorder_tolerance: ClassVar[tuple[float, float] | None] = None
-    # True for a pass that must see every other pass's result (quantization turns float weights
-    # into integer codes that no other pass rewrites): the plan moves it after the others.
-    runs_last: ClassVar[bool] = False
+    # Where the plan puts the pass (a stable sort): 0 for most; 1 for a pass that must see every
+    # other pass's result (quantization turns float weights into integer codes that no other pass
+    # rewrites); 2 for storage (compress packs the final weights, quantized ones included).
+    order: ClassVar[int] = 0
 
     @property
     def kind(self) -> Kind:

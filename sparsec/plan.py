@@ -142,11 +142,13 @@ def make_plan(target: Target, passes: list[Pass] | str | None = None, *, task: s
     else:
         chosen = parse_pass_specs(passes) if isinstance(passes, str) else list(passes)
         reason = f"chosen by {chosen_by} (--explain says why)" if chosen_by else "requested with --passes"
-    last = [p for p in chosen if p.runs_last]
-    if last and chosen[-len(last):] != last:
-        chosen = [p for p in chosen if not p.runs_last] + last
-        notes.append(f"{', '.join(p.id for p in last)} moved after the other passes: it must see their result"
-                     " (quantized weights are integer codes that no other pass rewrites)")
+    ordered = sorted(chosen, key=lambda p: p.order)
+    if ordered != chosen:
+        moved = [p.id for i, p in enumerate(chosen) if p.order and p is not ordered[i]]
+        notes.append(f"{', '.join(dict.fromkeys(moved))} reordered: quantize runs after the sparsity passes (quantized"
+                     " weights are integer codes that no other pass rewrites) and compress after everything (it"
+                     " packs the final weights)")
+        chosen = ordered
     if calibration:
         upgraded = [_calibration_aware(p) for p in chosen]
         for before, after in zip(chosen, upgraded):

@@ -98,3 +98,69 @@ def test_compile_minilm_compressed_is_exact_against_pruned(zoo_path, tmp_path):
     assert packed.plan.exact and packed.verdicts["random"].passed
     assert all(o.max_abs == 0 for o in packed.verdicts["real"].outputs)
     assert packed.sizes["output_bytes"] < 0.8 * packed.sizes["input_bytes"]
+
+
+# --- quantized codes: the fill is the zero point -------------------------------------------------
+
+def _qdq_pruned(tmp_path, code, mode, spec="nm:min_params=0"):
+    from tests.test_quantized import qdq_model
+
+    proto, (q, scale, zp, attrs) = qdq_model(code, mode, k=128, n=64)
+    model = ir.serde.deserialize_model(proto)
+    run_passes(model, parse_pass_specs(spec), PassContext())
+    return save_model(model, tmp_path / "pruned.onnx", external_data=True), zp
+
+
+@pytest.mark.parametrize("code,mode", [("uint8", "tensor"), ("int8", "tensor"), ("int8", "axis-symmetric")])
+def test_quantized_codes_pack_around_their_zero_point(tmp_path, code, mode):
+    from tests.test_quantized import qdq_model
+
+    if mode == "axis-symmetric":  # ORT's default for weights: int8 per channel, every zero point 0
+        proto, _ = qdq_model(code, "axis", k=128, n=64, zero_point=False)
+        model = ir.serde.deserialize_model(proto)
+        run_passes(model, parse_pass_specs("nm:min_params=0"), PassContext())
+        pruned, zp = save_model(model, tmp_path / "pruned.onnx", external_data=True), 0
+    else:
+        pruned, zp = _qdq_pruned(tmp_path, code, mode)
+    model = load_model(pruned).model
+    codes = model.graph.initializers["q"].const_value.numpy()
+    assert int(zp) != 0 or mode != "tensor" or code == "int8"
+    (record,) = run_passes(model, parse_pass_specs("compress"), PassContext())
+    (site,) = record.changed
+    assert site.details["bytes_after"] == (codes != zp).sum() + codes.size // 8  # the fill is not stored
+    assert site.sparsity_before == pytest.approx(0.5)
+    packed = save_model(model, tmp_path / "packed.onnx", external_data=True)
+    onnx.checker.check_model(str(packed), full_check=True)
+    x = weights(4, 128)
+    assert run_ort(packed, {"X": x})[0].tobytes() == run_ort(pruned, {"X": x})[0].tobytes()
+    # the codes behind the rebuild are the pruned ones, bit for bit (inspect / analyze read them)
+    site = patterns.match_linear_weight(next(n for n in load_model(packed).model.graph if n.op_type == "MatMul"))
+    assert site.weight.packed is not None and is_nm(site.weight.numpy(), 2, 4, 0)
+
+
+def test_codes_with_zero_points_that_vary_per_channel_are_left(tmp_path):
+    pruned, zp = _qdq_pruned(tmp_path, "uint8", "axis")
+    assert len(np.unique(zp)) > 1
+    (record,) = run_passes(load_model(pruned).model, parse_pass_specs("compress"), PassContext())
+    assert record.skip_counts() == {Code.ZERO_POINTS_VARY: 1} and not record.changed
+
+
+def test_ort_int8_dynamic_weights_are_packed_and_folded(tmp_path):
+    """quantize_dynamic's MatMulInteger weights: packed, rebuilt by constant folding, bit-exact."""
+    import onnxruntime as ort
+
+    proto = linear(k=256, n=128)
+    model = ir.serde.deserialize_model(proto)
+    run_passes(model, parse_pass_specs("nm:min_params=0;quantize:mode=dynamic"), PassContext())
+    quantized = save_model(model, tmp_path / "q.onnx", external_data=True)
+    model = load_model(quantized).model
+    (record,) = run_passes(model, parse_pass_specs("compress"), PassContext())
+    assert len(record.changed) == 1 and record.changed[0].sparsity_before >= 0.5
+    packed = save_model(model, tmp_path / "packed.onnx", external_data=True)
+    x = weights(8, 256)
+    assert run_ort(packed, {"X": x})[0].tobytes() == run_ort(quantized, {"X": x})[0].tobytes()
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(packed), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul"} and not ops & {"CumSum", "Gather", "BitShift", "Mod"}
