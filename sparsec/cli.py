@@ -553,14 +553,15 @@ def bench_cmd(original, compiled, target, mode, context, inputs, dims, threads, 
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads (default: all).")
 @_json_option
 def calibrate_cmd(target, threads, as_json) -> None:
-    """Measure this machine for the cost model (products, memory bandwidth, per-node overhead) and store the profile.
+    """Measure this machine for the cost model (products, ONNX Runtime's int8 and 4-bit products on the CPU,
+    memory bandwidth, per-node overhead) and store the profile.
 
     A GPU target is measured on its CUDA provider in fp16: run it on the machine with the GPU."""
     from sparsec.cost import calibrate, save_profile
     from sparsec.targets import get_target
 
     the_target = get_target(target)
-    with _progress().task("measuring products, bandwidth and node overhead"):
+    with _progress().task("measuring products (float and quantized), bandwidth and node overhead"):
         profile = calibrate(the_target, threads)
     path = save_profile(profile, target)
     if as_json:
@@ -568,6 +569,8 @@ def calibrate_cmd(target, threads, as_json) -> None:
         return
     rates = ", ".join(f"{f / 1e6:.3g} MFLOP: {r / 1e9:.1f} GFLOP/s" for f, r in profile.gemm)
     _echo(f"products: {rates}")
+    for form, points in profile.quantized.items():
+        _echo(f"{form} products: " + ", ".join(f"{f / 1e6:.3g} MFLOP: {r / 1e9:.1f} GFLOP/s" for f, r in points))
     _echo(f"memory bandwidth: {profile.bandwidth / 1e9:.1f} GB/s; per-node overhead: {profile.overhead * 1e6:.1f} us")
     _echo(f"wrote {path} (compile's planner uses it for target '{target}' on this host; where models are"
           f" compiled on another machine, copy it there as {path.parent / (target + '.json')})")

@@ -33,7 +33,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-GEMM_OPS = {"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBits", "FusedMatMul", "ConvTranspose"}
+GEMM_OPS = {"MatMul", "Gemm", "Conv", "MatMulInteger", "MatMulNBits", "FusedMatMul", "ConvTranspose",
+            "DynamicQuantizeMatMul", "MatMulIntegerToFloat"}
+# The quantized products and the form whose measured rate they run at (Profile.quantized).
+QUANTIZED_OPS = {"MatMulInteger": "int8-dynamic", "DynamicQuantizeMatMul": "int8-dynamic",
+                 "MatMulIntegerToFloat": "int8-dynamic", "MatMulNBits": "int4"}
 ATTENTION_OPS = {"GroupQueryAttention", "SparseAttention", "MultiHeadAttention", "Attention"}
 CPU = "CPUExecutionProvider"
 # What the CPU provider's attention kernels really compute: a window or a layout is masked, not
@@ -49,12 +53,13 @@ class NodeCost:
     flops: float
     bytes: float
     kind: str  # gemm | attention | memory
+    form: str = ""  # a quantized product's form ("int8-dynamic", "int4"): its own measured rate
 
     def seconds(self, profile: Profile) -> float:
         memory = self.bytes / profile.bandwidth
         if self.kind == "memory":
             return profile.overhead + memory
-        return profile.overhead + max(self.flops / profile.gemm_rate(self.flops), memory)
+        return profile.overhead + max(self.flops / profile.gemm_rate(self.flops, self.form), memory)
 
 
 @dataclass
@@ -68,10 +73,13 @@ class Profile:
     source: str  # "measured on <host> (sparsec calibrate)" or "published peaks x default efficiencies"
     threads: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    # a quantized form's products, as ``gemm`` (measured by `sparsec calibrate` on the CPU);
+    # a form without its own rates runs at the float rate
+    quantized: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
-    def gemm_rate(self, flops: float) -> float:
+    def gemm_rate(self, flops: float, form: str = "") -> float:
         """FLOP/s at this size: log-linear interpolation between the measured sizes."""
-        points = self.gemm
+        points = self.quantized.get(form) or self.gemm
         if flops <= points[0][0]:
             return points[0][1] * max(flops / points[0][0], 1e-3) ** 0.5  # smaller: less efficient
         if flops >= points[-1][0]:
@@ -89,6 +97,7 @@ class Profile:
     def from_dict(cls, data: Mapping[str, Any]) -> Profile:
         data = dict(data)
         data["gemm"] = [tuple(p) for p in data["gemm"]]
+        data["quantized"] = {form: [tuple(p) for p in points] for form, points in data.get("quantized", {}).items()}
         return cls(**data)
 
 
@@ -166,7 +175,8 @@ def graph_costs(model, shapes: Mapping[str, tuple], itemsizes: Mapping[str, int]
         if op in GEMM_OPS and out is not None and inputs:
             kind = "gemm"
             a = shapes.get(inputs[0].name)
-            if op in ("MatMul", "MatMulInteger", "FusedMatMul") and a is not None:
+            if op in ("MatMul", "MatMulInteger", "FusedMatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat") \
+                    and a is not None:
                 flops = 2.0 * float(np.prod(out)) * a[-1]
             elif op == "Gemm" and a is not None:
                 trans = node.attributes.get("transA")
@@ -189,7 +199,7 @@ def graph_costs(model, shapes: Mapping[str, tuple], itemsizes: Mapping[str, int]
                 flops = 2.0 * tokens * k * (fc1[1] * fc1[2] + fc1[2] * fc1[1] / (2 if "swiglu" in str(
                     node.attributes.get("activation_type").value if "activation_type" in node.attributes else "")
                     else 1))
-        costs.append(NodeCost(node.name or op, op, flops, moved, kind))
+        costs.append(NodeCost(node.name or op, op, flops, moved, kind, QUANTIZED_OPS.get(op, "")))
     return costs
 
 
@@ -349,10 +359,46 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
                        {"a": np.ones(1, dtype), "b": np.ones(1, dtype)}, 50) / chain
     where = f"{runner.provider_names[0]}, {np.dtype(dtype).name}" if runner.on_gpu else \
         f"{platform.machine()}, {threads} threads"
-    return Profile(target.name, gemm, bandwidth, overhead,
-                   f"measured on {platform.node() or 'this host'} ({where}) by `sparsec calibrate`", threads,
-                   {"processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M"),
-                    "provider": runner.provider_names[0], "dtype": np.dtype(dtype).name})
+    profile = Profile(target.name, gemm, bandwidth, overhead,
+                      f"measured on {platform.node() or 'this host'} ({where}) by `sparsec calibrate`", threads,
+                      {"processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M"),
+                       "provider": runner.provider_names[0], "dtype": np.dtype(dtype).name})
+    if not runner.on_gpu:
+        profile.quantized = {form: _quantized_rates(profile, spec, seconds, rng)
+                             for form, spec in QUANTIZED_FORMS.items()}
+    return profile
+
+
+QUANTIZED_FORMS = {"int8-dynamic": "quantize:mode=dynamic", "int4": "quantize:mode=int4"}  # as the planner runs them
+
+
+def _quantized_rates(base: Profile, spec: str, seconds, rng) -> list[tuple[float, float]]:
+    """The rate of each GEMM size quantized by the ``quantize`` pass (``spec``): the product's share
+    of the measured time of the quantized graph, after what ``base`` predicts for the nodes around
+    it (DynamicQuantizeLinear, scale products: ORT fuses them, so predicting the quantized graph
+    node by node gives back the measured time)."""
+    import onnx
+    import onnx_ir as ir
+
+    from sparsec.model_io import save_model
+    from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
+
+    points = []
+    with tempfile.TemporaryDirectory(prefix="sparsec-calibrate-") as tmp:
+        for i, (m, k, n) in enumerate(GEMM_SIZES):
+            weight = rng.standard_normal((k, n)).astype(np.float32)
+            model = ir.serde.deserialize_model(onnx.load_from_string(
+                _single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight})))
+            run_passes(model, parse_pass_specs(spec), PassContext())
+            path = save_model(model, Path(tmp) / f"q{i}.onnx")
+            feed = {"x": rng.standard_normal((m, k)).astype(np.float32)}
+            t = seconds(onnx.load(str(path)).SerializeToString(), feed)
+            shapes, sizes, graph = _observe(path, feed)
+            costs = graph_costs(graph, shapes, sizes)
+            around = sum(c.seconds(base) for c in costs if not c.form)
+            flops = 2.0 * m * k * n
+            points.append((flops, flops / max(t - around - base.overhead, 0.05 * t)))
+    return sorted(points)
 
 
 def save_profile(profile: Profile, target_name: str) -> Path:

@@ -3,8 +3,10 @@
 When ``sparsec compile`` is given a budget and no passes, the planner chooses them:
 
 1. **Sites and options.** Every FFN (``ffn-neurons`` at 25/50/75% of its neurons, or ``moe``
-   with 2 or 4 of 8 experts), every attention block (``attention-heads`` at 25/50%), and for
-   decoders the attention fusion (``attention``, exact). A form the target's providers do not
+   with 2 or 4 of 8 experts), every attention block (``attention-heads`` at 25/50%), for
+   decoders the attention fusion (``attention``, exact), and the whole model's ONNX Runtime
+   quantization (``quantize``: int8 dynamic or 4-bit MatMulNBits; its speed from the profile's
+   measured quantized rates, none on a profile without them). A form the target's providers do not
    accelerate is rejected before anything is computed (the targets registry says why), and so
    is an option the cost model predicts no gain for.
 2. **Each option alone.** The pass runs on that site only, fitted on most of the calibration
@@ -172,8 +174,12 @@ def _glob(label: str) -> str:
     return label.replace("[", "?").replace("]", "?")
 
 
+QUANTIZE_SITE = "weights of MatMul / Gemm (all): ONNX Runtime quantization"
+
+
 def candidate_options(model, ctx, target, sites: dict[str, list[Site]] | None = None) -> list[Option]:
     """Every option of every site, the ones the target cannot accelerate already rejected."""
+    from sparsec.cost import QUANTIZED_FORMS
     from sparsec.targets import MOE, STRUCTURED
 
     sites = sites if sites is not None else _sites(model, ctx)
@@ -188,6 +194,8 @@ def candidate_options(model, ctx, target, sites: dict[str, list[Site]] | None = 
                            STRUCTURED, signature=site.signature) for r in HEAD_RATIOS]
     if sites["attention"]:
         options.append(Option("attention blocks (all)", "attention", "attention", "none"))
+    # ONNX Runtime's own quantization of the whole model, composed with the rest
+    options += [Option(QUANTIZE_SITE, "quantize", spec, form) for form, spec in QUANTIZED_FORMS.items()]
     for o in options:
         if o.form != "none" and not target.gain(o.form).speedup:
             o.status, o.reason = "rejected", f"no kernel on '{target.name}' turns {o.form} into speed"
@@ -350,11 +358,12 @@ def _update(auto: AutoPlan) -> None:
     auto.predicted_seconds = auto.original_seconds - sum(o.saving for o in now)
 
 
-ORDER = ("attention-heads", "ffn-neurons", "moe", "attention")
+ORDER = ("attention-heads", "ffn-neurons", "moe", "attention", "quantize")
 
 
 def ordered_specs(chosen: list[Option]) -> list[str]:
-    """Structured removal first (it needs the original blocks), then MoE, then fusion."""
+    """Structured removal first (it needs the original blocks), then MoE, then fusion, then
+    quantization (integer codes no other pass rewrites)."""
     return [o.spec for o in sorted(chosen, key=lambda o: (ORDER.index(o.family), o.spec))]
 
 

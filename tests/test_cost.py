@@ -35,6 +35,30 @@ def test_profile_rates_interpolate_and_times_follow_the_roofline():
     assert memory.seconds(PROFILE) == pytest.approx(1e-6 + 1e-1)
 
 
+def test_quantized_products_run_at_their_forms_measured_rate(tmp_path):
+    """The quantize pass's products are costed at the profile's quantized rates, the nodes around
+    them as usual; a profile without quantized rates costs them as float products."""
+    from sparsec.model_io import load_model, save_model
+    from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
+
+    feed = {"X": np.ones((64, 256), np.float32)}
+    fast = Profile("q", PROFILE.gemm, 1e10, 1e-6, "q", quantized={"int8-dynamic": [(1e6, 4e10), (1e9, 4e11)],
+                                                                  "int4": [(1e6, 2e10), (1e9, 2e11)]})
+    for spec, op, form in (("quantize:mode=dynamic", "MatMulInteger", "int8-dynamic"),
+                           ("quantize:mode=int4", "MatMulNBits", "int4")):
+        model = load_model(save(linear(k=256, n=128), tmp_path / "m.onnx")).model
+        run_passes(model, parse_pass_specs(spec), PassContext())
+        path = save_model(model, tmp_path / f"{form}.onnx")
+        shapes, sizes = observed_shapes(path, feed)
+        (cost,) = [c for c in graph_costs(load_model(path).model, shapes, sizes) if c.kind == "gemm"]
+        assert cost.op == op and cost.form == form and cost.flops == 2 * 64 * 256 * 128
+        assert fast.gemm_rate(cost.flops, cost.form) == pytest.approx(fast.quantized[form][0][1] * (
+            PROFILE.gemm_rate(cost.flops) / PROFILE.gemm[0][1]), rel=1e-6)
+        assert PROFILE.gemm_rate(cost.flops, cost.form) == PROFILE.gemm_rate(cost.flops)  # none measured
+        assert predict(path, feed, fast).seconds < predict(path, feed, PROFILE).seconds
+    assert Profile.from_dict(fast.to_dict()) == fast  # a saved profile keeps its quantized rates
+
+
 def _gqa(window: int) -> ir.Model:
     from onnx import TensorProto, helper
 
@@ -82,6 +106,9 @@ def test_calibrate_measures_this_machine(tmp_path, monkeypatch):
     profile = load_profile(get_target("cpu"))
     assert "measured" in profile.source and profile.threads == 1
     assert all(rate > 1e8 for _, rate in profile.gemm) and profile.bandwidth > 1e8 and 0 < profile.overhead < 1e-3
+    assert set(profile.quantized) == {"int8-dynamic", "int4"}  # ONNX Runtime's quantized products, measured
+    assert all(len(points) == len(profile.gemm) and all(r > 1e8 for _, r in points)
+               for points in profile.quantized.values())
     assert main(["calibrate", "--target", "ampere"]) == 2  # a GPU target is not measured on this machine
     assert "published" in load_profile(get_target("ampere")).source
     copied = tmp_path / "profiles" / "ampere.json"  # a profile measured on the GPU machine, copied here
