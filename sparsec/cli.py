@@ -113,6 +113,9 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
               help="Let the planner choose the passes (also when a budget flag is given without --passes on a target"
               " with no default plan, such as cpu) and print, per site, every option it considered: predicted"
               " gain, measured fidelity, why chosen or rejected.")
+@click.option("--objective", type=click.Choice(["latency", "size", "memory"]), default=None,
+              help="What the planner minimises within the budget: latency on the target (default), size (the file"
+              " and its data) or memory (weights plus peak activations on the workload).")
 @click.option("--constant-initializers", is_flag=True,
               help="Treat initializers that are also listed as graph inputs (old exporters list every weight so)"
               " as constants, so passes may rewrite them.")
@@ -120,8 +123,8 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
                 dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
-                calib_samples, calib_seqlen, tokenizer, verify_each, explain, constant_initializers, threads,
-                as_json) -> None:
+                calib_samples, calib_seqlen, tokenizer, verify_each, explain, objective, constant_initializers,
+                threads, as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
     from sparsec.errors import VerificationError
@@ -142,7 +145,7 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
             target=target, passes=passes, min_cosine=min_cosine, min_embedding_cosine=min_embedding_cosine,
             max_ppl_ratio=max_ppl_ratio, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
             tokenizer=tokenizer, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs,
-            constant_initializers=constant_initializers or None)
+            constant_initializers=constant_initializers or None, objective=objective)
     if example is not None:
         from sparsec.models import build
 
@@ -167,7 +170,7 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
 
 
 _RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "calib", "calib_samples",
-                 "calib_seqlen", "tokenizer", "seed", "samples", "dims", "inputs", "constant_initializers")
+                 "calib_seqlen", "tokenizer", "seed", "samples", "dims", "inputs", "constant_initializers", "objective")
 
 
 def _print_compile(result) -> None:

@@ -213,8 +213,9 @@ def compile(
     clock.lap("analyze")
     runner = target.runner(threads)
     auto = calibration = None
-    # the planner chooses: asked for (--explain), or a budget on a target without a default plan
-    if recipe.passes is None and (explain or (not recipe.fidelity_budget().empty and not target.default_passes)):
+    # the planner chooses: asked for (--explain, --objective), or a budget on a target without a default plan
+    if recipe.passes is None and (explain or recipe.objective != "latency"
+                                  or (not recipe.fidelity_budget().empty and not target.default_passes)):
         recipe, auto, calibration = auto_stage(loaded, recipe, target, analysis, evaluation, runner, progress,
                                                best_effort)
         if on_auto is not None:
@@ -357,11 +358,12 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
     metrics = evaluation.metrics if evaluation is not None else (lambda: [])
     auto = planner.plan(loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                         metrics=metrics, seed=recipe.seed, runner=runner, progress=progress,
-                        fingerprint=analysis.fingerprint)
+                        fingerprint=analysis.fingerprint, objective=recipe.objective)
     planner.settle(auto, loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                    metrics=metrics, seed=recipe.seed, runner=runner, progress=progress)
     if not auto.specs and not best_effort:
-        raise VerificationError(f"the planner found no rewrite that gains speed on '{target.name}' within"
+        gain = "gains speed" if recipe.objective == "latency" else f"shrinks the {recipe.objective}"
+        raise VerificationError(f"the planner found no rewrite that {gain} on '{target.name}' within"
                                 f" {budget.describe()} (--explain says why for each site; --best-effort writes"
                                 " the model unchanged)")
     return dataclasses.replace(recipe, passes=";".join(auto.specs) if auto.specs else []), auto, calibration

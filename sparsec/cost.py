@@ -275,6 +275,75 @@ def predict(path: str | os.PathLike, feed: Mapping[str, np.ndarray], profile: Pr
     return Prediction(sum(t for _, t in timed), timed)
 
 
+# --- size and memory ---------------------------------------------------------------------------
+
+OBJECTIVES = ("latency", "size", "memory")
+
+
+@dataclass
+class Footprint:
+    """What a model occupies: on disk, and in memory while it runs on one workload."""
+
+    file_bytes: int  # the .onnx file and its external data
+    weight_bytes: int  # constants as ONNX Runtime holds them (a compressed weight: rebuilt, dense)
+    activation_bytes: int  # the most bytes of values alive at once, nodes run in graph order
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.activation_bytes
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """The model file and the external data files it references."""
+    import onnx
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {entry.value for t in proto.graph.initializer for entry in t.external_data if entry.key == "location"}
+    return path.stat().st_size + sum((path.parent / loc).stat().st_size for loc in locations)
+
+
+def footprint(path: str | os.PathLike, feed: Mapping[str, np.ndarray]) -> Footprint:
+    """The :class:`Footprint` of the model at ``path`` on ``feed``. Activations: every value is
+    allocated when its node runs and freed after its last reader (graph outputs stay), as ORT's
+    memory planner reuses buffers; the subgraphs that rebuild compressed weights count as the
+    weights they fold into."""
+    from sparsec.graph import is_packed_part
+
+    shapes, sizes, model = _observe(path, feed)
+    graph = model.graph
+
+    def nbytes(name: str) -> int:
+        shape = shapes.get(name)
+        return int(np.prod(shape, dtype=np.int64)) * sizes.get(name, 4) if shape is not None else 0
+
+    nodes = list(graph)
+    folded = {id(n) for n in nodes if is_packed_part(n)}
+    weights = sum(nbytes(v.name) for v in graph.initializers.values()
+                  if not all(id(u.node) in folded for u in v.uses()) or not list(v.uses()))
+    weights += sum(nbytes(o.name) for n in nodes if id(n) in folded for o in n.outputs
+                   if any(id(u.node) not in folded for u in o.uses()) or o in graph.outputs)
+    outputs = {v.name for v in graph.outputs}
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for v in node.inputs:
+            if v is not None:
+                last_use[v.name] = i
+    live = {v.name: nbytes(v.name) for v in graph.inputs}
+    peak = sum(live.values())
+    for i, node in enumerate(nodes):
+        if id(node) in folded:
+            continue
+        live.update({o.name: nbytes(o.name) for o in node.outputs if o.name})
+        peak = max(peak, sum(live.values()))
+        dead = [v for v in node.inputs if v is not None and last_use.get(v.name) == i]
+        dead += [o for o in node.outputs if o.name not in last_use]  # read by nobody
+        for v in dead:
+            if v.name in live and v.name not in outputs:
+                del live[v.name]
+    return Footprint(file_bytes(path), int(weights), int(peak))
+
+
 # --- calibration -------------------------------------------------------------------------------
 
 GEMM_SIZES = ((1, 576, 1536), (16, 384, 1536), (128, 384, 1536), (512, 384, 1536), (2048, 384, 1536),

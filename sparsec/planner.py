@@ -82,19 +82,26 @@ class Option:
         return (self.saving or 0.0) / max(self.use or 0.0, 1e-3)
 
 
+def amount(value: float, objective: str) -> str:
+    """A saving or a total in the objective's unit: seconds (latency) or bytes (size, memory)."""
+    return f"{value * 1e3:.2f} ms" if objective == "latency" else f"{value / 2**20:.2f} MiB"
+
+
 @dataclass
 class AutoPlan:
     target: str
     budget: str
     options: list[Option]
     specs: list[str]
-    predicted_seconds: float
-    original_seconds: float
+    predicted_seconds: float  # the objective's predicted value: seconds for latency, bytes for size / memory
+    original_seconds: float  # the same for the original
     profile: str
     notes: list[str] = field(default_factory=list)
+    objective: str = "latency"
 
     @property
     def predicted_speedup(self) -> float:
+        """The original's value over the plan's: a speedup, or how many times smaller."""
         return self.original_seconds / self.predicted_seconds if self.predicted_seconds else 1.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,12 +110,16 @@ class AutoPlan:
                 "options": [{k: v for k, v in asdict(o).items() if k != "signature"} for o in self.options]}
 
     def lines(self) -> list[str]:
-        out = [f"planner for '{self.target}' under {self.budget}: {len(self.specs)} rewrite(s) chosen,"
-               f" predicted {self.predicted_speedup:.2f}x on the workload ({self.profile})"]
+        if self.objective == "latency":
+            gain = f"predicted {self.predicted_speedup:.2f}x on the workload ({self.profile})"
+        else:
+            gain = (f"objective {self.objective}: predicted {amount(self.predicted_seconds, self.objective)} of"
+                    f" {amount(self.original_seconds, self.objective)} ({self.predicted_speedup:.2f}x smaller)")
+        out = [f"planner for '{self.target}' under {self.budget}: {len(self.specs)} rewrite(s) chosen, {gain}"]
         for site in dict.fromkeys(o.site for o in self.options):
             out.append(f"  {site}")
             for o in (o for o in self.options if o.site == site):
-                saving = f"saves {o.saving * 1e3:.2f} ms" if o.saving is not None else "-"
+                saving = f"saves {amount(o.saving, self.objective)}" if o.saving is not None else "-"
                 use = f"uses {o.use:.0%} of the budget" if o.use is not None else "-"
                 out.append(f"    {o.status:<9} {o.spec:<58} {saving:<17} {use:<26} {o.reason}")
         out.extend(f"  note: {n}" for n in self.notes)
@@ -177,8 +188,9 @@ def _glob(label: str) -> str:
 QUANTIZE_SITE = "weights of MatMul / Gemm (all): ONNX Runtime quantization"
 
 
-def candidate_options(model, ctx, target, sites: dict[str, list[Site]] | None = None) -> list[Option]:
-    """Every option of every site, the ones the target cannot accelerate already rejected."""
+def candidate_options(model, ctx, target, sites: dict[str, list[Site]] | None = None,
+                      objective: str = "latency") -> list[Option]:
+    """Every option of every site; for latency, the ones the target cannot accelerate already rejected."""
     from sparsec.cost import QUANTIZED_FORMS
     from sparsec.targets import MOE, STRUCTURED
 
@@ -197,7 +209,7 @@ def candidate_options(model, ctx, target, sites: dict[str, list[Site]] | None = 
     # ONNX Runtime's own quantization of the whole model, composed with the rest
     options += [Option(QUANTIZE_SITE, "quantize", spec, form) for form, spec in QUANTIZED_FORMS.items()]
     for o in options:
-        if o.form != "none" and not target.gain(o.form).speedup:
+        if objective == "latency" and o.form != "none" and not target.gain(o.form).speedup:
             o.status, o.reason = "rejected", f"no kernel on '{target.name}' turns {o.form} into speed"
     return options
 
@@ -219,11 +231,11 @@ def split(calibration):
 
 def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: list, workload: dict[str, np.ndarray],
          metrics: Callable[[], list] = lambda: [], seed: int = 0, runner=None, progress=None,
-         fingerprint: str = "") -> AutoPlan:
+         fingerprint: str = "", objective: str = "latency") -> AutoPlan:
     """Choose the rewrites for the model at ``source`` (see the module's description): passes fit
     on ``calibration``, options are scored on ``scoring`` (input sets kept out of the fitting)."""
     from sparsec.passes.structured_prune import DENSE_STATISTICS, dense_statistics
-    from sparsec.cost import load_profile, predict
+    from sparsec.cost import load_profile
     from sparsec.model_io import load_model, save_model
     from sparsec.pipeline import PassContext, run_passes
     from sparsec.progress import silent
@@ -234,19 +246,20 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
     ctx = PassContext(target=target, calibration=calibration, seed=seed, runner=runner)
     original = load_model(source).model
     sites = _sites(original, ctx)
-    options = candidate_options(original, ctx, target, sites)
-    notes = [] if "measured" in profile.source else [f"cost model: {profile.source}"]
+    options = candidate_options(original, ctx, target, sites, objective)
+    notes = [] if "measured" in profile.source or objective != "latency" else [f"cost model: {profile.source}"]
     grouped = [f for f, found in sites.items() if found and len(found[0].regions) > 1]
     if grouped:
         notes.append(f"{', '.join(grouped)}: more than {MAX_SITES} sites, so options are per group of consecutive sites")
-    with progress.task("predicting the original's latency"):
-        base = predict(source, workload, profile).seconds
+    with progress.task(f"predicting the original's {objective}"):
+        base = objective_value(source, workload, profile, objective)
     if not scoring:
         notes.append("no input sets kept out of the calibration: options are scored on the workload input")
         scoring = [workload]
     workload_key = json.dumps({k: list(v.shape) for k, v in workload.items()}, sort_keys=True)
     todo = [o for o in options if o.status == "considered"]
-    keys = {id(o): (f"{fingerprint}|{o.spec}|{target.name}|{workload_key}|{budget.describe()}|{seed}|{profile.source}"
+    measure = profile.source if objective == "latency" else objective
+    keys = {id(o): (f"{fingerprint}|{o.spec}|{target.name}|{workload_key}|{budget.describe()}|{seed}|{measure}"
                     f"|{calibration.source if calibration is not None else ''}|{len(scoring)}") for o in todo}
     fresh = [o for o in todo if not (fingerprint and _cache_file(keys[id(o)]).exists())]
     is_fresh = {id(o) for o in fresh}
@@ -287,7 +300,7 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                     continue
                 path = save_model(model, Path(tmp) / f"option{i}.onnx", external_data=True)
                 if o.shape_key not in savings or not o.signature:
-                    savings[o.shape_key] = base - predict(path, workload, profile).seconds
+                    savings[o.shape_key] = base - objective_value(path, workload, profile, objective)
                 o.saving = savings[o.shape_key]
                 verdict = verify_against(references, path, scoring, exact=False, metrics=metrics(), runner=runner,
                                          outputs=budget.min_cosine is not None)
@@ -300,13 +313,27 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
             if o.status != "considered":
                 continue
             if o.saving is None or o.saving <= 0:
-                o.status, o.reason = "rejected", "the cost model predicts no gain on this target"
+                o.status, o.reason = "rejected", ("the cost model predicts no gain on this target"
+                                                  if objective == "latency" else f"the {objective} does not shrink")
             elif o.use > SAFETY:
                 o.status, o.reason = "rejected", "alone it spends more than the budget allows"
     choose(options, SAFETY)
     chosen = [o for o in options if o.status == "chosen"]
     return AutoPlan(target.name, budget.describe(), options, ordered_specs(chosen),
-                    base - sum(o.saving for o in chosen), base, profile.source, notes)
+                    base - sum(o.saving for o in chosen), base, profile.source, notes, objective)
+
+
+def objective_value(path, workload, profile, objective: str) -> float:
+    """What the planner minimises for the model at ``path``: predicted seconds on ``workload``
+    (latency), bytes of the file and its data (size), or bytes of weights plus peak activations
+    on ``workload`` (memory; :func:`sparsec.cost.footprint`)."""
+    from sparsec.cost import file_bytes, footprint, predict
+
+    if objective == "latency":
+        return predict(path, workload, profile).seconds
+    if objective == "size":
+        return float(file_bytes(path))
+    return float(footprint(path, workload).memory_bytes)
 
 
 def _milder_over(option: Option, options: list[Option]) -> Option | None:
@@ -335,7 +362,7 @@ def choose(options: list[Option], limit: float = SAFETY) -> None:
         if spent + o.use > limit:
             o.reason = f"the budget is spent ({spent:.0%} of it, measured alone, by better options)"
             continue
-        o.status, o.reason = "chosen", f"{o.saving * 1e3:.2f} ms for {o.use:.0%} of the budget"
+        o.status, o.reason = "chosen", f"the best saving per use left, for {o.use:.0%} of the budget"
         spent += o.use
         taken.add(o.site)
 
@@ -376,8 +403,8 @@ def settle(auto: AutoPlan, source, target, budget, *, calibration, scoring: list
     used, aiming at :data:`AIM` of the budget: down when it missed the budget, up when it left
     more than ``1 - AIM`` of it unused; at most :data:`MAX_RETRIES` times. A larger combination
     that misses the budget gives way to the last one within it; a combination still over the
-    budget loses its weakest options one by one. The predicted latency is the combined model's."""
-    from sparsec.cost import load_profile, predict
+    budget loses its weakest options one by one. The predicted objective is the combined model's."""
+    from sparsec.cost import load_profile
     from sparsec.model_io import load_model, save_model
     from sparsec.pipeline import PassContext, run_passes
     from sparsec.progress import silent
@@ -396,7 +423,7 @@ def settle(auto: AutoPlan, source, target, budget, *, calibration, scoring: list
             path = save_model(model, Path(tmp) / "combined.onnx", external_data=True)
             use = budget_use(verify_models(source, path, feeds, exact=False, metrics=metrics(), runner=runner),
                              budget)
-            auto.predicted_seconds = predict(path, workload, profile).seconds
+            auto.predicted_seconds = objective_value(path, workload, profile, auto.objective)
         summed = sum(o.use for o in auto.options if o.status == "chosen")
         auto.notes.append(f"{len(auto.specs)} rewrites (alone {summed:.0%} of the budget in sum) use {use:.0%} of it"
                           " together on the scoring inputs")

@@ -28,7 +28,8 @@ from typing import Any
 from sparsec.errors import InputError, OptionError
 
 VERSION = 1
-_SECTIONS = {"version", "target", "passes", "budget", "calibration", "verification", "constant_initializers"}
+_SECTIONS = {"version", "target", "passes", "budget", "calibration", "verification", "constant_initializers",
+             "objective"}
 _KEYS = {
     "budget": {"min_cosine", "min_embedding_cosine", "max_ppl_ratio"},
     "calibration": {"source", "samples", "seqlen", "tokenizer"},
@@ -43,7 +44,7 @@ OPTION_FIELDS = {
     "calib_seqlen": ("calibration", "seqlen"), "tokenizer": ("calibration", "tokenizer"),
     "seed": ("verification", "seed"), "samples": ("verification", "samples"),
     "dims": ("verification", "dims"), "inputs": ("verification", "inputs"),
-    "constant_initializers": ("constant_initializers", None),
+    "constant_initializers": ("constant_initializers", None), "objective": ("objective", None),
 }
 
 
@@ -55,6 +56,7 @@ class Recipe:
     calibration: dict[str, Any] = field(default_factory=dict)  # source, samples, seqlen, tokenizer
     verification: dict[str, Any] = field(default_factory=dict)  # seed, samples, dims, inputs
     constant_initializers: bool = False  # initializers listed as graph inputs are constants
+    objective: str = "latency"  # what the planner minimises: latency, size or memory
     version: int = VERSION
 
     @classmethod
@@ -128,7 +130,8 @@ def check_recipe(data: Any, source: str) -> Recipe:
     constant = data.get("constant_initializers", False)
     if not isinstance(constant, bool):
         raise OptionError(f"{source}: constant_initializers must be true or false, got {constant!r}")
-    recipe = Recipe(target=str(data.get("target", "cpu")), passes=passes, constant_initializers=constant, **sections)
+    recipe = Recipe(target=str(data.get("target", "cpu")), passes=passes, constant_initializers=constant,
+                    objective=str(data.get("objective", "latency")), **sections)
     validate(recipe, source)
     return recipe
 
@@ -137,7 +140,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Check the target, every pass and option, and the budget, before any work."""
     from sparsec.targets import get_target
 
+    from sparsec.cost import OBJECTIVES
+
     get_target(recipe.target)
+    if recipe.objective not in OBJECTIVES:
+        raise OptionError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, got {recipe.objective!r}")
     recipe.pass_objects()
     for key, low, high in (("min_cosine", -1, 1), ("min_embedding_cosine", -1, 1), ("max_ppl_ratio", 1, None)):
         value = recipe.budget.get(key)
@@ -194,5 +201,5 @@ def replayable(recipe: Recipe, passes) -> Recipe:
         verification={"seed": recipe.seed, "samples": recipe.verification.get("samples", 2),
                       "dims": dict(recipe.verification.get("dims") or {}),
                       "inputs": recipe.verification.get("inputs")},
-        constant_initializers=recipe.constant_initializers,
+        constant_initializers=recipe.constant_initializers, objective=recipe.objective,
     )

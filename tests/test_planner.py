@@ -56,7 +56,8 @@ def test_compile_with_a_budget_and_no_passes_plans_explains_and_verifies(zoo_pat
     recipe = json.loads((tmp_path / "r.json").read_text())
     assert [p["id"] for p in recipe["passes"]] == [o["spec"].split(":")[0] for o in
                                                     sorted(chosen, key=lambda o: (["attention-heads", "ffn-neurons",
-                                                                                   "moe", "attention"].index(o["family"]),
+                                                                                   "moe", "attention", "quantize"
+                                                                                   ].index(o["family"]),
                                                                                   o["spec"]))]
 
 
@@ -235,3 +236,61 @@ def test_a_harsher_option_is_not_tried_where_a_milder_one_already_spends_too_muc
     assert _milder_over(opts[2], opts) is None and _milder_over(opts[3], opts) is None  # other family, other site
     opts[0].use = SAFETY  # within what one option may spend: the harsher one is tried
     assert _milder_over(opts[1], opts) is None
+
+
+def test_objective_size_plans_for_the_smallest_file_within_the_budget(zoo_path, tmp_path, capsys):
+    """--objective size: options are valued by the bytes they take off the file (ONNX Runtime's
+    quantization among them, whatever the target's speed), and the plan's predicted size is the
+    size of the file written."""
+    from sparsec.cost import file_bytes
+
+    src = zoo_path("tiny-bert")
+    out = tmp_path / "small.onnx"
+    assert main(["compile", str(src), "--target", "cpu", "--min-cosine", "0.9", "--objective", "size", "--explain",
+                 "-o", str(out), "--save-recipe", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "objective size: predicted" in text and "MiB" in text
+    planner = json.loads((tmp_path / "small.report.json").read_text())["planner"]
+    assert planner["objective"] == "size"
+    chosen = [o for o in planner["options"] if o["status"] == "chosen"]
+    assert chosen and all(o["saving"] > 0 for o in chosen)
+    assert any(o["family"] == "quantize" for o in chosen)  # a quarter or an eighth of the bytes: the best per use
+    written = file_bytes(out)
+    assert written < file_bytes(src) - 0.5 * sum(o["saving"] for o in chosen)  # tiny-bert: mostly its embedding
+    assert planner["predicted_seconds"] == pytest.approx(written, rel=0.02)  # the predicted size is the real one
+    assert json.loads((tmp_path / "r.json").read_text())["objective"] == "size"
+
+
+def test_memory_footprint_counts_weights_and_the_peak_of_live_values(tmp_path):
+    """X (8, 64) -> MatMul W1 (64, 32) -> Relu -> MatMul W2 (32, 16) -> Y: at most two values
+    live at once; a compressed weight counts as the dense weight it is rebuilt into."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sparsec.cost import footprint
+    from sparsec.model_io import load_model, save_model
+    from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
+
+    rng = np.random.default_rng(0)
+    w1, w2 = rng.standard_normal((64, 32)).astype(np.float32), rng.standard_normal((32, 16)).astype(np.float32)
+    w1[:, ::2] = 0  # half zeros: compress packs it
+    nodes = [helper.make_node("MatMul", ["X", "W1"], ["H"]), helper.make_node("Relu", ["H"], ["R"]),
+             helper.make_node("MatMul", ["R", "W2"], ["Y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["B", 64])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["B", 16])],
+                              [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    feed = {"X": np.ones((8, 64), np.float32)}
+    f = footprint(path, feed)
+    x, h, y = 8 * 64 * 4, 8 * 32 * 4, 8 * 16 * 4
+    assert f.weight_bytes == w1.nbytes + w2.nbytes
+    assert f.activation_bytes == max(x + h, h + h, h + y)  # X+H, then H+R, then R+Y
+    assert f.memory_bytes == f.weight_bytes + f.activation_bytes and f.file_bytes == path.stat().st_size
+    model = load_model(path).model
+    (record,) = run_passes(model, parse_pass_specs("compress:min_params=0"), PassContext())
+    assert len(record.changed) == 1
+    packed = save_model(model, tmp_path / "packed.onnx")
+    g = footprint(packed, feed)
+    assert g.weight_bytes == f.weight_bytes and g.activation_bytes == f.activation_bytes
+    assert g.file_bytes < f.file_bytes
