@@ -211,3 +211,26 @@ def test_a_missing_optional_package_is_one_line_with_the_pip_command(capsys, tmp
         "No module named 'transformers'", name="transformers")))
     assert main(["inspect", str(model)]) == 2
     assert "pip install '.[models]'" in capsys.readouterr().err
+
+
+def test_progress_in_a_log_prints_slow_steps_only():
+    """stderr not a terminal (a CI log): slow steps and long loops get plain lines, quick ones none."""
+    import io
+
+    from sparsec.progress import LogProgress, auto
+
+    assert isinstance(auto(), LogProgress)  # pytest captures stderr: not a terminal
+    assert not isinstance(auto(quiet=True), LogProgress)
+    out = io.StringIO()
+    progress = LogProgress(slow=0.05, every=0.0, stream=out)
+    with progress.task("quick step"):
+        pass
+    assert out.getvalue() == ""
+    import time
+
+    with progress.task("slow step"):
+        time.sleep(0.06)
+    assert list(progress.track(range(3), "options", total=3)) == [0, 1, 2]
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("sparsec: slow step: ") and lines[1:] == [
+        "sparsec: options: 1/3 (0 s)", "sparsec: options: 2/3 (0 s)", "sparsec: options: 3/3 (0 s)"]
