@@ -44,6 +44,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sparsec.errors import SparsecError
+
 SAFETY = 0.7  # the summed budget use the greedy choice first stays under
 AIM = 0.85  # the share of the budget a rescaled choice aims to use end to end
 # A perplexity budget is measured on scoring windows of the calibration text, and a decoder's
@@ -175,7 +177,7 @@ def _sites(model, ctx) -> dict[str, list[Site]]:
         record = p.new_record()
         try:
             regions = p.match(model, ctx, record)
-        except Exception:  # a family that cannot even match this model offers nothing
+        except SparsecError:  # a family that cannot even match this model offers nothing
             regions = []
         out[family] = _group(family, [r for r in regions if getattr(r, "lowering", "gqa") != "mask"])
     return out
@@ -292,8 +294,13 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                 model = load_model(source).model
                 try:
                     (record,) = run_passes(model, passes_for([o.spec], calibration), ctx)
-                except Exception as exc:  # an option that cannot run is reported, not fatal
+                except SparsecError as exc:  # an option that cannot run here is reported, not fatal
                     o.status, o.reason = "rejected", f"the pass failed here: {exc}"
+                    continue
+                except Exception as exc:  # a bug in a pass: reported as one, the other options go on
+                    o.status, o.reason = "rejected", f"internal error in the pass ({type(exc).__name__}: {exc})"
+                    notes.append(f"internal error while trying {o.spec.split(',include=')[0]} (a sparsec bug; please"
+                                 f" report it with --debug's traceback): {type(exc).__name__}: {exc}")
                     continue
                 if not record.changed:
                     o.status, o.reason = "rejected", "the pass changed nothing here"

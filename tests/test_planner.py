@@ -294,3 +294,20 @@ def test_memory_footprint_counts_weights_and_the_peak_of_live_values(tmp_path):
     g = footprint(packed, feed)
     assert g.weight_bytes == f.weight_bytes and g.activation_bytes == f.activation_bytes
     assert g.file_bytes < f.file_bytes
+
+
+def test_a_bug_in_one_option_is_reported_as_one_and_the_plan_goes_on(zoo_path, tmp_path, capsys, monkeypatch):
+    from sparsec.passes import moe
+
+    def broken(self, model, ctx):
+        raise ZeroDivisionError("a stand-in bug")
+
+    monkeypatch.setattr(moe.FfnToMoePass, "run", broken)
+    src = zoo_path("tiny-bert")
+    monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))  # no option results cached by other tests
+    out = tmp_path / "auto.onnx"
+    assert main(["compile", str(src), "--target", "cpu", "--min-cosine", "0.97", "--explain",
+                 "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "internal error in the pass (ZeroDivisionError: a stand-in bug)" in text
+    assert "a sparsec bug; please report it" in text and out.exists()
