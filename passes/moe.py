@@ -48,6 +48,7 @@ from .patterns import Code, MatchFailure, select
 from .structured_patterns import Region, ffn_region
 
 MIN_OPSET = 13  # TopK / ScatterElements / Split / Pad with tensor inputs
+DENSE_CAPTURES = "moe.dense_captures"  # PassContext.extras key, see dense_captures
 MAX_TOKENS = 16384  # calibration tokens kept per FFN for the statistics
 REFIT_TOKENS_PER_NEURON = 4  # fewer, and the least-squares refit fits the calibration tokens, not the FFN
 
@@ -209,9 +210,15 @@ class FfnToMoePass(Pass):
             raise OptionError("moe: router=linear, split=coactivation and shared=-1 need calibration data;"
                               " give --calib, or use router=centroid,split=weights,shared=0")
         feeds = ctx.calibration.feeds if ctx.calibration is not None else []
-        runner = ctx.runner.staged(model, feeds, progress=ctx.progress) if feeds else None
+        known = ctx.extras.get(DENSE_CAPTURES, {})  # the planner's one capture of the unpruned model
+        if any(site.block.input.name not in known for site in sites):
+            known = {}  # all from it, or all captured here
+        runner = ctx.runner.staged(model, feeds, progress=ctx.progress) if feeds and not known else None
         for site in ctx.progress.track(sites, f"{self.id}: {len(sites)} FFNs", total=len(sites)):
-            x, h = self._capture(runner, site, feeds) if runner is not None else (None, None)
+            if site.block.input.name in known:
+                x, h = (np.load(path, mmap_mode="r") for path in known[site.block.input.name])
+            else:
+                x, h = self._capture(runner, site, feeds) if runner is not None else (None, None)
             plan = self._experts(site, x, h, opts, ctx.seed)
             lower = {"gather": lw.lower_gather, "contrib": lw.lower_contrib, "masked": lw.lower_masked}[site.lowering]
             anchor = lower(model, site, plan, opts, self.id, opset)
@@ -327,3 +334,29 @@ def _site_record(site: MoeSite, plan: ExpertPlan, opts: MoEOptions, pass_id: str
     return SiteRecord(site=block.label, node=anchor.name or "", action="changed", message=message,
                       weight=block.down.weight.name, params=params, sparsity_before=0.0,
                       sparsity_after=1 - active, details=details)
+
+
+def dense_captures(model: ir.Model, ctx: PassContext, directory) -> dict[str, tuple[str, str]]:
+    """Every FFN's calibration input and hidden units in the unpruned ``model``, captured in one
+    staged run and saved under ``directory`` (SmolLM2: 140 MB an FFN, so on disk, read back
+    memory-mapped), by FFN input name. Put under ``ctx.extras[DENSE_CAPTURES]``, the ``moe``
+    pass on a copy of the model fits each FFN's experts and router from there instead of running
+    the model up to it: the planner fits every MoE option from one capture (an option over
+    several FFNs fits the later ones on the unpruned upstream; the compile refits them)."""
+    from pathlib import Path
+
+    found = FfnToMoePass().match(model, ctx, FfnToMoePass().new_record())
+    order = {node: i for i, node in enumerate(model.graph)}
+    runner = ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
+    out = {}
+    for i, site in enumerate(sorted(found, key=lambda s: order[s.block.down.node])):
+        name = site.block.input.name
+        if name in out:
+            continue
+        x, h = FfnToMoePass._capture(runner, site, ctx.calibration.feeds)
+        runner.unpin(site.block.input)
+        paths = (str(Path(directory) / f"ffn{i}.x.npy"), str(Path(directory) / f"ffn{i}.h.npy"))
+        np.save(paths[0], x)
+        np.save(paths[1], h)
+        out[name] = paths
+    return out

@@ -236,6 +236,7 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
          fingerprint: str = "", objective: str = "latency") -> AutoPlan:
     """Choose the rewrites for the model at ``source`` (see the module's description): passes fit
     on ``calibration``, options are scored on ``scoring`` (input sets kept out of the fitting)."""
+    from sparsec.passes.moe import DENSE_CAPTURES, dense_captures
     from sparsec.passes.structured_prune import DENSE_STATISTICS, dense_statistics
     from sparsec.cost import load_profile
     from sparsec.model_io import load_model, save_model
@@ -279,6 +280,9 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                          " the chosen combination on all of them")
     savings: dict[str, float] = {}  # predicted saving by shape key: equal shapes, equal saving
     with tempfile.TemporaryDirectory(prefix="sparsec-plan-") as tmp:
+        if calibration is not None and any(o.family == "moe" and needs_calibration(o.spec) for o in fresh):
+            with progress.task("capturing every FFN's calibration activations for the MoE options"):
+                ctx.extras[DENSE_CAPTURES] = dense_captures(original, ctx, tmp)
         for i, o in enumerate(progress.track(todo, "trying each option alone", total=len(todo))):
             cached = _cache_file(keys[id(o)])
             if id(o) not in is_fresh:
@@ -486,6 +490,12 @@ def adjust(auto: AutoPlan, measure: Callable[[], float], ceiling: float = 1.0) -
         return
     while use > ceiling and drop_weakest(auto) and auto.specs:
         use = measure()
+
+
+def needs_calibration(spec: str) -> bool:
+    from sparsec.pipeline import parse_pass_specs
+
+    return any(p.needs_calibration() for p in parse_pass_specs(spec))
 
 
 def passes_for(specs: list[str], calibration) -> list:

@@ -225,6 +225,40 @@ def test_options_fitted_from_one_capture_equal_a_pass_that_captures_itself(zoo_p
         assert any(cached[k].shape != v.const_value.shape for k, v in original.graph.initializers.items())
 
 
+def test_moe_options_fitted_from_one_capture_equal_a_pass_that_captures_itself(zoo_path, tmp_path):
+    """The planner captures every FFN's activations once (moe.dense_captures); an MoE option on
+    one FFN fitted from them equals the pass capturing for itself, and runs no model."""
+    from sparsec.data import Calibration
+    from sparsec.feeds import input_specs, random_feeds
+    from sparsec.model_io import load_model
+    from sparsec.passes.moe import DENSE_CAPTURES, dense_captures
+    from sparsec.pipeline import PassContext, parse_pass_specs
+    from sparsec.planner import _sites
+
+    src = zoo_path("tiny-llama")
+    original = load_model(src).model
+    calibration = Calibration(random_feeds(input_specs(original), seed=3, samples=3), "random")
+    ctx = PassContext(calibration=calibration)
+    ctx.extras[DENSE_CAPTURES] = dense_captures(original, ctx, tmp_path)
+    assert len(ctx.extras[DENSE_CAPTURES]) == 2 and len(list(tmp_path.glob("*.npy"))) == 4
+    site = _sites(original, PassContext())["ffn-neurons"][1]
+    models = []
+    for c in (ctx, PassContext(calibration=calibration)):
+        model = load_model(src).model
+        (p,) = parse_pass_specs(f"moe:experts=4,k=2,include={site.include}")
+        assert len(p.run(model, c).changed) == 1
+        models.append({k: v.const_value.numpy() for k, v in model.graph.initializers.items()})
+    cached, captured = models
+    assert cached.keys() == captured.keys() and len(cached) > len(original.graph.initializers)
+    assert all(np.array_equal(cached[k], captured[k]) for k in cached)
+    ctx.extras[DENSE_CAPTURES] = {k: (str(tmp_path / "ffn0.x.npy"), v[1]) for k, v in
+                                  ctx.extras[DENSE_CAPTURES].items()}  # another FFN's inputs: a different fit
+    model = load_model(src).model
+    (p,) = parse_pass_specs(f"moe:experts=4,k=2,include={site.include}")
+    p.run(model, ctx)
+    assert not all(np.array_equal(v.const_value.numpy(), cached[k]) for k, v in model.graph.initializers.items())
+
+
 def test_a_harsher_option_is_not_tried_where_a_milder_one_already_spends_too_much():
     from sparsec.planner import _milder_over
 
