@@ -66,6 +66,7 @@ class Code(str, enum.Enum):
     MODE_UNSUPPORTED = "MODE_UNSUPPORTED"
     LEFT_FLOAT = "LEFT_FLOAT"
     NO_KERNEL = "NO_KERNEL"
+    ROUTER = "ROUTER"
 
     def __str__(self) -> str:
         return self.value
@@ -110,6 +111,7 @@ MEANINGS: dict[Code, str] = {
                            " Conv; static: MatMul, Gemm, Conv; int4: MatMul with a 2-D weight)",
     Code.LEFT_FLOAT: "ONNX Runtime's quantizer left the weight in float (a Constant node, or a node it declined)",
     Code.NO_KERNEL: "the target's execution provider has no kernel for the rewritten op (it would run elsewhere)",
+    Code.ROUTER: "a Mixture-of-Experts router: its logits choose the experts, and it is tiny; kept float",
 }
 
 

@@ -128,6 +128,31 @@ def match_moe(node: ir.Node, model: ir.Model, mode: str, target) -> MoeSite | Ma
     return MoeSite(node, fc1, fc2, *biases)
 
 
+# Ops between a router's MatMul / Gemm and the TopK that reads its logits.
+ROUTER_PATH = frozenset({"Add", "Softmax", "Sigmoid", "Reshape", "Cast", "Identity", "Squeeze", "Unsqueeze",
+                         "Flatten"})
+
+
+def router_failure(node: ir.Node, depth: int = 4) -> MatchFailure | None:
+    """ROUTER when ``node``'s output reaches a TopK (or an MoE node's router input) through
+    element-wise and shape ops only: its logits choose the experts."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        following = []
+        for current in frontier:
+            for out in current.outputs:
+                for use in out.uses():
+                    reader = use.node
+                    if reader.op_type == "TopK" or (reader.op_type in ("MoE", "QMoE") and use.idx == 1):
+                        return MatchFailure(Code.ROUTER, f"a Mixture-of-Experts router (its logits reach"
+                                            f" {reader.op_type} '{reader.name}'); routers=true quantizes it", node)
+                    if reader.op_type in ROUTER_PATH and id(reader) not in seen:
+                        seen.add(id(reader))
+                        following.append(reader)
+        frontier = following
+    return None
+
+
 def kernel_failure(target, node: ir.Node) -> MatchFailure | None:
     """NO_KERNEL when the provider that would run a QMoE node on ``target`` has no kernel for it
     (the target's facts for the form ``qmoe``; no target: nothing to check)."""

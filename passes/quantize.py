@@ -87,6 +87,8 @@ class QuantizeOptions(PassOptions):
                                  " 4 int8 activations: the faster one here)", min=0, max=4)
     op_types: tuple[str, ...] = option(QUANTIZABLE, "op types whose weights are quantized (the mode's"
                                        " forms permitting)", choices=QUANTIZABLE)
+    routers: bool = option(False, "also quantize Mixture-of-Experts routers (MatMul / Gemm whose logits reach a"
+                           " TopK): tiny weights, and rounding them changes which experts run")
     include: tuple[str, ...] = option((), "glob patterns over module path, node name, weight name, op type"
                                       " or weight shape; when given, only matching sites are quantized")
     exclude: tuple[str, ...] = option((), "glob patterns of sites left in float")
@@ -150,6 +152,7 @@ class QuantizePass(Pass):
             failure = next((f for f in (check() for check in (
                 lambda: _compressed(site),
                 lambda: patterns.select(site, opts.include, opts.exclude),
+                lambda: None if opts.routers else qmoe.router_failure(site.node),
                 lambda: _supported(site, opts.mode),
                 lambda: _in_subgraph(site, model),
                 lambda: _initializer(site),
