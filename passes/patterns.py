@@ -67,6 +67,7 @@ class Code(str, enum.Enum):
     LEFT_FLOAT = "LEFT_FLOAT"
     NO_KERNEL = "NO_KERNEL"
     ROUTER = "ROUTER"
+    ROUTING_UNSUPPORTED = "ROUTING_UNSUPPORTED"
 
     def __str__(self) -> str:
         return self.value
@@ -112,6 +113,8 @@ MEANINGS: dict[Code, str] = {
     Code.LEFT_FLOAT: "ONNX Runtime's quantizer left the weight in float (a Constant node, or a node it declined)",
     Code.NO_KERNEL: "the target's execution provider has no kernel for the rewritten op (it would run elsewhere)",
     Code.ROUTER: "a Mixture-of-Experts router: its logits choose the experts, and it is tiny; kept float",
+    Code.ROUTING_UNSUPPORTED: "the kernel would weigh the experts differently from the node (QMoE on the CPU"
+                              " always renormalizes the chosen experts' weights)",
 }
 
 

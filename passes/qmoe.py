@@ -28,7 +28,9 @@ must hold; otherwise a PassError.
 Skipped: a target whose provider has no fp32 QMoE kernel (``NO_KERNEL``: the CUDA kernel is
 fp16/bf16 only, so the node would fall back to the CPU), ``mode=static`` (``MODE_UNSUPPORTED``:
 QMoE has no calibrated activation form), activations QMoE lacks (``ACTIVATION_UNSUPPORTED``),
-separate fc3 weights or a SwiGLU layout other than interleaved (``UNKNOWN_LAYOUT``), non-float32
+separate fc3 weights or a SwiGLU layout other than interleaved (``UNKNOWN_LAYOUT``), MoE nodes
+with ``normalize_routing_weights=0`` (``ROUTING_UNSUPPORTED``: the CPU QMoE kernel renormalizes
+the chosen experts' weights whatever the attribute says; sparsec's lowerings write 1), non-float32
 nodes (``DTYPE_UNSUPPORTED``), computed weights (``NOT_CONSTANT``), H not divisible by 16 for
 int4 (``NOT_DIVISIBLE``), nodes inside subgraphs (``IN_SUBGRAPH``).
 """
@@ -100,6 +102,10 @@ def match_moe(node: ir.Node, model: ir.Model, mode: str, target) -> MoeSite | Ma
     if activation not in ACTIVATIONS:
         return MatchFailure(Code.ACTIVATION_UNSUPPORTED, f"QMoE has no '{activation}' activation"
                             f" (it has {', '.join(ACTIVATIONS)})", node)
+    if _attribute(node, "normalize_routing_weights", 0) != 1:
+        return MatchFailure(Code.ROUTING_UNSUPPORTED, "normalize_routing_weights=0: ONNX Runtime 1.32's CPU QMoE"
+                            " renormalizes the chosen experts' weights regardless (measured: 0.43 max difference)",
+                            node)
     if _input(node, 6) is not None:
         return MatchFailure(Code.UNKNOWN_LAYOUT, "separate fc3 weights: ONNX Runtime's CPU kernels run SwiGLU only"
                             " with gate and up interleaved in fc1 (swiglu_fusion=1)", node)

@@ -14,7 +14,10 @@ After, by ``mode`` (each one call into ``onnxruntime.quantization``; nothing is 
   4-bit codes in blocks of ``block_size`` along K, asymmetric (zero points) or symmetric.
 
 Only the linear ops whose weights the pass selected are handed to ORT (``nodes_to_quantize``):
-MatMuls of two activations (attention scores) stay float in every mode.
+MatMuls of two activations (attention scores) stay float in every mode, and so do Mixture-of-
+Experts routers (ROUTER; ``routers=true`` quantizes them): their rounded logits choose other
+experts. ``com.microsoft.MoE`` nodes, which ORT's quantizers leave alone, become
+``com.microsoft.QMoE`` nodes with int8 (dynamic) or int4 experts (:mod:`.qmoe`).
 
 The bridge: the model is saved into a temporary directory (weights as external data), ORT's
 quantizer writes its result there, and the result is read back into memory. Then every weight

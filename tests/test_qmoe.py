@@ -181,6 +181,7 @@ def skips(record):
     (lambda: moe_model(), "quantize:mode=static", "MODE_UNSUPPORTED"),
     (lambda: moe_model(extra={"activation_type": "geglu"}), "quantize", "ACTIVATION_UNSUPPORTED"),
     (lambda: moe_model("swiglu", extra={"swiglu_fusion": 2}), "quantize", "UNKNOWN_LAYOUT"),
+    (lambda: moe_model(extra={"normalize_routing_weights": 0}), "quantize", "ROUTING_UNSUPPORTED"),
     (lambda: moe_model(dtype=np.float16), "quantize", "DTYPE_UNSUPPORTED"),
     (lambda: moe_model(hidden=40), "quantize:mode=int4", "NOT_DIVISIBLE"),
     (lambda: moe_model(), "quantize:exclude=MoE", "EXCLUDED"),
