@@ -268,3 +268,24 @@ def test_moe_contrib_then_quantize_keeps_the_router_float_unless_asked(tmp_path,
                                                        "routers=true"), PassContext(calibration=calibration()))
     assert not quant.skipped and len(quant.changed) == 3
     assert "MatMul" not in [n.op_type for n in everything.graph]
+
+
+def test_moe_contrib_then_int4_compiles_and_verifies_on_a_real_export(zoo_path, tmp_path):
+    """tiny-llama (SwiGLU, exported with torch dynamo): every expert active (the MoE rewrite is
+    exact), then int4: each MoE node is a QMoE node, the routers float, and the compile's
+    verification on held-out text judges it against the default perplexity budget."""
+    import sparsec
+
+    result = sparsec.compile(zoo_path("tiny-llama"), passes="moe:experts=4,k=4,lowering=contrib;quantize:mode=int4",
+                             output=tmp_path / "q.onnx")
+    moe, quant = result.records
+    assert len(moe.changed) == 2 and quant.skip_counts() == {"NOT_CONSTANT": 5, "ROUTER": 2}
+    ops = quant.extra["quantization"]["ops"]
+    assert ops["QMoE"] == {"before": 0, "after": 2} and ops["MoE"] == {"before": 2, "after": 0}
+    experts = [s for s in quant.changed if s.details["stored"] == "qmoe-int4"]
+    assert len(experts) == 4 and all(s.details["accuracy_level"] == 4 for s in experts)
+    assert result.judgement.status == "WITHIN BUDGET" and result.output.exists()
+    ratio = result.verdicts["real"].metrics["perplexity_ratio"]
+    assert 1.0 < ratio < 1.2  # moved by the quantization, within the default budget
+    saved = onnx.load(str(result.output))
+    assert sum(n.op_type == "QMoE" for n in saved.graph.node) == 2
