@@ -125,9 +125,11 @@ class QuantizePass(Pass):
     """Quantize linear weights with ONNX Runtime's quantizers; pruned zeros stay exactly 0."""
 
     id = "quantize"
-    summary = "ONNX Runtime quantization (int8 dynamic, int8 static QDQ, int4 MatMulNBits), zeros kept exact"
+    summary = ("ONNX Runtime quantization (int8 dynamic, int8 static QDQ, int4 MatMulNBits; MoE experts in QMoE),"
+               " zeros kept exact")
     kinds = (Kind.LOSSY,)
-    matches = "MatMul / Gemm / Conv with a float32 initializer weight, as the mode's ORT quantizer takes it"
+    matches = ("MatMul / Gemm / Conv with a float32 initializer weight, as the mode's ORT quantizer takes it;"
+               " com.microsoft.MoE nodes (their experts into com.microsoft.QMoE)")
     Options = QuantizeOptions
     runs_last = True
 
