@@ -66,6 +66,9 @@ class Code(str, enum.Enum):
     MODE_UNSUPPORTED = "MODE_UNSUPPORTED"
     LEFT_FLOAT = "LEFT_FLOAT"
     ZERO_POINTS_VARY = "ZERO_POINTS_VARY"
+    NO_KERNEL = "NO_KERNEL"
+    ROUTER = "ROUTER"
+    ROUTING_UNSUPPORTED = "ROUTING_UNSUPPORTED"
 
     def __str__(self) -> str:
         return self.value
@@ -111,6 +114,10 @@ MEANINGS: dict[Code, str] = {
     Code.LEFT_FLOAT: "ONNX Runtime's quantizer left the weight in float (a Constant node, or a node it declined)",
     Code.ZERO_POINTS_VARY: "the quantized weight's zero points differ per channel or block; compressed storage"
                            " keeps one fill value",
+    Code.NO_KERNEL: "the target's execution provider has no kernel for the rewritten op (it would run elsewhere)",
+    Code.ROUTER: "a Mixture-of-Experts router: its logits choose the experts, and it is tiny; kept float",
+    Code.ROUTING_UNSUPPORTED: "the kernel would weigh the experts differently from the node (QMoE on the CPU"
+                              " always renormalizes the chosen experts' weights)",
 }
 
 

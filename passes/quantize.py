@@ -14,7 +14,10 @@ After, by ``mode`` (each one call into ``onnxruntime.quantization``; nothing is 
   4-bit codes in blocks of ``block_size`` along K, asymmetric (zero points) or symmetric.
 
 Only the linear ops whose weights the pass selected are handed to ORT (``nodes_to_quantize``):
-MatMuls of two activations (attention scores) stay float in every mode.
+MatMuls of two activations (attention scores) stay float in every mode, and so do Mixture-of-
+Experts routers (ROUTER; ``routers=true`` quantizes them): their rounded logits choose other
+experts. ``com.microsoft.MoE`` nodes, which ORT's quantizers leave alone, become
+``com.microsoft.QMoE`` nodes with int8 (dynamic) or int4 experts (:mod:`.qmoe`).
 
 The bridge: the model is saved into a temporary directory (weights as external data), ORT's
 quantizer writes its result there, and the result is read back into memory. Then every weight
@@ -54,7 +57,8 @@ from sparsec.sparsity import nm_layouts, zero_fraction
 from sparsec.targets import INT4, INT8_DYNAMIC, INT8_QDQ
 
 from . import patterns
-from .patterns import STANDARD_DOMAINS, Code, LinearWeight, MatchFailure
+from . import qmoe
+from .patterns import MS_DOMAIN, STANDARD_DOMAINS, Code, LinearWeight, MatchFailure
 from .quantized import EncodedWeight
 
 MODES = ("dynamic", "static", "int4")
@@ -86,6 +90,8 @@ class QuantizeOptions(PassOptions):
                                  " 4 int8 activations: the faster one here)", min=0, max=4)
     op_types: tuple[str, ...] = option(QUANTIZABLE, "op types whose weights are quantized (the mode's"
                                        " forms permitting)", choices=QUANTIZABLE)
+    routers: bool = option(False, "also quantize Mixture-of-Experts routers (MatMul / Gemm whose logits reach a"
+                           " TopK): tiny weights, and rounding them changes which experts run")
     include: tuple[str, ...] = option((), "glob patterns over module path, node name, weight name, op type"
                                       " or weight shape; when given, only matching sites are quantized")
     exclude: tuple[str, ...] = option((), "glob patterns of sites left in float")
@@ -119,19 +125,29 @@ class QuantizePass(Pass):
     """Quantize linear weights with ONNX Runtime's quantizers; pruned zeros stay exactly 0."""
 
     id = "quantize"
-    summary = "ONNX Runtime quantization (int8 dynamic, int8 static QDQ, int4 MatMulNBits), zeros kept exact"
+    summary = ("ONNX Runtime quantization (int8 dynamic, int8 static QDQ, int4 MatMulNBits; MoE experts in QMoE),"
+               " zeros kept exact")
     kinds = (Kind.LOSSY,)
-    matches = "MatMul / Gemm / Conv with a float32 initializer weight, as the mode's ORT quantizer takes it"
+    matches = ("MatMul / Gemm / Conv with a float32 initializer weight, as the mode's ORT quantizer takes it;"
+               " com.microsoft.MoE nodes (their experts into com.microsoft.QMoE)")
     Options = QuantizeOptions
     order = 1  # after the sparsity passes, before compress
 
     def sparse_form(self) -> str:
         return MODE_FORMS[self.options.mode]
 
-    def match(self, model: ir.Model, ctx: PassContext, record: PassRecord) -> list[LinearWeight]:
+    def match(self, model: ir.Model, ctx: PassContext, record: PassRecord) -> list[LinearWeight | qmoe.MoeSite]:
         opts: QuantizeOptions = self.options  # type: ignore[assignment]
-        sites = []
+        sites: list[LinearWeight | qmoe.MoeSite] = []
         for node in all_nodes(model):
+            if node.domain == MS_DOMAIN and node.op_type == "MoE":
+                moe = qmoe.match_moe(node, model, opts.mode, ctx.target)
+                failure = moe if isinstance(moe, MatchFailure) else patterns.select(moe, opts.include, opts.exclude)
+                if failure is not None:
+                    record.skip(failure, node=node)
+                    continue
+                sites.append(moe)
+                continue
             if node.domain not in STANDARD_DOMAINS or node.op_type not in opts.op_types:
                 continue
             site = patterns.match_linear_weight(node, decode=False)
@@ -141,6 +157,7 @@ class QuantizePass(Pass):
             failure = next((f for f in (check() for check in (
                 lambda: _compressed(site),
                 lambda: patterns.select(site, opts.include, opts.exclude),
+                lambda: None if opts.routers else qmoe.router_failure(site.node),
                 lambda: _supported(site, opts.mode),
                 lambda: _in_subgraph(site, model),
                 lambda: _initializer(site),
@@ -163,22 +180,38 @@ class QuantizePass(Pass):
                               " file with --tokenizer, or 'builtin' for the example models)")
         for i, site in enumerate(sites):
             site.node.name = site.node.name or f"quantize.site.{i}"  # ORT selects nodes by name
+        moes = [s for s in sites if isinstance(s, qmoe.MoeSite)]
+        sites = [s for s in sites if not isinstance(s, qmoe.MoeSite)]
+        # The experts are quantized and checked first: a failure leaves the model as it was.
+        with ctx.progress.task(f"quantize: {len(moes)} MoE nodes -> com.microsoft.QMoE"):
+            plans = [qmoe.plan_site(s, opts.mode, weight_type=opts.weight_type, block_size=opts.block_size,
+                                    symmetric=opts.symmetric, accuracy_level=opts.accuracy_level) for s in moes]
         inputs = [v.name for v in model.graph.inputs]
-        with ctx.progress.task(f"quantize: ONNX Runtime {opts.mode} quantization of {len(sites)} weights"):
-            new, tool = _quantize(model, [s.node.name or "" for s in sites], opts, ctx)
-        if [v.name for v in new.graph.inputs] != inputs or \
-                [v.name for v in new.graph.outputs] != [v.name for v in model.graph.outputs]:
-            raise PassError("quantize: ONNX Runtime's quantizer changed the model's inputs or outputs")
-        changed = _check(sites, new, opts.mode, record)
-        _tag(model, new, self.id, f"quantized by ONNX Runtime ({tool})")
-        ops = _op_changes(model, new)
+        if sites:
+            with ctx.progress.task(f"quantize: ONNX Runtime {opts.mode} quantization of {len(sites)} weights"):
+                new, tool = _quantize(model, [s.node.name or "" for s in sites], opts, ctx)
+            if [v.name for v in new.graph.inputs] != inputs or \
+                    [v.name for v in new.graph.outputs] != [v.name for v in model.graph.outputs]:
+                raise PassError("quantize: ONNX Runtime's quantizer changed the model's inputs or outputs")
+            changed = _check(sites, new, opts.mode, record)
+            _tag(model, new, self.id, f"quantized by ONNX Runtime ({tool})")
+        else:
+            new, tool, changed = model, "", []
+        ops_before = Counter(n.op_type for n in all_nodes(model))
+        changed += _apply_qmoe(new, plans, self.id)
+        if plans:
+            tool = "; ".join(t for t in (tool, f"{len(plans)} MoE nodes -> QMoE ({_qmoe_tool(plans)})") if t)
+        ops = _op_changes(ops_before, new)
         before = sum(s.details["bytes_before"] for s in changed)
         after = sum(s.details["bytes_after"] for s in changed)
         # Only now, every check passed: the model takes the quantized graph.
-        model.graph = new.graph
-        model.ir_version = max(model.ir_version, new.ir_version)
-        for key, function in new.functions.items():
-            model.functions[key] = function
+        if new is not model:
+            model.graph = new.graph
+            model.ir_version = max(model.ir_version, new.ir_version)
+            for key, function in new.functions.items():
+                model.functions[key] = function
+        if plans:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
         record.sites.extend(changed)
         record.extra["quantization"] = {"tool": tool, "ops": ops, "weight_bytes_before": before,
                                         "weight_bytes_after": after}
@@ -403,8 +436,43 @@ def _tag(old: ir.Model, new: ir.Model, pass_id: str, reason: str) -> None:
             mark_changed(node, pass_id, reason)
 
 
-def _op_changes(old: ir.Model, new: ir.Model) -> dict[str, dict[str, int]]:
+def _op_changes(a: Counter, new: ir.Model) -> dict[str, dict[str, int]]:
     """Node counts per op type that the quantization changed: {op: {"before": n, "after": m}}."""
-    a = Counter(n.op_type for n in all_nodes(old))
     b = Counter(n.op_type for n in all_nodes(new))
     return {op: {"before": a[op], "after": b[op]} for op in sorted(set(a) | set(b)) if a[op] != b[op]}
+
+
+# --- MoE nodes -> QMoE -----------------------------------------------------------------------------
+
+def _apply_qmoe(model: ir.Model, plans: list[qmoe.QmoePlan], pass_id: str) -> list[SiteRecord]:
+    """Each planned MoE node of ``model`` (found by name: ORT's quantizers keep the names of the
+    nodes they leave alone) replaced by its QMoE node; a record per expert weight."""
+    nodes = {n.name: n for n in model.graph if n.op_type == "MoE" and n.domain == MS_DOMAIN}
+    out = []
+    for plan in plans:
+        node = nodes.get(plan.site.node.name or "")
+        if node is None:
+            raise PassError(f"quantize: the MoE node '{plan.site.node.name}' is missing after ONNX Runtime's"
+                            " quantizer; nothing was changed")
+        new = qmoe.apply_plan(model.graph, plan, node, pass_id)
+        bits, block = plan.attributes["expert_weight_bits"], plan.attributes.get("block_size", 0)
+        for check in plan.checks:
+            out.append(SiteRecord(
+                site=plan.site.label, node=new.name or "", action="changed",
+                message=f"QMoE {bits}-bit codes: {check['bytes_before']} -> {check['bytes_after']} bytes",
+                weight=check["name"], shape=check["shape"], params=check["params"],
+                sparsity_before=check["sparsity_before"], sparsity_after=check["sparsity_after"],
+                details={"stored": f"qmoe-int{bits}", "bytes_before": check["bytes_before"],
+                         "bytes_after": check["bytes_after"], "nm": check["nm"], "block_size": block,
+                         "padding_neurons": plan.padding,
+                         "accuracy_level": plan.attributes.get("accuracy_level", 0)}))
+    return out
+
+
+def _qmoe_tool(plans: list[qmoe.QmoePlan]) -> str:
+    bits = plans[0].attributes["expert_weight_bits"]
+    if bits == 8:
+        return "8-bit per row, onnxruntime.quantization.quant_utils.quantize_data"
+    blocks = sorted({p.attributes["block_size"] for p in plans})
+    return (f"4-bit in blocks of {'/'.join(map(str, blocks))}, quantize_matmul_4bits,"
+            f" accuracy_level {plans[0].attributes['accuracy_level']}")

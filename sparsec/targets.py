@@ -31,8 +31,9 @@ MASKED = "masked"  # computation masked in standard ops (an attention mask, a po
 INT8_DYNAMIC = "int8-dynamic"  # int8 weights, activations quantized at run time (MatMulInteger)
 INT8_QDQ = "int8-qdq"  # int8 weights and calibrated activations as QuantizeLinear/DequantizeLinear
 INT4 = "int4"  # 4-bit blocked weights in com.microsoft.MatMulNBits
+QMOE = "qmoe"  # MoE experts stored as int8 / int4 codes in com.microsoft.QMoE
 FORMS = (NM_2_4, NM_OTHER, UNSTRUCTURED, BLOCK, STRUCTURED, STORAGE, MOE, ATTENTION_WINDOW,
-         ATTENTION_BLOCK_SPARSE, KV_WINDOW, MASKED, INT8_DYNAMIC, INT8_QDQ, INT4)
+         ATTENTION_BLOCK_SPARSE, KV_WINDOW, MASKED, INT8_DYNAMIC, INT8_QDQ, INT4, QMOE)
 
 REGISTRY = Path(__file__).with_name("targets.yaml")
 
