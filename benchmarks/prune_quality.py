@@ -14,6 +14,7 @@ Results go to benchmarks/results/prune_quality_<model>.md (table) and .json.
 
     python benchmarks/prune_quality.py --model minilm
     python benchmarks/prune_quality.py --model smollm2 --calib-samples 32
+    python benchmarks/prune_quality.py --model smollm2 --set 19a --tag 19a   # permutation, block reconstruction
 """
 
 from __future__ import annotations
@@ -41,6 +42,25 @@ CONFIGS = {
         "unstructured:sparsity=0.5,method=sparsegpt", "unstructured:sparsity=0.5,method=sparsegpt,targets=dense",
         "nm:method=magnitude", "nm:method=wanda", "nm:method=sparsegpt", "nm:method=sparsegpt,targets=dense",
     ],
+}
+# Channel permutation (nm) and block reconstruction (issue 19), each alone and combined, next to the
+# method they modify: `--set 19a` (results: --tag 19a).
+SETS = {
+    "19a": {
+        "minilm": [
+            "nm:method=sparsegpt", "nm:method=magnitude,permute=true", "nm:method=wanda,permute=true",
+            "nm:method=sparsegpt,permute=true", "nm:method=wanda,reconstruct=block",
+            "nm:method=sparsegpt,reconstruct=block", "nm:method=wanda,permute=true,reconstruct=block",
+            "nm:method=sparsegpt,permute=true,reconstruct=block",
+        ],
+        "smollm2": [
+            "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true", "nm:method=sparsegpt,reconstruct=block",
+            "nm:method=sparsegpt,permute=true,reconstruct=block", "nm:method=wanda,permute=true",
+            "nm:method=wanda,permute=true,reconstruct=block",
+            "unstructured:sparsity=0.5,method=sparsegpt", "unstructured:sparsity=0.5,method=sparsegpt,reconstruct=block",
+            "unstructured:sparsity=0.5,method=wanda,reconstruct=block",
+        ],
+    },
 }
 
 
@@ -113,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--configs", nargs="*", help="pass specs (default: the model's list)")
+    parser.add_argument("--set", choices=sorted(SETS), help="a named list of configs instead of the model's list")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--tag", help="results go to prune_quality_<model>_<tag>.md/.json")
@@ -123,7 +144,7 @@ def main() -> None:
         print(json.dumps(run_one(args.model, args.one, samples, args.calib_seqlen)))
         return
     rows = []
-    for spec in args.configs or CONFIGS[args.model]:
+    for spec in args.configs or (SETS[args.set][args.model] if args.set else CONFIGS[args.model]):
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", spec,
                                "--calib-samples", str(samples), "--calib-seqlen", str(args.calib_seqlen)],
                               capture_output=True, text=True)

@@ -65,6 +65,7 @@ class Code(str, enum.Enum):
     EXPERTS_UNMATCHED = "EXPERTS_UNMATCHED"
     MODE_UNSUPPORTED = "MODE_UNSUPPORTED"
     LEFT_FLOAT = "LEFT_FLOAT"
+    PERMUTATION_UNABSORBED = "PERMUTATION_UNABSORBED"
 
     def __str__(self) -> str:
         return self.value
@@ -108,6 +109,8 @@ MEANINGS: dict[Code, str] = {
     Code.MODE_UNSUPPORTED: "the quantization mode has no quantized form for this op or weight (dynamic: MatMul,"
                            " Conv; static: MatMul, Gemm, Conv; int4: MatMul with a 2-D weight)",
     Code.LEFT_FLOAT: "ONNX Runtime's quantizer left the weight in float (a Constant node, or a node it declined)",
+    Code.PERMUTATION_UNABSORBED: "no producer can absorb a permutation of the input channels exactly (residual"
+                                 " stream, shared or quantized producer, KV cache): pruned unpermuted",
 }
 
 
