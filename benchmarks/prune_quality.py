@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shlex
@@ -48,16 +49,15 @@ CONFIGS = {
 SETS = {
     "19a": {
         "minilm": [
-            "nm:method=sparsegpt", "nm:method=magnitude,permute=true", "nm:method=wanda,permute=true",
-            "nm:method=sparsegpt,permute=true", "nm:method=wanda,reconstruct=block",
-            "nm:method=sparsegpt,reconstruct=block", "nm:method=wanda,permute=true,reconstruct=block",
-            "nm:method=sparsegpt,permute=true,reconstruct=block",
-        ],
-        "smollm2": [
             "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true", "nm:method=sparsegpt,reconstruct=block",
             "nm:method=sparsegpt,permute=true,reconstruct=block", "nm:method=wanda,permute=true",
             "nm:method=wanda,permute=true,reconstruct=block",
-            "unstructured:sparsity=0.5,method=sparsegpt", "unstructured:sparsity=0.5,method=sparsegpt,reconstruct=block",
+        ],
+        "smollm2": [  # most informative first: a run cut short keeps these
+            "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true,reconstruct=block",
+            "unstructured:sparsity=0.5,method=sparsegpt,reconstruct=block", "nm:method=sparsegpt,permute=true",
+            "nm:method=sparsegpt,reconstruct=block", "unstructured:sparsity=0.5,method=sparsegpt",
+            "nm:method=wanda,permute=true", "nm:method=wanda,permute=true,reconstruct=block",
             "unstructured:sparsity=0.5,method=wanda,reconstruct=block",
         ],
     },
@@ -69,6 +69,7 @@ def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
     from sparsec.models import build
 
     src = build(model)
+    load = os.getloadavg()[0]  # other jobs on the machine stretch the times: say how busy it was
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = compile(src, passes=spec, output=Path(tmp) / "model.onnx", calib_samples=samples,
@@ -82,7 +83,7 @@ def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
         "sparsity": record.sparsity(), "seconds": round(seconds, 1),
         "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
         "calibration": result.calibration,
-        "peak_rss_mib": rss, "docstrings": docstrings,
+        "peak_rss_mib": rss, "docstrings": docstrings, "load_average_at_start": round(load, 1),
     }
 
 
@@ -152,6 +153,10 @@ def main() -> None:
             sys.exit(f"{spec} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+        write(args, samples, rows)  # after every row: a long run stopped early keeps what it measured
+
+
+def write(args: argparse.Namespace, samples: int, rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     unit = "sentences" if args.model == "minilm" else f"windows of {args.calib_seqlen} tokens"
     lines = [f"# One-shot pruning quality: {args.model}", "",

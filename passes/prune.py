@@ -57,8 +57,8 @@ class PruneOptions(PassOptions):
     keep_output_layers: bool = option(True, "leave layers that feed a graph output directly"
                                       " (classifier heads, lm_head) dense")
     blocksize: int = option(128, "sparsegpt: columns per lazy-update block", min=1)
-    damp: float = option(0.01, "sparsegpt: dampening, as a fraction of the mean Hessian diagonal",
-                         min=0.0, max=1.0)
+    damp: float = option(0.01, "sparsegpt and reconstruct=block: dampening, as a fraction of the mean"
+                         " Hessian diagonal", min=0.0, max=1.0)
     device: str = option("auto", "sparsegpt: where the math runs (auto: cuda when present)",
                          choices=("auto", "cpu", "cuda"))
     targets: str = option("pruned", "sparsegpt: reconstruct each layer's output on the pruned"
