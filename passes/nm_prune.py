@@ -36,7 +36,8 @@ class NMOptions(PruneOptions):
     permute: bool = option(False, "permute each weight's input channels (and its producer's outputs: an FFN's"
                            " up/gate columns, attention's value channels within each head) so N:M groups keep"
                            " more of the method's score; exact, applied before pruning where absorbable")
-    permute_rounds: int = option(50, "permute: rounds of the channel-swap search per weight", min=0, max=10000)
+    permute_rounds: int = option(20, "permute: rounds of the channel-swap search per weight (each tries every"
+                                 " swap between K/(2M) random pairs of groups)", min=0, max=10000)
 
     def validate(self) -> None:
         super().validate()
