@@ -103,7 +103,7 @@ class BlockTarget:
         sq = float(torch.sum(w_new * (w_new @ self.hpp)) - 2 * torch.sum(w_new * (w @ self.pd.T))) + self.target_energy
         return (max(sq, 0.0) / self.target_energy) ** 0.5 if self.target_energy > 0 else 0.0
 
-    def refit(self, mask: np.ndarray, damp: float, chunk: int = 32) -> np.ndarray:
+    def refit(self, mask: np.ndarray, damp: float, chunk: int = 8) -> np.ndarray:
         """Least-squares values on the keep-``mask`` (rows, K), each row on its own support."""
         import torch
 
@@ -123,10 +123,9 @@ class BlockTarget:
             order = torch.argsort((~keep[r0:r1]).to(torch.int8), dim=1, stable=True)[:, :width]
             valid = torch.arange(width)[None, :] < counts[r0:r1, None]
             idx = torch.where(valid, order, torch.zeros_like(order))
-            a = h[idx[:, :, None], idx[:, None, :]]
-            pair = valid[:, :, None] & valid[:, None, :]
-            a = torch.where(pair, a, torch.zeros((), dtype=a.dtype))
-            a += torch.diag_embed((~valid).double())
+            a = h[idx[:, :, None], idx[:, None, :]]  # (chunk, width, width): bounded memory
+            a.mul_(valid[:, :, None]).mul_(valid[:, None, :])
+            a.diagonal(dim1=1, dim2=2).add_((~valid).double())
             b = torch.where(valid, rhs[idx, torch.arange(r0, r1)[:, None]], torch.zeros((), dtype=a.dtype))
             sol = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
             out[torch.arange(r0, r1)[:, None].expand_as(idx)[valid], idx[valid]] = sol[valid]
