@@ -318,6 +318,7 @@ class WeightPrunePass(Pass):
                     self.apply(site, ctx, record, layout=layouts[id(site)])
                 continue
             stats = prune_methods.group_statistics(group, feeds, runner.capture(value), maker, targets)
+            targets = fork = None  # the fork's frontier and captures go before the next capture
             for site in group:
                 stat = stats[prune_methods.statistic_key(site)]
                 tokens = max(tokens, stat.tokens)
