@@ -14,12 +14,14 @@ Results go to benchmarks/results/prune_quality_<model>.md (table) and .json.
 
     python benchmarks/prune_quality.py --model minilm
     python benchmarks/prune_quality.py --model smollm2 --calib-samples 32
+    python benchmarks/prune_quality.py --model smollm2 --set 19a --tag 19a   # permutation, block reconstruction
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import shlex
@@ -42,6 +44,24 @@ CONFIGS = {
         "nm:method=magnitude", "nm:method=wanda", "nm:method=sparsegpt", "nm:method=sparsegpt,targets=dense",
     ],
 }
+# Channel permutation (nm) and block reconstruction (issue 19), each alone and combined, next to the
+# method they modify: `--set 19a` (results: --tag 19a).
+SETS = {
+    "19a": {
+        "minilm": [
+            "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true", "nm:method=sparsegpt,reconstruct=block",
+            "nm:method=sparsegpt,permute=true,reconstruct=block", "nm:method=wanda,permute=true",
+            "nm:method=wanda,permute=true,reconstruct=block",
+        ],
+        "smollm2": [  # most informative first: a run cut short keeps these
+            "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true,reconstruct=block",
+            "unstructured:sparsity=0.5,method=sparsegpt,reconstruct=block", "nm:method=sparsegpt,permute=true",
+            "nm:method=sparsegpt,reconstruct=block", "unstructured:sparsity=0.5,method=sparsegpt",
+            "nm:method=wanda,permute=true", "nm:method=wanda,permute=true,reconstruct=block",
+            "unstructured:sparsity=0.5,method=wanda,reconstruct=block",
+        ],
+    },
+}
 
 
 def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
@@ -49,6 +69,7 @@ def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
     from sparsec.models import build
 
     src = build(model)
+    load = os.getloadavg()[0]  # other jobs on the machine stretch the times: say how busy it was
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = compile(src, passes=spec, output=Path(tmp) / "model.onnx", calib_samples=samples,
@@ -62,7 +83,7 @@ def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
         "sparsity": record.sparsity(), "seconds": round(seconds, 1),
         "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
         "calibration": result.calibration,
-        "peak_rss_mib": rss, "docstrings": docstrings,
+        "peak_rss_mib": rss, "docstrings": docstrings, "load_average_at_start": round(load, 1),
     }
 
 
@@ -113,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
     parser.add_argument("--configs", nargs="*", help="pass specs (default: the model's list)")
+    parser.add_argument("--set", choices=sorted(SETS), help="a named list of configs instead of the model's list")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--tag", help="results go to prune_quality_<model>_<tag>.md/.json")
@@ -123,7 +145,7 @@ def main() -> None:
         print(json.dumps(run_one(args.model, args.one, samples, args.calib_seqlen)))
         return
     rows = []
-    for spec in args.configs or CONFIGS[args.model]:
+    for spec in args.configs or (SETS[args.set][args.model] if args.set else CONFIGS[args.model]):
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", spec,
                                "--calib-samples", str(samples), "--calib-seqlen", str(args.calib_seqlen)],
                               capture_output=True, text=True)
@@ -131,6 +153,10 @@ def main() -> None:
             sys.exit(f"{spec} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+        write(args, samples, rows)  # after every row: a long run stopped early keeps what it measured
+
+
+def write(args: argparse.Namespace, samples: int, rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     unit = "sentences" if args.model == "minilm" else f"windows of {args.calib_seqlen} tokens"
     lines = [f"# One-shot pruning quality: {args.model}", "",

@@ -33,8 +33,14 @@ from .prune import PruneOptions, WeightPrunePass
 class NMOptions(PruneOptions):
     n: int = option(2, "non-zeros kept in each group", min=1, max=64, search=(1, 2, 4))
     m: int = option(4, "group size along the reduction axis", min=2, max=128, search=(4, 8))
+    permute: bool = option(False, "permute each weight's input channels (and its producer's outputs: an FFN's"
+                           " up/gate columns, attention's value channels within each head) so N:M groups keep"
+                           " more of the method's score; exact, applied before pruning where absorbable")
+    permute_rounds: int = option(20, "permute: rounds of the channel-swap search per weight (each tries every"
+                                 " swap between K/(2M) random pairs of groups)", min=0, max=10000)
 
     def validate(self) -> None:
+        super().validate()
         if self.n >= self.m:
             raise OptionError(f"nm: n must be smaller than m (got n={self.n}, m={self.m})")
 

@@ -69,6 +69,7 @@ class Code(str, enum.Enum):
     NO_KERNEL = "NO_KERNEL"
     ROUTER = "ROUTER"
     ROUTING_UNSUPPORTED = "ROUTING_UNSUPPORTED"
+    PERMUTATION_UNABSORBED = "PERMUTATION_UNABSORBED"
 
     def __str__(self) -> str:
         return self.value
@@ -118,6 +119,8 @@ MEANINGS: dict[Code, str] = {
     Code.ROUTER: "a Mixture-of-Experts router: its logits choose the experts, and it is tiny; kept float",
     Code.ROUTING_UNSUPPORTED: "the kernel would weigh the experts differently from the node (QMoE on the CPU"
                               " always renormalizes the chosen experts' weights)",
+    Code.PERMUTATION_UNABSORBED: "no producer can absorb a permutation of the input channels exactly (residual"
+                                 " stream, shared or quantized producer, KV cache): pruned unpermuted",
 }
 
 

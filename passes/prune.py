@@ -57,14 +57,23 @@ class PruneOptions(PassOptions):
     keep_output_layers: bool = option(True, "leave layers that feed a graph output directly"
                                       " (classifier heads, lm_head) dense")
     blocksize: int = option(128, "sparsegpt: columns per lazy-update block", min=1)
-    damp: float = option(0.01, "sparsegpt: dampening, as a fraction of the mean Hessian diagonal",
-                         min=0.0, max=1.0)
+    damp: float = option(0.01, "sparsegpt and reconstruct=block: dampening, as a fraction of the mean"
+                         " Hessian diagonal", min=0.0, max=1.0)
     device: str = option("auto", "sparsegpt: where the math runs (auto: cuda when present)",
                          choices=("auto", "cpu", "cuda"))
     targets: str = option("pruned", "sparsegpt: reconstruct each layer's output on the pruned"
                           " model's inputs (pruned, as published) or the dense model's outputs"
                           " (dense: also corrects earlier layers' error; twice the forward work)",
                           choices=("pruned", "dense"))
+    reconstruct: str = option("none", "block: after each FFN / attention block is pruned, refit the kept"
+                              " weights of its exit layer (down / output projection) by least squares to"
+                              " the dense block's output on the same input; the mask is kept (needs --calib)",
+                              choices=("none", "block"), calibrated=("block",))
+
+    def validate(self) -> None:
+        if self.reconstruct == "block" and self.targets == "dense":
+            raise OptionError("reconstruct=block fits exit layers to the dense block already; use it with"
+                              " targets=pruned")
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ class WeightPrunePass(Pass):
         """Every site this pass will prune; the others go into ``record`` as skipped."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
         layout = self.layout()
-        calibrated = prune_methods.needs_calibration(opts.method)
+        calibrated = prune_methods.needs_calibration(opts.method) or opts.reconstruct == "block"
         uniform = getattr(opts, "allocation", "uniform") == "uniform"
         chosen: list[LinearWeight] = []
         seen_weights: set[ir.Value] = set()
@@ -181,13 +190,16 @@ class WeightPrunePass(Pass):
         opts: PruneOptions = self.options  # type: ignore[assignment]
         if self.needs_calibration() and ctx.calibration is None:
             why = (f"method '{opts.method}' is calibration-aware" if prune_methods.needs_calibration(opts.method)
+                   else "reconstruct=block needs the blocks' activations" if opts.reconstruct == "block"
                    else "allocation=owl needs activation statistics")
             raise OptionError(f"{self.id}: {why}; give --calib (a .npz, a text file with --tokenizer,"
                               " or 'builtin' for the example models)")
+        if getattr(opts, "permute", False):
+            self._permute(model, sites, ctx, record)
         layouts = {id(site): self.layout() for site in sites}
         if getattr(opts, "allocation", "uniform") == "owl":
             layouts = self._owl_layouts(model, sites, ctx, record)
-        if not prune_methods.needs_calibration(opts.method):
+        if not prune_methods.needs_calibration(opts.method) and opts.reconstruct == "none":
             for site in ctx.progress.track(sites, f"{self.id}: pruning {len(sites)} weights", total=len(sites)):
                 self.apply(site, ctx, record, layout=layouts[id(site)])
         else:
@@ -213,29 +225,107 @@ class WeightPrunePass(Pass):
         record.extra["allocation"] = {"method": "owl", "lambda": opts.owl_lambda, "m": opts.owl_m, "layers": table}
         return {key: self.layout(sparsity) for key, sparsity in per_site.items()}
 
+    def _permute(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext, record: PassRecord) -> None:
+        """Permute the input channels of every site whose producer absorbs it (exact), before
+        pruning; the others are recorded as PERMUTATION_UNABSORBED and pruned as they are.
+        Calibration-aware methods score channels with ||X_j|| of the dense model."""
+        from .permute import absorber_permutation, apply_permutation, kept_score, match_absorber
+
+        opts = self.options
+        layout = self.layout()
+        absorbers = []
+        for site in sites:
+            found = match_absorber(site, model)
+            if not found:
+                _skip(record, found, site)
+            else:
+                absorbers.append(found)
+        norms: dict[int, np.ndarray] = {}
+        if absorbers and prune_methods.needs_calibration(opts.method):
+            runner = ctx.runner.staged(model, ctx.calibration.feeds, progress=ctx.progress)
+            chosen = [a.site for a in absorbers]
+            for value, group in ctx.progress.track(list(_groups(chosen).items()), f"{self.id}: permutation statistics"):
+                stats = prune_methods.group_statistics(group, ctx.calibration.feeds, runner.capture(value),
+                                                       prune_methods.ColumnNorms)
+                for site in group:
+                    norms[id(site)] = np.sqrt(stats[prune_methods.statistic_key(site)].sq)
+        table = []
+        for i, absorber in enumerate(ctx.progress.track(absorbers, f"{self.id}: permuting {len(absorbers)} weights")):
+            site = absorber.site
+            score = np.abs(site.to_matrix(site.weight.numpy())).astype(np.float32)
+            if id(site) in norms:
+                score *= norms[id(site)].astype(np.float32)[None, :]
+            perm = absorber_permutation(absorber, score, layout.n, layout.m, rounds=opts.permute_rounds,
+                                        seed=ctx.seed + i)
+            before, after = kept_score(score, layout.n, layout.m), kept_score(score[:, perm], layout.n, layout.m)
+            total = float(score.sum(dtype=np.float64)) or 1.0
+            row = {"site": site.label, "producer": absorber.kind, "kept_before": before / total,
+                   "kept_after": after / total, "moved": int(np.count_nonzero(perm != np.arange(len(perm))))}
+            table.append(row)
+            if after > before:
+                apply_permutation(absorber, perm, self.id, f"input channels of '{site.weight.name}' permuted"
+                                  f" for {layout.name} (kept score {before / total:.4f} -> {after / total:.4f})")
+            else:
+                row["moved"] = 0
+        record.extra["permutation"] = table
+        record.notes.append(f"permutation: {sum(r['moved'] > 0 for r in table)} of {len(sites)} weights permuted")
+
     def _run_sequential(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
                         record: PassRecord, layouts: dict[int, Layout]) -> None:
+        from .reconstruct import BlockTarget, downstream, match_block_exit
+
         opts: PruneOptions = self.options  # type: ignore[assignment]
         device = prune_methods.resolve_device(opts.device)
         groups = _groups(sites)
         feeds = ctx.calibration.feeds
         runner = ctx.runner.staged(model, feeds, progress=ctx.progress)
+        originals = {s.weight.value: s.weight.tensor for s in sites}
         dense = None
         if opts.method == "sparsegpt" and opts.targets == "dense":
             # The same graph with the original weights: the dense model, run in lock-step.
-            dense = ctx.runner.staged(model, feeds, overrides={s.weight.value: s.weight.tensor for s in sites})
+            dense = ctx.runner.staged(model, feeds, overrides=originals)
+        exits = {}
+        if opts.reconstruct == "block":
+            exits = {id(s): e for s in sites if (e := match_block_exit(s, model)) is not None}
+
+        def make(k: int):
+            if opts.method == "magnitude":
+                return prune_methods.ColumnNorms(k)  # only counts tokens: magnitude reads no data
+            return prune_methods.new_statistic(opts.method, k, device)
+
         tokens = 0
         for value, group in ctx.progress.track(list(groups.items()), f"{self.id}: {opts.method},"
                                                f" {len(sites)} weights in {len(groups)} groups", total=len(groups)):
-            stats = prune_methods.group_statistics(
-                group, feeds, runner.capture(value),
-                lambda k: prune_methods.new_statistic(opts.method, k, device),
-                dense.capture(value) if dense is not None else None)
+            block_exits = [exits[id(s)] for s in group if id(s) in exits]
+            targets, maker = None, make
+            if dense is not None:
+                targets = dense.capture(value)
+            elif block_exits and len(group) > 1:
+                record.notes.append(f"reconstruct=block: '{value.name}' is read by {len(group)} pruned weights;"
+                                    " their block is not refit")
+            elif block_exits:
+                # The dense block on the same (pruned upstream) input: this runner's frontier,
+                # every block entry back at its original weights, values computed from them forgotten.
+                entries = [e for b in block_exits for e in b.entries]
+                forget = downstream([e.node.outputs[0] for e in entries], runner.computed)
+                fork = runner.fork({e.weight.value: originals.get(e.weight.value, e.weight.tensor) for e in entries},
+                                   forget)
+                targets = fork.capture(value)
+                weight = block_exits[0].site
+                maker = lambda k: BlockTarget(make(k), k, weight.to_matrix(weight.weight.numpy()))  # noqa: E731
+            elif opts.method == "magnitude":  # reconstruct=block, not a block exit: nothing to capture
+                for site in group:
+                    self.apply(site, ctx, record, layout=layouts[id(site)])
+                continue
+            stats = prune_methods.group_statistics(group, feeds, runner.capture(value), maker, targets)
+            targets = fork = None  # the fork's frontier and captures go before the next capture
             for site in group:
                 stat = stats[prune_methods.statistic_key(site)]
                 tokens = max(tokens, stat.tokens)
                 self.apply(site, ctx, record, stat, layout=layouts[id(site)])
         record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
+        if exits:
+            record.notes.append(f"reconstruct=block: {len(exits)} block exits refit to the dense blocks")
 
     def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord, statistic=None, *,
               layout: Layout) -> None:
@@ -247,12 +337,21 @@ class WeightPrunePass(Pass):
         if layout.complies(matrix):  # with a non-uniform allocation, known only now
             _skip(record, MatchFailure(Code.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
             return
-        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout, statistic,
+        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout,
+                                            getattr(statistic, "inner", statistic),
                                             blocksize=opts.blocksize, damp=opts.damp)
         if result.values is None:  # a mask only: survivors keep their exact bits
             new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=array.dtype))
         else:
             new_matrix = result.values.astype(array.dtype)
+        block = None
+        if hasattr(statistic, "refit"):  # reconstruct=block: this site ends a block
+            refit = np.where(result.mask, statistic.refit(result.mask, opts.damp), 0.0)
+            block = {"block_error_method": statistic.error(new_matrix), "block_error": statistic.error(refit)}
+            if block["block_error"] < block["block_error_method"]:  # dampening can make it worse: then keep
+                new_matrix = refit.astype(array.dtype)
+            else:
+                block["block_error"] = block["block_error_method"]
         pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
         site.weight.replace(pruned, **{"sparsec.layout": layout.name})
         if isinstance(site.weight, EncodedWeight):
@@ -263,7 +362,9 @@ class WeightPrunePass(Pass):
             if not layout.complies(new_matrix):
                 raise PassError(f"{self.id}: '{site.weight.name}' ({site.weight.form}) is not {layout.name}"
                                 " after re-encoding")
-        figures = _damage(matrix, new_matrix, statistic)
+        figures = _damage(matrix, new_matrix, getattr(statistic, "inner", statistic))
+        if block is not None:
+            figures.update(block)
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")

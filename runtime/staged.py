@@ -180,6 +180,18 @@ class StagedRunner:
                 del values[v]
             yield values[target]
 
+    def fork(self, overrides: Mapping[ir.Value, ir.TensorProtocol], forget: set[ir.Value] = frozenset()) -> StagedRunner:
+        """A runner that continues from this one's frontier with some constants replaced (e.g. a
+        block's original weights), after forgetting the computed values in ``forget`` (those
+        the replaced constants would change). Arrays are shared, not copied."""
+        other = StagedRunner.__new__(StagedRunner)
+        other.model, other.runner, other.progress = self.model, self.runner, self.progress
+        other.overrides = {**self.overrides, **overrides}
+        other.computed = self.computed - set(forget)
+        other.pinned = set()
+        other.store = [{v: a for v, a in values.items() if v not in forget} for values in self.store]
+        return other
+
     def pin(self, value: ir.Value) -> None:
         """Keep ``value`` in the frontier: a pass is about to add nodes that read it."""
         self.pinned.add(value)

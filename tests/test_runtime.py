@@ -79,6 +79,25 @@ def test_dense_overrides_run_the_original_weights(tmp_path):
     assert not next(pruned.capture(h1)).any()
 
 
+def test_fork_continues_from_the_frontier_with_other_weights(tmp_path):
+    """A fork computes from the parent's frontier with its overrides; the parent is untouched."""
+    model = load_model(mlp(tmp_path)).model
+    feeds = [{"X": weights(3, 16, seed=s)} for s in range(2)]
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    runner = StagedRunner(model, feeds)
+    h1 = list(runner.capture(values["h1"]))
+    w2 = model.graph.initializers["W2"]
+    original = w2.const_value
+    constant_ref(w2).replace(np.zeros((16, 16), np.float32))
+    fork = runner.fork({w2: original}, forget={values["b"]})
+    for got, hidden in zip(fork.capture(values["s"]), h1):
+        np.testing.assert_allclose(got, np.maximum(hidden @ original.numpy(), 0) + hidden, rtol=1e-5, atol=1e-5)
+    for got, hidden in zip(runner.capture(values["s"]), h1):
+        np.testing.assert_allclose(got, hidden, rtol=1e-6)  # the parent computes with the zeroed W2
+    stale = runner.fork({}, forget=set())
+    assert values["s"] in stale.computed  # nothing forgotten: values already computed are reused
+
+
 def test_staged_outputs_equal_a_whole_run_for_any_budget(tmp_path):
     path = mlp(tmp_path)
     model = load_model(path).model
