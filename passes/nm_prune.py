@@ -35,6 +35,7 @@ class NMOptions(PruneOptions):
     m: int = option(4, "group size along the reduction axis", min=2, max=128, search=(4, 8))
 
     def validate(self) -> None:
+        super().validate()
         if self.n >= self.m:
             raise OptionError(f"nm: n must be smaller than m (got n={self.n}, m={self.m})")
 

@@ -65,6 +65,7 @@ class Code(str, enum.Enum):
     EXPERTS_UNMATCHED = "EXPERTS_UNMATCHED"
     MODE_UNSUPPORTED = "MODE_UNSUPPORTED"
     LEFT_FLOAT = "LEFT_FLOAT"
+    LOWRANK_FACTOR = "LOWRANK_FACTOR"
 
     def __str__(self) -> str:
         return self.value
@@ -108,6 +109,7 @@ MEANINGS: dict[Code, str] = {
     Code.MODE_UNSUPPORTED: "the quantization mode has no quantized form for this op or weight (dynamic: MatMul,"
                            " Conv; static: MatMul, Gemm, Conv; int4: MatMul with a 2-D weight)",
     Code.LEFT_FLOAT: "ONNX Runtime's quantizer left the weight in float (a Constant node, or a node it declined)",
+    Code.LOWRANK_FACTOR: "a factor of a sparse + low-rank weight (pruning option rank / rank_ratio): left dense",
 }
 
 
