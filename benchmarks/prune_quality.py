@@ -14,6 +14,12 @@ Results go to benchmarks/results/prune_quality_<model>.md (table) and .json.
 
     python benchmarks/prune_quality.py --model minilm
     python benchmarks/prune_quality.py --model smollm2 --calib-samples 32
+
+``--suite refine-lowrank`` runs the DSnoT refinement (``refine=dsnot``) and sparse + low-rank
+(OATS, ``rank_ratio``) options, each alone and with Wanda / SparseGPT, beside the plain methods
+timed in the same session; its table adds the low-rank ranks and extra parameters:
+
+    python benchmarks/prune_quality.py --model minilm --suite refine-lowrank --tag 19b
 """
 
 from __future__ import annotations
@@ -43,6 +49,25 @@ CONFIGS = {
     ],
 }
 
+SUITES = {
+    "methods": CONFIGS,
+    "refine-lowrank": {
+        "minilm": [
+            "nm:method=wanda", "nm:method=sparsegpt",
+            "nm:method=wanda,refine=dsnot", "nm:method=sparsegpt,refine=dsnot",
+            "nm:method=wanda,rank_ratio=0.1", "nm:method=sparsegpt,rank_ratio=0.1",
+            "nm:method=sparsegpt,rank_ratio=0.1,refine=dsnot",
+        ],
+        "smollm2": [
+            "nm:method=sparsegpt", "nm:method=wanda,refine=dsnot", "nm:method=sparsegpt,refine=dsnot",
+            "nm:method=wanda,rank_ratio=0.1", "nm:method=sparsegpt,rank_ratio=0.1",
+            "nm:method=sparsegpt,rank_ratio=0.1,refine=dsnot",
+            "unstructured:sparsity=0.5,method=sparsegpt", "unstructured:sparsity=0.5,method=sparsegpt,refine=dsnot",
+            "unstructured:sparsity=0.5,method=sparsegpt,rank_ratio=0.1,refine=dsnot",
+        ],
+    },
+}
+
 
 def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
     from sparsec.compiler import compile
@@ -63,6 +88,7 @@ def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
         "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
         "calibration": result.calibration,
         "peak_rss_mib": rss, "docstrings": docstrings,
+        "lowrank": record.extra.get("lowrank"), "refine": record.extra.get("refine"),
     }
 
 
@@ -104,6 +130,14 @@ def table(model: str, rows: list[dict]) -> list[str]:
                   f"{r['metrics']['perplexity_ratio']:.2f}", f"{r['docstrings']['perplexity_candidate']:.2f}",
                   f"{r['docstrings']['perplexity_ratio']:.2f}", r["seconds"], f"{r['peak_rss_mib']:.0f}"]
                  for r in rows]
+    if any(r.get("lowrank") for r in rows):
+        head.insert(3, "low-rank (ranks, extra params)")
+        for b, r in zip(body[-len(rows):], rows):
+            lr = r.get("lowrank")
+            b.insert(3, f"r {lr['ranks'][0]}..{lr['ranks'][-1]}, +{lr['extra_params'] / 1e6:.2f}M"
+                     f" (+{lr['extra_params'] / lr['pruned_weights_params']:.1%})" if lr else "-")
+        if model != "minilm":
+            body[0].insert(3, "-")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, b)) + " |" for b in body]
     return lines
@@ -112,7 +146,9 @@ def table(model: str, rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--configs", nargs="*", help="pass specs (default: the model's list)")
+    parser.add_argument("--configs", nargs="*", help="pass specs (default: the suite's list for the model)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="methods",
+                        help="methods: the pruning methods; refine-lowrank: refine=dsnot and rank_ratio")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--tag", help="results go to prune_quality_<model>_<tag>.md/.json")
@@ -123,7 +159,7 @@ def main() -> None:
         print(json.dumps(run_one(args.model, args.one, samples, args.calib_seqlen)))
         return
     rows = []
-    for spec in args.configs or CONFIGS[args.model]:
+    for spec in args.configs or SUITES[args.suite][args.model]:
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", spec,
                                "--calib-samples", str(samples), "--calib-seqlen", str(args.calib_seqlen)],
                               capture_output=True, text=True)

@@ -71,7 +71,7 @@ class PruneOptions(PassOptions):
     refine: str = option("none", "mask refinement after the method: dsnot (grow/prune swaps within"
                          " rows or N:M groups that lower the layer's error on the calibration"
                          " inputs; needs --calib)", choices=("none", "dsnot"), calibrated=("dsnot",))
-    refine_iters: int = option(100, "dsnot: at most this many swaps per row", min=1, max=100000)
+    refine_iters: int = option(50, "dsnot: at most this many swaps per row", min=1, max=100000)
     rank: int = option(0, "sparse + low-rank (OATS): rank of a low-rank term added beside each pruned"
                        " weight as two thin MatMuls (0: none)", min=0)
     rank_ratio: float = option(0.0, "sparse + low-rank: per-layer rank whose factors hold this fraction"

@@ -237,7 +237,7 @@ def resolve_device(device: str) -> str:
 # --- the methods -----------------------------------------------------------------------------
 
 def prune_matrix(method: str, matrix: np.ndarray, layout: Layout, statistic=None, *,
-                 blocksize: int = 128, damp: float = 0.01, refine: str = "none", refine_iters: int = 100,
+                 blocksize: int = 128, damp: float = 0.01, refine: str = "none", refine_iters: int = 50,
                  rank: int = 0, lowrank_iters: int = 20) -> PruneResult:
     """Prune a canonical (rows, K) float matrix into ``layout`` with ``method``; with ``rank``, as
     a sparse part plus a rank-``rank`` term (OATS); with ``refine="dsnot"``, refine the mask."""

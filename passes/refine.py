@@ -31,12 +31,12 @@ from sparsec.sparsity import Layout, NMLayout, UnstructuredLayout
 
 def row_errors(target, values, gram):
     """Per row, (t - v)^T G (t - v) (torch tensors in, a float64 tensor out)."""
-    e = (target - values).double()
-    return ((e @ gram.double()) * e).sum(dim=1)
+    e = target - values
+    return (e.double() * (e @ gram.to(e.dtype)).double()).sum(dim=1)
 
 
 def dsnot(target: np.ndarray, values: np.ndarray, mask: np.ndarray, gram, layout: Layout, *,
-          iters: int = 100) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+          iters: int = 50) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Refine a pruned (rows, K) matrix; returns (values, keep-mask, figures).
 
     ``gram`` is G = c X^T X for any c > 0 (a torch tensor, e.g. SparseGPT's Hessian); ``values``
@@ -57,8 +57,12 @@ def dsnot(target: np.ndarray, values: np.ndarray, mask: np.ndarray, gram, layout
     rows, cols = T.shape
     diag = torch.diagonal(G)
     g = (T - V) @ G
+    before = ((T - V).double() * g.double()).sum(dim=1)
+    scale = before.to(torch.float32).clamp_min(1e-30)
+    if isinstance(layout, NMLayout):
+        block = torch.arange(cols, device=device).reshape(-1, layout.m)
+        gb = G[block[:, :, None], block[:, None, :]]  # (groups, M, M)
     active = torch.ones(rows, dtype=torch.bool, device=device)
-    scale = row_errors(T, V, G).to(torch.float32).clamp_min(1e-30)
     swaps = 0
     ar = torch.arange(rows, device=device)
     for _ in range(iters):
@@ -69,7 +73,7 @@ def dsnot(target: np.ndarray, values: np.ndarray, mask: np.ndarray, gram, layout
         grow = -2 * e * gi + e * e * diag  # error change of growing each weight alone
         prune = 2 * v * gi + v * v * diag  # ... of pruning each weight alone
         if isinstance(layout, NMLayout):
-            j, k, delta = _best_nm_pair(e, v, m, grow, prune, G, layout.m)
+            j, k, delta = _best_nm_pair(e, v, m, grow, prune, gb, layout)
         else:
             grow = torch.where(m, torch.full_like(grow, float("inf")), grow)
             j = torch.argmin(grow, dim=1)
@@ -92,7 +96,6 @@ def dsnot(target: np.ndarray, values: np.ndarray, mask: np.ndarray, gram, layout
         M[r, k] = False
         g[r] += -ej[:, None] * G[j] + vk[:, None] * G[k]
         swaps += int(r.numel())
-    before = row_errors(T, start_v, G)
     after = row_errors(T, V, G)
     worse = after > before
     V[worse], M[worse] = start_v[worse], start_m[worse]
@@ -101,25 +104,34 @@ def dsnot(target: np.ndarray, values: np.ndarray, mask: np.ndarray, gram, layout
     return V.cpu().numpy(), M.cpu().numpy(), figures
 
 
-def _best_nm_pair(e, v, m, grow, prune, G, group: int):
+def _best_nm_pair(e, v, m, grow, prune, gb, layout: NMLayout):
     """For each row, the (pruned j, kept k) pair of one N:M group whose swap lowers the error
-    most: indices j, k (global columns) and the change of the error."""
+    most: indices j, k (global columns) and the change of the error. ``gb`` (groups, M, M)
+    holds the diagonal blocks of G (the cross terms of pairs within a group)."""
     import torch
 
     n, cols = e.shape
+    group, keep = layout.m, layout.n
     blocks = cols // group
-    # The M x M diagonal blocks of G: the cross terms of pairs within one group.
-    idx = torch.arange(cols, device=G.device).reshape(blocks, group)
-    gb = G[idx[:, :, None], idx[:, None, :]]  # (blocks, M, M)
     shape = (n, blocks, group)
-    e3, v3, m3 = e.reshape(shape), v.reshape(shape), m.reshape(shape)
-    pair = (grow.reshape(shape)[:, :, :, None] + prune.reshape(shape)[:, :, None, :]
-            - 2 * e3[:, :, :, None] * v3[:, :, None, :] * gb[None])  # (n, blocks, j, k)
-    valid = (~m3)[:, :, :, None] & m3[:, :, None, :]
-    pair = torch.where(valid, pair, torch.full_like(pair, float("inf")))
-    best = torch.argmin(pair.reshape(n, -1), dim=1)
-    delta = pair.reshape(n, -1).gather(1, best[:, None])[:, 0]
-    block, rest = best // (group * group), best % (group * group)
-    j = block * group + rest // group
-    k = block * group + rest % group
+    m3 = m.reshape(shape)
+    # Kept positions first: (n, blocks, N) kept and (n, blocks, M - N) pruned, local indices.
+    order = torch.argsort(m3.to(torch.int8), dim=2, descending=True, stable=True)
+    kept, pruned = order[..., :keep], order[..., keep:]
+    take = lambda a, i: a.reshape(shape).gather(2, i)  # noqa: E731
+    ej, vk = take(e, pruned), take(v, kept)
+    local = pruned[..., :, None] * group + kept[..., None, :]  # (n, blocks, M-N, N)
+    cross = gb.reshape(1, blocks, group * group).expand(n, -1, -1).gather(2, local.reshape(n, blocks, -1))
+    pair = (take(grow, pruned)[..., :, None] + take(prune, kept)[..., None, :]
+            - 2 * ej[..., :, None] * vk[..., None, :] * cross.reshape(local.shape))
+    # A group with other than N kept weights (none from the N:M methods) offers no valid pair.
+    valid = (~take(m, pruned))[..., :, None] & take(m, kept)[..., None, :]
+    pair = torch.where(valid, pair, torch.full_like(pair, float("inf"))).reshape(n, -1)
+    best = torch.argmin(pair, dim=1)
+    delta = pair.gather(1, best[:, None])[:, 0]
+    per_block = (group - keep) * keep
+    block, rest = best // per_block, best % per_block
+    rows = torch.arange(n, device=e.device)
+    j = block * group + pruned[rows, block, rest // keep]
+    k = block * group + kept[rows, block, rest % keep]
     return j, k, delta
