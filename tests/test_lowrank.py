@@ -111,12 +111,14 @@ def test_lowered_graph_equals_s_plus_uv_applied_densely(tmp_path, op, attrs):
     assert analyze(model).params == k * n + 4 * (k + n) + (n if "beta" in attrs else 0)
 
 
-def test_second_run_changes_nothing(tmp_path):
+@pytest.mark.parametrize("spec", ["nm:method=magnitude,rank=4", "unstructured:method=magnitude,rank=4",
+                                  "block:method=magnitude,rank=4"])
+def test_second_run_changes_nothing(tmp_path, spec):
     model = ir.serde.deserialize_model(linear(k=64, n=32))
-    first = run(model, "nm:method=magnitude,rank=4,min_params=0")
-    assert len(first.changed) == 1
+    first = run(model, spec + ",min_params=0")
+    assert len(first.changed) == 1 and first.changed[0].details["lowrank"]["rank"] == 4
     before = ir.serde.serialize_model(model).SerializeToString()
-    again = run(model, "nm:method=magnitude,rank=4,min_params=0")
+    again = run(model, spec + ",min_params=0")
     assert not again.changed
     assert again.skip_counts() == {Code.ALREADY_SPARSE: 1, Code.LOWRANK_FACTOR: 2}
     assert ir.serde.serialize_model(model).SerializeToString() == before
