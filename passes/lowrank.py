@@ -20,8 +20,9 @@ each layer's parameters, so the whole model's budget is the same fraction).
 **Lowering.** ``Y = X @ W`` (MatMul, W (K, N) on the right) becomes
 ``Y = X @ S + (X @ V^T) @ U^T``; a Gemm (``transA=0``; any ``transB``, ``alpha``, ``beta``, bias)
 keeps its node with S as B, and ``alpha (A @ V^T) @ U^T`` is added to its output. The factors
-are new initializers tagged ``sparsec.lowrank`` (the pruning passes leave them dense:
-``LOWRANK_FACTOR``). Skipped with ``METHOD_UNSUPPORTED``: Conv, batched or left-hand MatMul
+are new initializers; the two thin MatMuls carry the node metadata ``sparsec.lowrank`` (the
+pruned weight's name), so the pruning passes leave them dense (``LOWRANK_FACTOR``), also in a
+saved and reloaded model (tensor metadata does not survive external data). Skipped with ``METHOD_UNSUPPORTED``: Conv, batched or left-hand MatMul
 weights, Gemm with ``transA=1``, weights stored quantized or cast; ``SHARED_WEIGHT``: a weight
 with several readers.
 """
@@ -72,10 +73,10 @@ def supports(site: LinearWeight) -> MatchFailure | None:
 
 def is_factor(site: LinearWeight) -> MatchFailure | None:
     """A factor this module added stays dense (and a second run leaves it as it is)."""
-    tensor = getattr(site.weight, "tensor", None)
-    if tensor is not None and FACTOR_TAG in tensor.metadata_props:
-        return MatchFailure(Code.LOWRANK_FACTOR, f"'{site.weight.name}' is the low-rank factor of"
-                            f" '{tensor.metadata_props[FACTOR_TAG]}'; left dense", site.node)
+    of = site.node.metadata_props.get(FACTOR_TAG)
+    if of is not None:
+        return MatchFailure(Code.LOWRANK_FACTOR, f"'{site.weight.name}' is a low-rank factor of"
+                            f" '{of}'; left dense", site.node)
     return None
 
 
@@ -130,9 +131,9 @@ def lower(site: LinearWeight, u: np.ndarray, v: np.ndarray, pass_id: str, reason
     b = Builder(graph, f"{node.name or site.weight.name}.lowrank", pass_id, reason, opset)
     vt = b.const("v", np.ascontiguousarray(v.T).astype(dtype))
     ut_value = b.const("u", ut.astype(dtype))
-    for factor in (vt, ut_value):
-        factor.const_value.metadata_props[FACTOR_TAG] = site.weight.name
     thin = b.one("MatMul", [b.one("MatMul", [x, vt]), ut_value])
+    for factor in b.nodes:
+        factor.metadata_props[FACTOR_TAG] = site.weight.name
     out = node.outputs[0]
     total = b.one("Add", [out, thin])
     total.type, total.shape = out.type, out.shape
