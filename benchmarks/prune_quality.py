@@ -152,11 +152,16 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--tag", help="results go to prune_quality_<model>_<tag>.md/.json")
+    parser.add_argument("--rows", help="write the table from the JSON rows a run printed (its log), run nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     samples = args.calib_samples or (512 if args.model == "minilm" else 32)
     if args.one:
         print(json.dumps(run_one(args.model, args.one, samples, args.calib_seqlen)))
+        return
+    if args.rows:  # the rows a run printed, one JSON object a line (an interrupted run's log)
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
+        write(args, samples, rows)
         return
     rows = []
     for spec in args.configs or SUITES[args.suite][args.model]:
@@ -167,6 +172,10 @@ def main() -> None:
             sys.exit(f"{spec} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
+    write(args, samples, rows)
+
+
+def write(args: argparse.Namespace, samples: int, rows: list[dict]) -> None:
     RESULTS.mkdir(exist_ok=True)
     unit = "sentences" if args.model == "minilm" else f"windows of {args.calib_seqlen} tokens"
     lines = [f"# One-shot pruning quality: {args.model}", "",
@@ -181,7 +190,6 @@ def main() -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()
