@@ -87,6 +87,9 @@ class PruneOptions(PassOptions):
         if self.refine == "dsnot" and self.targets == "dense":
             raise OptionError("refine=dsnot refines against the layer's own inputs; it does not"
                               " combine with targets=dense")
+        if self.with_lowrank and self.targets == "dense":
+            # The dense run shares the graph, which then holds the low-rank terms too.
+            raise OptionError("rank / rank_ratio do not combine with targets=dense")
 
     @property
     def with_lowrank(self) -> bool:

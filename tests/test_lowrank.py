@@ -178,6 +178,8 @@ def test_unsupported_sites_are_skipped_with_a_code():
 def test_option_errors():
     with pytest.raises(OptionError, match="not both"):
         parse_pass_specs("nm:rank=4,rank_ratio=0.1")
+    with pytest.raises(OptionError, match="targets=dense"):
+        parse_pass_specs("nm:method=sparsegpt,rank=4,targets=dense")
     with pytest.raises(OptionError):
         parse_pass_specs("nm:rank=-1")
     with pytest.raises(OptionError):
