@@ -14,7 +14,15 @@ Results go to benchmarks/results/prune_quality_<model>.md (table) and .json.
 
     python benchmarks/prune_quality.py --model minilm
     python benchmarks/prune_quality.py --model smollm2 --calib-samples 32
-    python benchmarks/prune_quality.py --model smollm2 --set 19a --tag 19a   # permutation, block reconstruction
+    python benchmarks/prune_quality.py --model smollm2 --suite permute-reconstruct --tag 19a
+
+``--suite permute-reconstruct`` runs channel permutation (nm ``permute=true``) and block
+reconstruction (``reconstruct=block``), each alone and combined, next to the method they modify.
+``--suite refine-lowrank`` runs the DSnoT refinement (``refine=dsnot``) and sparse + low-rank
+(OATS, ``rank_ratio``) options, each alone and with Wanda / SparseGPT, beside the plain methods
+timed in the same session; its table adds the low-rank ranks and extra parameters:
+
+    python benchmarks/prune_quality.py --model minilm --suite refine-lowrank --tag 19b
 """
 
 from __future__ import annotations
@@ -44,21 +52,39 @@ CONFIGS = {
         "nm:method=magnitude", "nm:method=wanda", "nm:method=sparsegpt", "nm:method=sparsegpt,targets=dense",
     ],
 }
-# Channel permutation (nm) and block reconstruction (issue 19), each alone and combined, next to the
-# method they modify: `--set 19a` (results: --tag 19a).
-SETS = {
-    "19a": {
+# Channel permutation (nm) and block reconstruction, each alone and combined, next to the method
+# they modify (results: --tag 19a).
+PERMUTE_RECONSTRUCT = {
+    "minilm": [
+        "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true", "nm:method=sparsegpt,reconstruct=block",
+        "nm:method=sparsegpt,permute=true,reconstruct=block", "nm:method=wanda,permute=true",
+        "nm:method=wanda,permute=true,reconstruct=block",
+    ],
+    "smollm2": [  # most informative first: a run cut short keeps these
+        "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true,reconstruct=block",
+        "unstructured:sparsity=0.5,method=sparsegpt,reconstruct=block", "nm:method=sparsegpt,permute=true",
+        "nm:method=sparsegpt,reconstruct=block", "unstructured:sparsity=0.5,method=sparsegpt",
+        "nm:method=wanda,permute=true", "nm:method=wanda,permute=true,reconstruct=block",
+        "unstructured:sparsity=0.5,method=wanda,reconstruct=block",
+    ],
+}
+
+SUITES = {
+    "methods": CONFIGS,
+    "permute-reconstruct": PERMUTE_RECONSTRUCT,
+    "refine-lowrank": {
         "minilm": [
-            "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true", "nm:method=sparsegpt,reconstruct=block",
-            "nm:method=sparsegpt,permute=true,reconstruct=block", "nm:method=wanda,permute=true",
-            "nm:method=wanda,permute=true,reconstruct=block",
+            "nm:method=wanda", "nm:method=sparsegpt",
+            "nm:method=wanda,refine=dsnot", "nm:method=sparsegpt,refine=dsnot",
+            "nm:method=wanda,rank_ratio=0.1", "nm:method=sparsegpt,rank_ratio=0.1",
+            "nm:method=sparsegpt,rank_ratio=0.1,refine=dsnot",
         ],
-        "smollm2": [  # most informative first: a run cut short keeps these
-            "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true,reconstruct=block",
-            "unstructured:sparsity=0.5,method=sparsegpt,reconstruct=block", "nm:method=sparsegpt,permute=true",
-            "nm:method=sparsegpt,reconstruct=block", "unstructured:sparsity=0.5,method=sparsegpt",
-            "nm:method=wanda,permute=true", "nm:method=wanda,permute=true,reconstruct=block",
-            "unstructured:sparsity=0.5,method=wanda,reconstruct=block",
+        "smollm2": [
+            "nm:method=sparsegpt", "nm:method=wanda,refine=dsnot", "nm:method=sparsegpt,refine=dsnot",
+            "nm:method=wanda,rank_ratio=0.1", "nm:method=sparsegpt,rank_ratio=0.1",
+            "nm:method=sparsegpt,rank_ratio=0.1,refine=dsnot",
+            "unstructured:sparsity=0.5,method=sparsegpt", "unstructured:sparsity=0.5,method=sparsegpt,refine=dsnot",
+            "unstructured:sparsity=0.5,method=sparsegpt,rank_ratio=0.1,refine=dsnot",
         ],
     },
 }
@@ -84,6 +110,7 @@ def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
         "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
         "calibration": result.calibration,
         "peak_rss_mib": rss, "docstrings": docstrings, "load_average_at_start": round(load, 1),
+        "lowrank": record.extra.get("lowrank"), "refine": record.extra.get("refine"),
     }
 
 
@@ -125,6 +152,14 @@ def table(model: str, rows: list[dict]) -> list[str]:
                   f"{r['metrics']['perplexity_ratio']:.2f}", f"{r['docstrings']['perplexity_candidate']:.2f}",
                   f"{r['docstrings']['perplexity_ratio']:.2f}", r["seconds"], f"{r['peak_rss_mib']:.0f}"]
                  for r in rows]
+    if any(r.get("lowrank") for r in rows):
+        head.insert(3, "low-rank (ranks, extra params)")
+        for b, r in zip(body[-len(rows):], rows):
+            lr = r.get("lowrank")
+            b.insert(3, f"r {lr['ranks'][0]}..{lr['ranks'][-1]}, +{lr['extra_params'] / 1e6:.2f}M"
+                     f" (+{lr['extra_params'] / lr['pruned_weights_params']:.1%})" if lr else "-")
+        if model != "minilm":
+            body[0].insert(3, "-")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(map(str, b)) + " |" for b in body]
     return lines
@@ -133,19 +168,26 @@ def table(model: str, rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--configs", nargs="*", help="pass specs (default: the model's list)")
-    parser.add_argument("--set", choices=sorted(SETS), help="a named list of configs instead of the model's list")
+    parser.add_argument("--configs", nargs="*", help="pass specs (default: the suite's list for the model)")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="methods",
+                        help="methods: the pruning methods; permute-reconstruct: permute=true and"
+                        " reconstruct=block; refine-lowrank: refine=dsnot and rank_ratio")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--tag", help="results go to prune_quality_<model>_<tag>.md/.json")
+    parser.add_argument("--rows", help="write the table from the JSON rows a run printed (its log), run nothing")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     samples = args.calib_samples or (512 if args.model == "minilm" else 32)
     if args.one:
         print(json.dumps(run_one(args.model, args.one, samples, args.calib_seqlen)))
         return
+    if args.rows:  # the rows a run printed, one JSON object a line (an interrupted run's log)
+        rows = [json.loads(line) for line in Path(args.rows).read_text().splitlines() if line.startswith("{")]
+        write(args, samples, rows)
+        return
     rows = []
-    for spec in args.configs or (SETS[args.set][args.model] if args.set else CONFIGS[args.model]):
+    for spec in args.configs or SUITES[args.suite][args.model]:
         proc = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", spec,
                                "--calib-samples", str(samples), "--calib-seqlen", str(args.calib_seqlen)],
                               capture_output=True, text=True)
@@ -171,7 +213,6 @@ def write(args: argparse.Namespace, samples: int, rows: list[dict]) -> None:
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2) + "\n")
     print("\n".join(lines))
-
 
 if __name__ == "__main__":
     main()

@@ -32,6 +32,9 @@ class BlockOptions(AllocationOptions):
     sparsity: float = option(0.5, "fraction of blocks that are zero", min=0.01, max=0.99, search=(0.3, 0.5, 0.7))
 
     def validate(self) -> None:
+        super().validate()
+        if self.refine != "none":
+            raise OptionError(f"block: refine={self.refine} swaps single weights, not tiles")
         if self.method == "sparsegpt" and self.blocksize % self.cols:
             raise OptionError(f"block: blocksize ({self.blocksize}) must be a multiple of cols ({self.cols})")
 

@@ -70,6 +70,7 @@ class Code(str, enum.Enum):
     ROUTER = "ROUTER"
     ROUTING_UNSUPPORTED = "ROUTING_UNSUPPORTED"
     PERMUTATION_UNABSORBED = "PERMUTATION_UNABSORBED"
+    LOWRANK_FACTOR = "LOWRANK_FACTOR"
 
     def __str__(self) -> str:
         return self.value
@@ -121,6 +122,7 @@ MEANINGS: dict[Code, str] = {
                               " always renormalizes the chosen experts' weights)",
     Code.PERMUTATION_UNABSORBED: "no producer can absorb a permutation of the input channels exactly (residual"
                                  " stream, shared or quantized producer, KV cache): pruned unpermuted",
+    Code.LOWRANK_FACTOR: "a factor of a sparse + low-rank weight (pruning option rank / rank_ratio): left dense",
 }
 
 

@@ -10,7 +10,10 @@ everything:
 * a weight read by several nodes is pruned only when every reader sums over the same axis;
 * layers feeding a graph output directly (classifier heads, lm_head) stay dense unless
   ``keep_output_layers=false``;
-* calibration-aware methods (wanda, sparsegpt) need a layer input they can read as a matrix.
+* calibration-aware methods (wanda, sparsegpt) need a layer input they can read as a matrix;
+* with ``rank`` / ``rank_ratio`` (sparse + low-rank) the weight must be one a low-rank term can
+  be lowered beside (:func:`sparsec.passes.lowrank.supports`); factors added by an earlier
+  run stay dense (``LOWRANK_FACTOR``).
 
 A weight stored quantized (DequantizeLinear, com.microsoft MatMulNBits) or in another precision
 (read through Cast) is pruned as the float matrix the op multiplies by and written back encoded
@@ -36,7 +39,7 @@ from sparsec.graph import all_nodes, mark_changed
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option
 from sparsec.sparsity import Layout, zero_fraction
 
-from . import patterns, prune_methods
+from . import lowrank, patterns, prune_methods
 from .patterns import LINEAR_OPS, Code, LinearWeight, MatchFailure
 from .quantized import EncodedWeight
 
@@ -69,11 +72,38 @@ class PruneOptions(PassOptions):
                               " weights of its exit layer (down / output projection) by least squares to"
                               " the dense block's output on the same input; the mask is kept (needs --calib)",
                               choices=("none", "block"), calibrated=("block",))
+    refine: str = option("none", "mask refinement after the method: dsnot (grow/prune swaps within"
+                         " rows or N:M groups that lower the layer's error on the calibration"
+                         " inputs; needs --calib)", choices=("none", "dsnot"), calibrated=("dsnot",))
+    refine_iters: int = option(50, "dsnot: at most this many swaps per row", min=1, max=100000)
+    rank: int = option(0, "sparse + low-rank (OATS): rank of a low-rank term added beside each pruned"
+                       " weight as two thin MatMuls (0: none)", min=0)
+    rank_ratio: float = option(0.0, "sparse + low-rank: per-layer rank whose factors hold this fraction"
+                               " of the weight's parameters, r = ratio*rows*K/(rows+K) (0: none)",
+                               min=0.0, max=1.0)
+    lowrank_iters: int = option(20, "sparse + low-rank: alternating threshold / truncated-SVD iterations",
+                                min=1, max=1000)
 
     def validate(self) -> None:
         if self.reconstruct == "block" and self.targets == "dense":
             raise OptionError("reconstruct=block fits exit layers to the dense block already; use it with"
                               " targets=pruned")
+        if self.reconstruct == "block" and self.with_lowrank:
+            # The refit would have to fit around the low-rank term; it fits the sparse weight alone.
+            raise OptionError("reconstruct=block does not combine with rank / rank_ratio")
+        if self.rank and self.rank_ratio:
+            raise OptionError(f"give rank or rank_ratio, not both (got rank={self.rank},"
+                              f" rank_ratio={self.rank_ratio})")
+        if self.refine == "dsnot" and self.targets == "dense":
+            raise OptionError("refine=dsnot refines against the layer's own inputs; it does not"
+                              " combine with targets=dense")
+        if self.with_lowrank and self.targets == "dense":
+            # The dense run shares the graph, which then holds the low-rank terms too.
+            raise OptionError("rank / rank_ratio do not combine with targets=dense")
+
+    @property
+    def with_lowrank(self) -> bool:
+        return bool(self.rank or self.rank_ratio)
 
 
 @dataclass(frozen=True)
@@ -106,7 +136,7 @@ class WeightPrunePass(Pass):
         """Every site this pass will prune; the others go into ``record`` as skipped."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
         layout = self.layout()
-        calibrated = prune_methods.needs_calibration(opts.method) or opts.reconstruct == "block"
+        calibrated = self._calibrated()
         uniform = getattr(opts, "allocation", "uniform") == "uniform"
         chosen: list[LinearWeight] = []
         seen_weights: set[ir.Value] = set()
@@ -121,6 +151,7 @@ class WeightPrunePass(Pass):
                 continue  # a shared weight accepted through another reader: pruned once
             # Failures are falsy: take the first check that returns one (not `or`).
             checks = (
+                lambda: lowrank.is_factor(site),
                 lambda: self._compressed(site),
                 lambda: patterns.select(site, opts.include, opts.exclude),
                 lambda: self._size_check(site, opts.min_params),
@@ -128,6 +159,7 @@ class WeightPrunePass(Pass):
                 lambda: patterns.check_shared_weight(site),
                 lambda: self._output_layer(site, model) if opts.keep_output_layers else None,
                 lambda: prune_methods.supports(site, opts.method),
+                lambda: lowrank.supports(site) if opts.with_lowrank else None,
                 lambda: self._in_subgraph(site, model) if calibrated else None,
                 lambda: self._already(site, layout) if uniform else None,
             )
@@ -138,6 +170,12 @@ class WeightPrunePass(Pass):
             seen_weights.add(site.weight.value)
             chosen.append(site)
         return chosen
+
+    def _calibrated(self) -> bool:
+        """Whether the sites are pruned from captured calibration statistics (sequentially)."""
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        return (prune_methods.needs_calibration(opts.method) or opts.refine != "none"
+                or opts.reconstruct == "block")
 
     @staticmethod
     def _compressed(site: LinearWeight) -> MatchFailure | None:
@@ -191,6 +229,7 @@ class WeightPrunePass(Pass):
         if self.needs_calibration() and ctx.calibration is None:
             why = (f"method '{opts.method}' is calibration-aware" if prune_methods.needs_calibration(opts.method)
                    else "reconstruct=block needs the blocks' activations" if opts.reconstruct == "block"
+                   else "refine=dsnot needs the layers' inputs" if opts.refine != "none"
                    else "allocation=owl needs activation statistics")
             raise OptionError(f"{self.id}: {why}; give --calib (a .npz, a text file with --tokenizer,"
                               " or 'builtin' for the example models)")
@@ -199,11 +238,12 @@ class WeightPrunePass(Pass):
         layouts = {id(site): self.layout() for site in sites}
         if getattr(opts, "allocation", "uniform") == "owl":
             layouts = self._owl_layouts(model, sites, ctx, record)
-        if not prune_methods.needs_calibration(opts.method) and opts.reconstruct == "none":
+        if not self._calibrated():
             for site in ctx.progress.track(sites, f"{self.id}: pruning {len(sites)} weights", total=len(sites)):
                 self.apply(site, ctx, record, layout=layouts[id(site)])
         else:
             self._run_sequential(model, sites, ctx, record, layouts)
+        _summarise(record, opts)
         if ctx.calibration is not None:
             record.notes.append(f"calibration: {ctx.calibration.source}")
         return record
@@ -277,6 +317,8 @@ class WeightPrunePass(Pass):
         opts: PruneOptions = self.options  # type: ignore[assignment]
         device = prune_methods.resolve_device(opts.device)
         groups = _groups(sites)
+        moved: dict[ir.Value, ir.Value] = {}  # outputs a low-rank term now follows
+        gram = opts.refine != "none" or (opts.with_lowrank and opts.method == "sparsegpt")
         feeds = ctx.calibration.feeds
         runner = ctx.runner.staged(model, feeds, progress=ctx.progress)
         originals = {s.weight.value: s.weight.tensor for s in sites}
@@ -289,13 +331,14 @@ class WeightPrunePass(Pass):
             exits = {id(s): e for s in sites if (e := match_block_exit(s, model)) is not None}
 
         def make(k: int):
-            if opts.method == "magnitude":
+            if opts.method == "magnitude" and not gram:
                 return prune_methods.ColumnNorms(k)  # only counts tokens: magnitude reads no data
-            return prune_methods.new_statistic(opts.method, k, device)
+            return prune_methods.new_statistic(opts.method, k, device, gram=gram)
 
         tokens = 0
         for value, group in ctx.progress.track(list(groups.items()), f"{self.id}: {opts.method},"
                                                f" {len(sites)} weights in {len(groups)} groups", total=len(groups)):
+            value = moved.get(value, value)  # a low-rank term's sum stands for the output
             block_exits = [exits[id(s)] for s in group if id(s) in exits]
             targets, maker = None, make
             if dense is not None:
@@ -313,7 +356,7 @@ class WeightPrunePass(Pass):
                 targets = fork.capture(value)
                 weight = block_exits[0].site
                 maker = lambda k: BlockTarget(make(k), k, weight.to_matrix(weight.weight.numpy()))  # noqa: E731
-            elif opts.method == "magnitude":  # reconstruct=block, not a block exit: nothing to capture
+            elif opts.method == "magnitude" and not gram:  # reconstruct=block, not a block exit: nothing to capture
                 for site in group:
                     self.apply(site, ctx, record, layout=layouts[id(site)])
                 continue
@@ -322,24 +365,31 @@ class WeightPrunePass(Pass):
             for site in group:
                 stat = stats[prune_methods.statistic_key(site)]
                 tokens = max(tokens, stat.tokens)
-                self.apply(site, ctx, record, stat, layout=layouts[id(site)])
+                old = site.node.outputs[0]
+                new = self.apply(site, ctx, record, stat, layout=layouts[id(site)])
+                if new is not None:
+                    moved[old] = new
         record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
         if exits:
             record.notes.append(f"reconstruct=block: {len(exits)} block exits refit to the dense blocks")
 
     def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord, statistic=None, *,
-              layout: Layout) -> None:
-        """Prune one site in place into ``layout`` and record it."""
+              layout: Layout) -> ir.Value | None:
+        """Prune one site in place into ``layout`` and record it; with a low-rank term, return
+        the value that now stands for the node's output."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
         array = site.weight.numpy()
         matrix = site.to_matrix(array)
         before = zero_fraction(array)
         if layout.complies(matrix):  # with a non-uniform allocation, known only now
             _skip(record, MatchFailure(Code.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
-            return
-        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout,
-                                            getattr(statistic, "inner", statistic),
-                                            blocksize=opts.blocksize, damp=opts.damp)
+            return None
+        rank = lowrank.layer_rank(*matrix.shape, opts.rank, opts.rank_ratio)
+        inner = getattr(statistic, "inner", statistic)  # reconstruct=block wraps the method's statistic
+        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout, inner,
+                                            blocksize=opts.blocksize, damp=opts.damp, refine=opts.refine,
+                                            refine_iters=opts.refine_iters, rank=rank,
+                                            lowrank_iters=opts.lowrank_iters)
         if result.values is None:  # a mask only: survivors keep their exact bits
             new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=array.dtype))
         else:
@@ -362,12 +412,23 @@ class WeightPrunePass(Pass):
             if not layout.complies(new_matrix):
                 raise PassError(f"{self.id}: '{site.weight.name}' ({site.weight.form}) is not {layout.name}"
                                 " after re-encoding")
-        figures = _damage(matrix, new_matrix, getattr(statistic, "inner", statistic))
+        lowrank_matrix = result.u @ result.v if result.u is not None else 0.0
+        figures = _damage(matrix, new_matrix + lowrank_matrix, inner)
+        if result.figures:
+            figures["refine"] = result.figures
         if block is not None:
             figures.update(block)
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")
+        out = None
+        if result.u is not None:
+            rows, cols = matrix.shape
+            reason += f", plus a rank-{rank} term"
+            figures["lowrank"] = {"rank": rank, "extra_params": rank * (rows + cols),
+                                  "extra_flops_per_token": 2 * rank * (rows + cols),
+                                  "dense_flops_per_token": 2 * rows * cols}
+            out = lowrank.lower(site, result.u, result.v, self.id, reason)
         readers = site.weight.readers
         for reader in readers:
             mark_changed(reader, self.id, reason)
@@ -379,7 +440,37 @@ class WeightPrunePass(Pass):
                      **({"stored": site.weight.form} if isinstance(site.weight, EncodedWeight) else {}),
                      **({"readers": [r.name for r in readers]} if len(readers) > 1 else {})},
         ))
+        return out
 
+
+
+def _summarise(record: PassRecord, opts: PruneOptions) -> None:
+    """Totals of the low-rank terms and the refinement, in the record and its notes."""
+    terms = [s.details["lowrank"] for s in record.changed if "lowrank" in s.details]
+    if terms:
+        dense = sum(s.params for s in record.changed)
+        extra = sum(t["extra_params"] for t in terms)
+        flops = sum(t["extra_flops_per_token"] for t in terms)
+        dense_flops = sum(t["dense_flops_per_token"] for t in terms)
+        ranks = sorted({t["rank"] for t in terms})
+        record.extra["lowrank"] = {"sites": len(terms), "ranks": ranks, "extra_params": extra,
+                                   "pruned_weights_params": dense, "extra_flops_per_token": flops,
+                                   "dense_flops_per_token": dense_flops}
+        record.notes.append(
+            f"sparse + low-rank: {len(terms)} weights with rank {ranks[0]}"
+            + (f"..{ranks[-1]}" if len(ranks) > 1 else "")
+            + f"; the factors add {extra} parameters ({extra / dense:.1%} of the pruned weights' dense"
+              f" storage, which S still occupies unless compressed) and {flops} FLOPs per token"
+              f" ({flops / dense_flops:.1%} of the dense layers')")
+    refined = [s.details["refine"] for s in record.changed if "refine" in s.details]
+    if refined:
+        before = sum(r["objective_before"] for r in refined)
+        after = sum(r["objective_after"] for r in refined)
+        swaps = sum(r["swaps"] for r in refined)
+        record.extra["refine"] = {"method": opts.refine, "swaps": swaps, "objective_before": before,
+                                  "objective_after": after}
+        record.notes.append(f"{opts.refine}: {swaps} swaps; calibration objective"
+                            f" {after / before if before else 1.0:.3f}x the starting mask's")
 
 
 def _damage(before: np.ndarray, after: np.ndarray, statistic) -> dict[str, float]:

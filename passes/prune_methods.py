@@ -10,6 +10,14 @@ All three work on a weight in canonical matrix form W (rows, K) and a :class:`La
   (per group of M for N:M), and the error of each pruned weight is pushed onto the weights not
   yet visited, so the layer's output is reconstructed. Dampening adds ``damp * mean(diag H)``.
 
+Two options apply on top of any method (the options ``refine`` and ``rank`` / ``rank_ratio`` of
+the pruning passes):
+
+* DSnoT mask refinement (:mod:`sparsec.passes.refine`) -- grow/prune swaps within rows (N:M
+  groups) that lower the layer's error on the calibration inputs; needs the Gram matrix H;
+* sparse + low-rank (OATS, :mod:`sparsec.passes.lowrank`) -- W ~ S + U V: the low-rank term
+  is found first, then the method prunes W - U V.
+
 The heavy math of SparseGPT (Hessian accumulation, the Cholesky solves, the sweep) runs in
 torch, on CUDA when present, else on the CPU; Wanda and magnitude are numpy.
 """
@@ -32,10 +40,15 @@ CALIBRATED = ("wanda", "sparsegpt")  # methods that need calibration data
 
 @dataclass
 class PruneResult:
-    """A keep-mask in canonical form, and new values when the method reconstructs (SparseGPT)."""
+    """A keep-mask in canonical form, new values when the method reconstructs (SparseGPT) or
+    prunes a residual (low-rank), the low-rank factors (canonical W ~ values + u @ v), and
+    figures of the refinement."""
 
     mask: np.ndarray
     values: np.ndarray | None = None
+    u: np.ndarray | None = None
+    v: np.ndarray | None = None
+    figures: dict | None = None
 
 
 def needs_calibration(method: str) -> bool:
@@ -198,8 +211,16 @@ class Hessian:
         return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
-def new_statistic(method: str, k: int, device: str):
-    return ColumnNorms(k) if method == "wanda" else Hessian(k, device)
+def new_statistic(method: str, k: int, device: str, gram: bool = False):
+    """The statistic ``method`` needs; ``gram``: a Hessian (X^T X) anyway (for refinement)."""
+    return ColumnNorms(k) if method == "wanda" and not gram else Hessian(k, device)
+
+
+def column_norms(statistic) -> np.ndarray:
+    """||X_j|| per input feature (up to one common factor) from either statistic."""
+    if isinstance(statistic, ColumnNorms):
+        return np.sqrt(statistic.sq).astype(np.float32)
+    return np.sqrt(np.clip(statistic.h.diagonal().cpu().numpy(), 0, None)).astype(np.float32)
 
 
 def resolve_device(device: str) -> str:
@@ -216,12 +237,40 @@ def resolve_device(device: str) -> str:
 # --- the methods -----------------------------------------------------------------------------
 
 def prune_matrix(method: str, matrix: np.ndarray, layout: Layout, statistic=None, *,
-                 blocksize: int = 128, damp: float = 0.01) -> PruneResult:
-    """Prune a canonical (rows, K) float matrix into ``layout`` with ``method``."""
+                 blocksize: int = 128, damp: float = 0.01, refine: str = "none", refine_iters: int = 50,
+                 rank: int = 0, lowrank_iters: int = 20) -> PruneResult:
+    """Prune a canonical (rows, K) float matrix into ``layout`` with ``method``; with ``rank``, as
+    a sparse part plus a rank-``rank`` term (OATS); with ``refine="dsnot"``, refine the mask."""
+    from . import lowrank as lowrank_mod
+    from . import refine as refine_mod
+
+    u = v = None
+    target = matrix
+    if rank:
+        scale = column_norms(statistic) if statistic is not None else None
+        device = statistic.h.device if isinstance(statistic, Hessian) else "cpu"
+        u, v = lowrank_mod.decompose(matrix, layout, rank, scale, per_row=method != "magnitude",
+                                     iters=lowrank_iters, device=device)
+        target = (matrix - u @ v).astype(np.float32)
+    result = _prune(method, target, layout, statistic, blocksize=blocksize, damp=damp)
+    if refine == "dsnot":
+        values = result.values if result.values is not None else np.where(result.mask, target, 0).astype(np.float32)
+        values, mask, figures = refine_mod.dsnot(target, values, result.mask, statistic.h, layout,
+                                                 iters=refine_iters)
+        # Grown weights take their target value, so a mask-only method stays mask-only.
+        result = PruneResult(mask, values if result.values is not None else None, figures=figures)
+    if rank:
+        values = result.values if result.values is not None else np.where(result.mask, target, 0)
+        result = PruneResult(result.mask, values.astype(np.float32), u, v, result.figures)
+    return result
+
+
+def _prune(method: str, matrix: np.ndarray, layout: Layout, statistic, *, blocksize: int,
+           damp: float) -> PruneResult:
     if method == "magnitude":
         return PruneResult(layout.mask(np.abs(matrix), per_row=False))
     if method == "wanda":
-        norms = np.sqrt(statistic.sq).astype(np.float32)
+        norms = column_norms(statistic)
         return PruneResult(layout.mask(np.abs(matrix) * norms[None, :], per_row=True))
     if method == "sparsegpt":
         values, mask = sparsegpt(matrix, statistic.h, layout, blocksize=blocksize, damp=damp,

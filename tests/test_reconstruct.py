@@ -89,3 +89,21 @@ def test_reconstruction_needs_calibration_and_pruned_targets(zoo_path):
         run_passes(model, parse_pass_specs("nm:reconstruct=block,min_params=0"), PassContext())
     with pytest.raises(OptionError, match="targets=pruned"):
         parse_pass_specs("unstructured:method=sparsegpt,targets=dense,reconstruct=block")
+    with pytest.raises(OptionError, match="rank / rank_ratio"):
+        parse_pass_specs("nm:method=wanda,reconstruct=block,rank_ratio=0.1")
+
+
+def test_refined_masks_are_the_ones_refit(zoo_path):
+    """refine=dsnot with reconstruct=block: the exits' refined masks are refit (the refit keeps
+    each mask, so the refined layout holds), and both figures are reported."""
+    model = load_model(zoo_path("tiny-llama")).model
+    calib = load_calibration("builtin", model, samples=4, seqlen=32)
+    spec = "nm:method=wanda,refine=dsnot,reconstruct=block,min_params=0"
+    (record,) = run_passes(model, parse_pass_specs(spec), PassContext(calibration=calib))
+    exits = [s for s in record.changed if "block_error" in s.details]
+    assert len(exits) == 4 and all("refine" in s.details for s in exits)
+    assert all(s.details["block_error"] < s.details["block_error_method"] for s in exits)
+    assert record.extra["refine"]["objective_after"] <= record.extra["refine"]["objective_before"]
+    sites = {s.label: s for n in all_nodes(model) if n.op_type == "MatMul" and (s := patterns.match_linear_weight(n))}
+    for s in record.changed:
+        assert is_nm(sites[s.site].to_matrix(sites[s.site].weight.numpy()), 2, 4, axis=1)
