@@ -215,8 +215,11 @@ class WeightPrunePass(Pass):
 
     def _run_sequential(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
                         record: PassRecord, layouts: dict[int, Layout]) -> None:
+        from sparsec.engine import as_engine
+
         opts: PruneOptions = self.options  # type: ignore[assignment]
         device = prune_methods.resolve_device(opts.device)
+        engine = as_engine(ctx.engine)
         groups = _groups(sites)
         feeds = ctx.calibration.feeds
         runner = ctx.runner.staged(model, feeds, progress=ctx.progress)
@@ -231,30 +234,40 @@ class WeightPrunePass(Pass):
                 group, feeds, runner.capture(value),
                 lambda k: prune_methods.new_statistic(opts.method, k, device),
                 dense.capture(value) if dense is not None else None)
-            for site in group:
-                stat = stats[prune_methods.statistic_key(site)]
+            # Once a stage is captured its sites' solves are independent: engine units (threads
+            # here, Ray tasks with --ray); written back in site order, as if one after the other.
+            jobs = [(site.to_matrix(site.weight.numpy()), layouts[id(site)],
+                     stats[prune_methods.statistic_key(site)], not isinstance(site.weight, EncodedWeight))
+                    for site in group]
+            solved = engine.map(solve_site, jobs, labels=[site.weight.name for site in group],
+                                what=f"{self.id} solve", shared={"method": opts.method, "blocksize": opts.blocksize,
+                                                                 "damp": opts.damp}, threads=ctx.jobs)
+            for site, (matrix, layout, stat, _), result in zip(group, jobs, solved):
                 tokens = max(tokens, stat.tokens)
-                self.apply(site, ctx, record, stat, layout=layouts[id(site)])
+                self.write(site, record, matrix, result, stat, layout=layout)
         record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
 
     def apply(self, site: LinearWeight, ctx: PassContext, record: PassRecord, statistic=None, *,
               layout: Layout) -> None:
         """Prune one site in place into ``layout`` and record it."""
         opts: PruneOptions = self.options  # type: ignore[assignment]
-        array = site.weight.numpy()
-        matrix = site.to_matrix(array)
-        before = zero_fraction(array)
-        if layout.complies(matrix):  # with a non-uniform allocation, known only now
+        matrix = site.to_matrix(site.weight.numpy())
+        result = solve_site((matrix, layout, statistic, not isinstance(site.weight, EncodedWeight)),
+                            method=opts.method, blocksize=opts.blocksize, damp=opts.damp)
+        self.write(site, record, matrix, result, statistic, layout=layout)
+
+    def write(self, site: LinearWeight, record: PassRecord, matrix: np.ndarray, solved: Solved | None,
+              statistic, *, layout: Layout) -> None:
+        """Write one solved site back into the model and record it (None: already in ``layout``)."""
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        if solved is None:  # with a non-uniform allocation, known only now
             _skip(record, MatchFailure(Code.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
             return
-        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout, statistic,
-                                            blocksize=opts.blocksize, damp=opts.damp)
-        if result.values is None:  # a mask only: survivors keep their exact bits
-            new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=array.dtype))
-        else:
-            new_matrix = result.values.astype(array.dtype)
-        pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
+        array = site.weight.numpy()
+        before = zero_fraction(array)
+        pruned = np.ascontiguousarray(site.from_matrix(solved.matrix))
         site.weight.replace(pruned, **{"sparsec.layout": layout.name})
+        figures = solved.figures
         if isinstance(site.weight, EncodedWeight):
             # What the readers now multiply by: pruned entries decode to exactly 0; values a
             # method changed (SparseGPT) were quantized again, so the layout is checked here.
@@ -263,7 +276,7 @@ class WeightPrunePass(Pass):
             if not layout.complies(new_matrix):
                 raise PassError(f"{self.id}: '{site.weight.name}' ({site.weight.form}) is not {layout.name}"
                                 " after re-encoding")
-        figures = _damage(matrix, new_matrix, statistic)
+            figures = _damage(matrix, new_matrix, statistic)
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")
@@ -279,6 +292,30 @@ class WeightPrunePass(Pass):
                      **({"readers": [r.name for r in readers]} if len(readers) > 1 else {})},
         ))
 
+
+@dataclass
+class Solved:
+    """One site's pruned matrix (canonical form, the weight's dtype) and how far it moved."""
+
+    matrix: np.ndarray
+    figures: dict[str, float]
+
+
+def solve_site(job: tuple[np.ndarray, Layout, object, bool], *, method: str, blocksize: int,
+               damp: float) -> Solved | None:
+    """Prune one canonical matrix (an engine unit: pure, so sites of a stage run in parallel).
+    ``job`` is (matrix, layout, statistic, whether to measure the damage here); None when the
+    matrix already complies with the layout."""
+    matrix, layout, statistic, measure = job
+    if layout.complies(matrix):
+        return None
+    result = prune_methods.prune_matrix(method, matrix.astype(np.float32), layout, statistic,
+                                        blocksize=blocksize, damp=damp)
+    if result.values is None:  # a mask only: survivors keep their exact bits
+        new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=matrix.dtype))
+    else:
+        new_matrix = result.values.astype(matrix.dtype)
+    return Solved(new_matrix, _damage(matrix, new_matrix, statistic) if measure else {})
 
 
 def _damage(before: np.ndarray, after: np.ndarray, statistic) -> dict[str, float]:
