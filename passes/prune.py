@@ -241,7 +241,8 @@ class WeightPrunePass(Pass):
                     for site in group]
             solved = engine.map(solve_site, jobs, labels=[site.weight.name for site in group],
                                 what=f"{self.id} solve", shared={"method": opts.method, "blocksize": opts.blocksize,
-                                                                 "damp": opts.damp}, threads=ctx.jobs)
+                                                                 "damp": opts.damp},
+                                num_gpus=1 if device == "cuda" else 0, threads=ctx.jobs)
             for site, (matrix, layout, stat, _), result in zip(group, jobs, solved):
                 tokens = max(tokens, stat.tokens)
                 self.write(site, record, matrix, result, stat, layout=layout)

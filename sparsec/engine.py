@@ -62,11 +62,12 @@ class Engine:
     workers = 1  # units that may run at once
 
     def map(self, fn: Callable[..., Any], items: Sequence[Any], *, labels: Sequence[str], what: str,
-            shared: dict[str, Any] | None = None, num_cpus: float = 1, threads: int = 1) -> list[Any]:
+            shared: dict[str, Any] | None = None, num_cpus: float = 1, num_gpus: float = 0,
+            threads: int = 1) -> list[Any]:
         """``[fn(item, **shared) for item in items]``; ``fn`` must be a module-level function
         (Ray pickles it by reference). ``labels`` name the units in errors, ``what`` says what a
-        unit is ("sweep candidate"). ``shared`` is sent once, not once per unit. ``num_cpus``:
-        the CPUs a Ray task reserves. ``threads``: in this process, up to this many units at once
+        unit is ("sweep candidate"). ``shared`` is sent once, not once per unit. ``num_cpus``,
+        ``num_gpus``: what a Ray task reserves. ``threads``: in this process, up to this many units at once
         in a thread pool (for work that releases the GIL, such as torch's solves)."""
         raise NotImplementedError
 
@@ -87,7 +88,7 @@ class Engine:
 class InProcess(Engine):
     """Every unit here, one after the other."""
 
-    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, threads=1):
+    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
         shared = shared or {}
         labels = list(labels)
         if len(labels) != len(items):
@@ -180,9 +181,10 @@ class RayEngine(Engine):
         self.timing_slots = int(resources.get(TIMING_RESOURCE, 0))
         self.torch_threads = _torch_threads()
 
-    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, threads=1):
+    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
         ray = self._ray
-        remote = ray.remote(_call).options(num_cpus=num_cpus, max_retries=RETRIES, retry_exceptions=False)
+        remote = ray.remote(_call).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=RETRIES,
+                                           retry_exceptions=False)
         refs = {k: ray.put(v) for k, v in (shared or {}).items()}
         futures = [remote.remote(fn, item, self.torch_threads, **refs) for item in items]
         labels = list(labels)

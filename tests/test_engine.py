@@ -114,7 +114,7 @@ def test_solves_of_a_stage_in_threads_equal_the_sequential_run(tmp_path, method)
 class _Reversed(InProcess):
     """Runs units last to first (results still in order): independent units give the same plan."""
 
-    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, threads=1):
+    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
         return super().map(fn, items[::-1], labels=list(labels)[::-1], what=what, shared=shared)[::-1]
 
 
