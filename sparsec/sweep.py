@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sparsec.engine import Engine, as_engine
+from sparsec.engine import Engine, InProcess, as_engine
 from sparsec.progress import Progress, silent
 
 
@@ -86,7 +86,9 @@ def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", th
         with progress.task(f"compiling {len(specs)} candidates ({engine.name})"):
             rows = engine.map(compile_candidate, jobs, labels=specs, what="sweep candidate",
                               shared={"source": str(loaded.path), "target": target, "threads": threads,
-                                      "options": compile_options})
+                                      "options": compile_options,
+                                      # a Ray worker has no terminal to show progress on
+                                      "progress": progress if isinstance(engine, InProcess) else None})
         paths = {"original": loaded.path, **{row["spec"]: row["output"] for row in rows}}
         with progress.task(f"timing {len(paths)} models side by side"):
             speed = engine.timed(time_models, paths, feed, target, threads, repeats,
@@ -103,13 +105,14 @@ def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", th
 
 
 def compile_candidate(job: tuple[str, Path], *, source: str, target: str, threads: int | None,
-                      options: dict[str, Any]) -> dict[str, Any]:
+                      options: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
     """One candidate: compiled (best effort) and verified like ``sparsec compile``; its figures."""
     from sparsec.compiler import compile
 
     spec, stem = job
     result = compile(source, target=target, passes=spec, output=stem.with_suffix(".onnx"),
-                     report=stem.with_suffix(".json"), best_effort=True, threads=threads, **options)
+                     report=stem.with_suffix(".json"), best_effort=True, threads=threads, progress=progress,
+                     **options)
     verdict = result.verdicts.get("real") or result.verdicts.get("random")  # None: nothing changed
     return {"spec": spec, "output": str(result.output), "fidelity": verdict.min_cosine if verdict else 1.0,
             "metrics": dict(verdict.metrics) if verdict else {}, "output_bytes": result.sizes["output_bytes"],
