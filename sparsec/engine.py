@@ -179,6 +179,7 @@ class RayEngine(Engine):
         self.name = f"Ray ({'local cluster' if address is None else address}, {int(resources.get('CPU', 0))} CPUs)"
         self.workers = max(1, int(resources.get("CPU", 1)))
         self.timing_slots = int(resources.get(TIMING_RESOURCE, 0))
+        self.node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
         self.torch_threads = _torch_threads()
 
     def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
@@ -200,11 +201,13 @@ class RayEngine(Engine):
 
     def timed(self, fn, *args, threads, label):
         if not self.timing_slots:
-            raise TaskError(f"the Ray cluster at '{self.address}' has no '{TIMING_RESOURCE}' resource, so timing"
+            raise TaskError(f"{self.name} has no '{TIMING_RESOURCE}' resource, so timing"
                             " cannot be kept off other tasks' cores: start each node with ray start ..."
                             f" --resources='{{\"{TIMING_RESOURCE}\": 1}}'")
-        remote = self._ray.remote(_call).options(num_cpus=threads, resources={TIMING_RESOURCE: 1},
-                                                 max_retries=RETRIES, retry_exceptions=False)
+        # all the cores it times on, but no more than a node has (a task asking more never runs)
+        remote = self._ray.remote(_call).options(num_cpus=min(threads, self.node_cpus),
+                                                 resources={TIMING_RESOURCE: 1}, max_retries=RETRIES,
+                                                 retry_exceptions=False)
         return self._get(remote.remote(_timed_call, (fn, args), self.torch_threads), "timing", label)
 
     def _get(self, future, what: str, label: str) -> Any:

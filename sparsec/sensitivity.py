@@ -153,7 +153,8 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
     return Sensitivity(method, list(levels), calibration.source, layers, allocation, notes)
 
 
-def _pruned(group: list, layout: UnstructuredLayout, method: str, norms: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+def _pruned(group: list, layout: UnstructuredLayout, method: str,
+            norms: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
     """The weights of one layer pruned into ``layout`` (magnitude or Wanda masks), by name."""
     override = {}
     for site in group:
