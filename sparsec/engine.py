@@ -165,9 +165,12 @@ class RayEngine(Engine):
         if not ray.is_initialized():
             env = {"env_vars": thread_env()}
             if address is None:
+                # Ray's memory monitor kills workers when the node is short of memory, whoever holds
+                # it, and by default retries such tasks without end: as often as other deaths here.
                 ray.init(num_cpus=num_cpus or os.cpu_count(), resources={TIMING_RESOURCE: 1},
                          object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False,
-                         log_to_driver=False, configure_logging=False, runtime_env=env)
+                         log_to_driver=False, configure_logging=False, runtime_env=env,
+                         _system_config={"task_oom_retries": RETRIES})
             else:
                 try:
                     ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=env)
