@@ -312,10 +312,13 @@ class WeightPrunePass(Pass):
 
     def _run_sequential(self, model: ir.Model, sites: list[LinearWeight], ctx: PassContext,
                         record: PassRecord, layouts: dict[int, Layout]) -> None:
+        from sparsec.engine import as_engine
+
         from .reconstruct import BlockTarget, downstream, match_block_exit
 
         opts: PruneOptions = self.options  # type: ignore[assignment]
         device = prune_methods.resolve_device(opts.device)
+        engine = as_engine(ctx.engine)
         groups = _groups(sites)
         moved: dict[ir.Value, ir.Value] = {}  # outputs a low-rank term now follows
         gram = opts.refine != "none" or (opts.with_lowrank and opts.method == "sparsegpt")
@@ -362,11 +365,16 @@ class WeightPrunePass(Pass):
                 continue
             stats = prune_methods.group_statistics(group, feeds, runner.capture(value), maker, targets)
             targets = fork = None  # the fork's frontier and captures go before the next capture
-            for site in group:
-                stat = stats[prune_methods.statistic_key(site)]
-                tokens = max(tokens, stat.tokens)
+            # Once a stage is captured its sites' solves are independent: engine units (threads
+            # here, Ray tasks with --ray); written back in site order, as if one after the other.
+            jobs = [self._job(site, layouts[id(site)], stats[prune_methods.statistic_key(site)]) for site in group]
+            solved = engine.map(solve_site, jobs, labels=[site.weight.name for site in group],
+                                what=f"{self.id} solve", shared=self._solve_options(),
+                                num_gpus=1 if device == "cuda" else 0, threads=ctx.jobs)
+            for site, job, result in zip(group, jobs, solved):
+                tokens = max(tokens, job.statistic.tokens)
                 old = site.node.outputs[0]
-                new = self.apply(site, ctx, record, stat, layout=layouts[id(site)])
+                new = self.write(site, record, job, result)
                 if new is not None:
                     moved[old] = new
         record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
@@ -377,33 +385,33 @@ class WeightPrunePass(Pass):
               layout: Layout) -> ir.Value | None:
         """Prune one site in place into ``layout`` and record it; with a low-rank term, return
         the value that now stands for the node's output."""
+        job = self._job(site, layout, statistic)
+        return self.write(site, record, job, solve_site(job, **self._solve_options()))
+
+    def _job(self, site: LinearWeight, layout: Layout, statistic) -> SolveJob:
         opts: PruneOptions = self.options  # type: ignore[assignment]
-        array = site.weight.numpy()
-        matrix = site.to_matrix(array)
-        before = zero_fraction(array)
-        if layout.complies(matrix):  # with a non-uniform allocation, known only now
+        matrix = site.to_matrix(site.weight.numpy())
+        return SolveJob(matrix, layout, statistic, measure=not isinstance(site.weight, EncodedWeight),
+                        rank=lowrank.layer_rank(*matrix.shape, opts.rank, opts.rank_ratio))
+
+    def _solve_options(self) -> dict:
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        return {"method": opts.method, "blocksize": opts.blocksize, "damp": opts.damp, "refine": opts.refine,
+                "refine_iters": opts.refine_iters, "lowrank_iters": opts.lowrank_iters}
+
+    def write(self, site: LinearWeight, record: PassRecord, job: SolveJob, solved: Solved | None) -> ir.Value | None:
+        """Write one solved site back into the model and record it (None: already in the layout);
+        with a low-rank term, return the value that now stands for the node's output."""
+        opts: PruneOptions = self.options  # type: ignore[assignment]
+        matrix, layout, rank = job.matrix, job.layout, job.rank
+        if solved is None:  # with a non-uniform allocation, known only now
             _skip(record, MatchFailure(Code.ALREADY_SPARSE, f"already {layout.name}; left as it is", site.node), site)
             return None
-        rank = lowrank.layer_rank(*matrix.shape, opts.rank, opts.rank_ratio)
-        inner = getattr(statistic, "inner", statistic)  # reconstruct=block wraps the method's statistic
-        result = prune_methods.prune_matrix(opts.method, matrix.astype(np.float32), layout, inner,
-                                            blocksize=opts.blocksize, damp=opts.damp, refine=opts.refine,
-                                            refine_iters=opts.refine_iters, rank=rank,
-                                            lowrank_iters=opts.lowrank_iters)
-        if result.values is None:  # a mask only: survivors keep their exact bits
-            new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=array.dtype))
-        else:
-            new_matrix = result.values.astype(array.dtype)
-        block = None
-        if hasattr(statistic, "refit"):  # reconstruct=block: this site ends a block
-            refit = np.where(result.mask, statistic.refit(result.mask, opts.damp), 0.0)
-            block = {"block_error_method": statistic.error(new_matrix), "block_error": statistic.error(refit)}
-            if block["block_error"] < block["block_error_method"]:  # dampening can make it worse: then keep
-                new_matrix = refit.astype(array.dtype)
-            else:
-                block["block_error"] = block["block_error_method"]
-        pruned = np.ascontiguousarray(site.from_matrix(new_matrix))
+        array = site.weight.numpy()
+        before = zero_fraction(array)
+        pruned = np.ascontiguousarray(site.from_matrix(solved.matrix))
         site.weight.replace(pruned, **{"sparsec.layout": layout.name})
+        figures = solved.figures
         if isinstance(site.weight, EncodedWeight):
             # What the readers now multiply by: pruned entries decode to exactly 0; values a
             # method changed (SparseGPT) were quantized again, so the layout is checked here.
@@ -412,23 +420,19 @@ class WeightPrunePass(Pass):
             if not layout.complies(new_matrix):
                 raise PassError(f"{self.id}: '{site.weight.name}' ({site.weight.form}) is not {layout.name}"
                                 " after re-encoding")
-        lowrank_matrix = result.u @ result.v if result.u is not None else 0.0
-        figures = _damage(matrix, new_matrix + lowrank_matrix, inner)
-        if result.figures:
-            figures["refine"] = result.figures
-        if block is not None:
-            figures.update(block)
+            figures = {**figures, **_damage(matrix, new_matrix + solved.lowrank(),
+                                            getattr(job.statistic, "inner", job.statistic))}
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
                   f" along axis {site.reduce_axis}: {after:.1%} zeros")
         out = None
-        if result.u is not None:
+        if solved.u is not None:
             rows, cols = matrix.shape
             reason += f", plus a rank-{rank} term"
             figures["lowrank"] = {"rank": rank, "extra_params": rank * (rows + cols),
                                   "extra_flops_per_token": 2 * rank * (rows + cols),
                                   "dense_flops_per_token": 2 * rows * cols}
-            out = lowrank.lower(site, result.u, result.v, self.id, reason)
+            out = lowrank.lower(site, solved.u, solved.v, self.id, reason)
         readers = site.weight.readers
         for reader in readers:
             mark_changed(reader, self.id, reason)
@@ -442,6 +446,65 @@ class WeightPrunePass(Pass):
         ))
         return out
 
+
+
+@dataclass
+class SolveJob:
+    """One site's canonical matrix and what its solve needs (an engine unit's input)."""
+
+    matrix: np.ndarray
+    layout: Layout
+    statistic: object
+    measure: bool  # the damage is measured on this matrix (not after re-encoding)
+    rank: int = 0
+
+
+@dataclass
+class Solved:
+    """One site's pruned matrix (canonical form, the weight's dtype), its low-rank factors and
+    how far it moved."""
+
+    matrix: np.ndarray
+    figures: dict
+    u: np.ndarray | None = None
+    v: np.ndarray | None = None
+
+    def lowrank(self) -> np.ndarray | float:
+        return self.u @ self.v if self.u is not None else 0.0
+
+
+def solve_site(job: SolveJob, *, method: str, blocksize: int, damp: float, refine: str = "none",
+               refine_iters: int = 50, lowrank_iters: int = 20) -> Solved | None:
+    """Prune one canonical matrix (an engine unit: pure, so sites of a stage run in parallel);
+    None when the matrix already complies with the layout. A block-exit statistic
+    (reconstruct=block) also refits the kept weights to the dense block's output."""
+    matrix, layout, statistic = job.matrix, job.layout, job.statistic
+    if layout.complies(matrix):
+        return None
+    inner = getattr(statistic, "inner", statistic)  # reconstruct=block wraps the method's statistic
+    result = prune_methods.prune_matrix(method, matrix.astype(np.float32), layout, inner,
+                                        blocksize=blocksize, damp=damp, refine=refine,
+                                        refine_iters=refine_iters, rank=job.rank, lowrank_iters=lowrank_iters)
+    if result.values is None:  # a mask only: survivors keep their exact bits
+        new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=matrix.dtype))
+    else:
+        new_matrix = result.values.astype(matrix.dtype)
+    block = None
+    if hasattr(statistic, "refit"):  # reconstruct=block: this site ends a block
+        refit = np.where(result.mask, statistic.refit(result.mask, damp), 0.0)
+        block = {"block_error_method": statistic.error(new_matrix), "block_error": statistic.error(refit)}
+        if block["block_error"] < block["block_error_method"]:  # dampening can make it worse: then keep
+            new_matrix = refit.astype(matrix.dtype)
+        else:
+            block["block_error"] = block["block_error_method"]
+    solved = Solved(new_matrix, {}, result.u, result.v)
+    if job.measure:
+        solved.figures.update(_damage(matrix, new_matrix + solved.lowrank(), inner))
+    if result.figures:
+        solved.figures["refine"] = result.figures
+    if block is not None:
+        solved.figures.update(block)
+    return solved
 
 
 def _summarise(record: PassRecord, opts: PruneOptions) -> None:

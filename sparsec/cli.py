@@ -68,6 +68,15 @@ _seed_option = click.option("--seed", type=int, default=0, show_default=True, he
 _samples_option = click.option("--samples", type=click.IntRange(1, 1000), default=2, show_default=True,
                                help="Number of random input sets.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+_ray_option = click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                           help="Run independent units of work as Ray tasks (needs the 'ray' extra): --ray alone"
+                           " starts a local cluster, --ray ADDRESS connects to an existing one (see docs/scale.md).")
+
+
+def _engine(ray):
+    from sparsec.engine import make_engine
+
+    return make_engine(ray)
 
 
 @cli.command("compile")
@@ -120,11 +129,15 @@ _json_option = click.option("--json", "as_json", is_flag=True, help="Print the r
               help="Treat initializers that are also listed as graph inputs (old exporters list every weight so)"
               " as constants, so passes may rewrite them.")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ONNX Runtime threads.")
+@click.option("--jobs", type=click.IntRange(1, 1024), default=None,
+              help="Calibration-aware solves (SparseGPT, Wanda) of one stage's sites run at once in this many"
+              " threads; same result. Default: one per core, at most 8.")
+@_ray_option
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
                 dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
                 calib_samples, calib_seqlen, tokenizer, verify_each, explain, objective, constant_initializers,
-                threads, as_json) -> None:
+                threads, jobs, ray, as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
     from sparsec.errors import VerificationError
@@ -155,10 +168,11 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
     show_auto = None if as_json else (lambda auto: [_echo(line) for line in (
         auto.lines() if explain else auto.lines()[:1] + [f"  {s}" for s in auto.specs]) + [""]])
     try:
-        result = run_compile(model, the_recipe, output=output, report=list(reports) or None, save_recipe=save_recipe,
-                             benchmark=benchmark, verify_each=verify_each, best_effort=best_effort,
-                             progress=progress, threads=threads, on_plan=show_plan, explain=explain,
-                             on_auto=show_auto)
+        with _engine(ray) as engine:
+            result = run_compile(model, the_recipe, output=output, report=list(reports) or None,
+                                 save_recipe=save_recipe, benchmark=benchmark, verify_each=verify_each,
+                                 best_effort=best_effort, progress=progress, threads=threads, on_plan=show_plan,
+                                 explain=explain, on_auto=show_auto, engine=engine, jobs=jobs)
     except VerificationError as exc:
         if exc.result is not None and not as_json:
             _print_compile(exc.result)
@@ -284,9 +298,10 @@ def inspect_cmd(model, all_weights, as_json) -> None:
               help="Timing rounds at least (more until the speed ratios are stable).")
 @click.option("--report", "reports", type=click.Path(dir_okay=False), multiple=True,
               help="Report path (.json, .md or .html with the Pareto plot); repeatable.")
+@_ray_option
 @_json_option
 def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenizer, threads, repeats, reports,
-              as_json) -> None:
+              ray, as_json) -> None:
     """Compile several candidates, time them side by side, show speed against fidelity."""
     from sparsec.outputs import Outputs
     from sparsec.pipeline import parse_pass_specs
@@ -296,9 +311,10 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
     outputs.check()
     for spec in specs:
         parse_pass_specs(spec)  # every candidate's options are checked before any work
-    result = sweep(model, list(specs), target=target, threads=threads, repeats=repeats, progress=_progress(),
-                   calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, tokenizer=tokenizer,
-                   samples=1)
+    with _engine(ray) as engine:
+        result = sweep(model, list(specs), target=target, threads=threads, repeats=repeats, progress=_progress(),
+                       engine=engine, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
+                       tokenizer=tokenizer, samples=1)
     stable = "" if result.stable else " (NOT STABLE: the machine is too noisy for these ratios)"
     header = [f"# sparsec sweep: {result.model}", "",
               f"Timed interleaved, {result.threads} threads, {result.repeats} rounds; speedup = median of"
@@ -338,9 +354,10 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
               help="Prune a whole transformer block or one weight at a time.")
 @click.option("--report", "reports", type=click.Path(dir_okay=False), multiple=True,
               help="Report path (.json, .md, or .html with the sensitivity plot); repeatable.")
+@_ray_option
 @_json_option
 def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, method, sparsity, by, reports,
-                as_json) -> None:
+                ray, as_json) -> None:
     """Per-layer sensitivity (output drop per layer per sparsity) and the OWL allocation."""
     from sparsec.data import load_calibration
     from sparsec.errors import OptionError
@@ -359,8 +376,9 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, me
     loaded = load_model(model)
     calibration = load_calibration(calib, loaded.model, samples=calib_samples, seqlen=calib_seqlen,
                                    tokenizer=tokenizer)
-    result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
-                               target=sparsity, progress=_progress())
+    with _engine(ray) as engine:
+        result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
+                                   target=sparsity, progress=_progress(), engine=engine)
     texts = {}
     for path in outputs.reports:
         if path.suffix == ".json":

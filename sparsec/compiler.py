@@ -27,6 +27,7 @@ import onnx_ir as ir
 from sparsec import __version__
 from sparsec.analyze import Analysis, analyze, summarize_sparsity
 from sparsec.data import Calibration, EvaluationData, calibration_source, evaluation_data, has_builtin_data, timing_feed
+from sparsec.engine import default_jobs
 from sparsec.errors import OptionError, PassError, VerificationError
 from sparsec.feeds import Feeds, InputSpec, input_specs, make_feeds
 from sparsec.model_io import LoadedModel, check_output_path, fingerprint, load_model, stage_model
@@ -168,6 +169,8 @@ def compile(
     progress: Progress | None = None,
     threads: int | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    engine: Any = None,
+    jobs: int | None = None,
     **options: Any,
 ) -> CompileResult:
     """Compile an ONNX model; write the result and its reports.
@@ -192,6 +195,11 @@ def compile(
         explain: let the planner choose the passes (it also does when a budget is given without
             passes on a target with no default plan).
         on_auto: called with the planner's AutoPlan (every option considered) when it ran.
+        engine: where independent units run (the planner's options, the solves of a stage's
+            sites): a :class:`sparsec.engine.Engine`; default in this process. The result does
+            not depend on it.
+        jobs: in this process, solves of one stage run at once in this many threads (default:
+            one per core, at most 8); the result does not depend on it.
 
     Raises:
         InputError, OptionError, OutputError: bad input (exit code 2), before any work.
@@ -217,7 +225,7 @@ def compile(
     if recipe.passes is None and (explain or recipe.objective != "latency"
                                   or (not recipe.fidelity_budget().empty and not target.default_passes)):
         recipe, auto, calibration = auto_stage(loaded, recipe, target, analysis, evaluation, runner, progress,
-                                               best_effort)
+                                               best_effort, engine)
         if on_auto is not None:
             on_auto(auto)
     plan = plan_stage(target, recipe, loaded.model, evaluation, chosen_by="the planner" if auto else "")
@@ -229,7 +237,8 @@ def compile(
     clock.lap("calibrate")
     streamed = analysis.weight_bytes > STREAM_BYTES
     with _spill(streamed, outputs.model):
-        ctx = PassContext(target=target, calibration=calibration, seed=recipe.seed, progress=progress, runner=runner)
+        ctx = PassContext(target=target, calibration=calibration, seed=recipe.seed, progress=progress, runner=runner,
+                          engine=engine, jobs=jobs or default_jobs())
         after_each = _pass_verifier(loaded, feeds, runner, progress) if verify_each else None
         records = run_passes(loaded.model, plan.passes, ctx, after_each=after_each)
         clock.lap("passes")
@@ -333,7 +342,8 @@ def _check_packages(passes) -> None:
 
 
 def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: Analysis,
-               evaluation: EvaluationData | None, runner: Runner, progress: Progress, best_effort: bool):
+               evaluation: EvaluationData | None, runner: Runner, progress: Progress, best_effort: bool,
+               engine: Any = None):
     """The planner chooses the passes: (the recipe with them, the AutoPlan, the calibration sets
     the passes fit on). Nothing within the budget: VerificationError, or with ``best_effort`` no
     passes (the model is written unchanged)."""
@@ -358,7 +368,7 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
     metrics = evaluation.metrics if evaluation is not None else (lambda: [])
     auto = planner.plan(loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                         metrics=metrics, seed=recipe.seed, runner=runner, progress=progress,
-                        fingerprint=analysis.fingerprint, objective=recipe.objective)
+                        fingerprint=analysis.fingerprint, objective=recipe.objective, engine=engine)
     planner.settle(auto, loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                    metrics=metrics, seed=recipe.seed, runner=runner, progress=progress)
     if not auto.specs and not best_effort:

@@ -279,6 +279,8 @@ class PassContext:
     progress: Progress = field(default_factory=silent)
     runner: Any = None  # sparsec.runtime.session.Runner: how passes run the model (staged captures)
     extras: dict[str, Any] = field(default_factory=dict)
+    engine: Any = None  # sparsec.engine.Engine for independent solves; None: in this process
+    jobs: int = 1  # in this process, independent solves run at once in threads (same results)
 
     def __post_init__(self) -> None:
         if self.runner is None:

@@ -233,16 +233,18 @@ def split(calibration):
 
 def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: list, workload: dict[str, np.ndarray],
          metrics: Callable[[], list] = lambda: [], seed: int = 0, runner=None, progress=None,
-         fingerprint: str = "", objective: str = "latency") -> AutoPlan:
+         fingerprint: str = "", objective: str = "latency", engine=None) -> AutoPlan:
     """Choose the rewrites for the model at ``source`` (see the module's description): passes fit
-    on ``calibration``, options are scored on ``scoring`` (input sets kept out of the fitting)."""
+    on ``calibration``, options are scored on ``scoring`` (input sets kept out of the fitting).
+    Each option alone is a unit of ``engine`` (:mod:`sparsec.engine`; default in this process)."""
     from sparsec.passes.moe import DENSE_CAPTURES, dense_captures
     from sparsec.passes.structured_prune import DENSE_STATISTICS, dense_statistics
     from sparsec.cost import load_profile
-    from sparsec.model_io import load_model, save_model
-    from sparsec.pipeline import PassContext, run_passes
+    from sparsec.engine import as_engine
+    from sparsec.model_io import load_model
+    from sparsec.pipeline import PassContext
     from sparsec.progress import silent
-    from sparsec.verify import reference_outputs, verify_against
+    from sparsec.verify import reference_outputs
 
     progress = progress or silent()
     profile = load_profile(target)
@@ -279,55 +281,59 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                          f" (the original's outputs on them are kept in memory, at most {REFERENCE_BYTES >> 20} MiB);"
                          " the chosen combination on all of them")
     savings: dict[str, float] = {}  # predicted saving by shape key: equal shapes, equal saving
+    engine = as_engine(engine)
     with tempfile.TemporaryDirectory(prefix="sparsec-plan-") as tmp:
         if calibration is not None and any(o.family == "moe" and needs_calibration(o.spec) for o in fresh):
             with progress.task("capturing every FFN's calibration activations for the MoE options"):
                 ctx.extras[DENSE_CAPTURES] = dense_captures(original, ctx, tmp)
-        for i, o in enumerate(progress.track(todo, "trying each option alone", total=len(todo))):
-            cached = _cache_file(keys[id(o)])
-            if id(o) not in is_fresh:
-                data = json.loads(cached.read_text())
-                o.saving, o.use, o.reason = data["saving"], data["use"], data.get("reason", "")
-            elif savings.get(o.shape_key, 1.0) <= 0 and o.signature:
-                o.saving = savings[o.shape_key]  # the same option on a site of the same shapes: known
-            elif (milder := _milder_over(o, todo)) is not None:
-                o.status, o.reason = "rejected", f"the milder {milder.spec.split(',include=')[0]} alone already" \
-                                                 " spends more than the budget allows here"
-                continue
-            else:
-                model = load_model(source).model
-                try:
-                    (record,) = run_passes(model, passes_for([o.spec], calibration), ctx)
-                except SparsecError as exc:  # an option that cannot run here is reported, not fatal
-                    o.status, o.reason = "rejected", f"the pass failed here: {exc}"
+        shared = {"source": str(source), "target": target, "calibration": calibration, "seed": seed,
+                  "runner": runner, "extras": dict(ctx.extras), "references": references, "scoring": scoring,
+                  "workload": workload, "profile": profile, "metrics": metrics, "budget": budget, "base": base,
+                  "objective": objective, "folder": tmp}
+        for wave in _waves(todo):
+            # Options of one wave are independent (other sites, or the same milder step of one);
+            # they are evaluated as engine units and taken in the order of ``todo``, exactly as
+            # if one after the other.
+            units = [o for o in wave if id(o) in is_fresh and _milder_over(o, todo) is None]
+            results = dict(zip(map(id, units), engine.map(
+                score_option, [(todo.index(o), o.spec) for o in units], labels=[o.spec for o in units],
+                what="planner option", shared=shared))) if units else {}
+            for o in progress.track(wave, f"trying each option alone ({engine.name})", total=len(wave)):
+                cached = _cache_file(keys[id(o)])
+                if id(o) not in is_fresh:
+                    data = json.loads(cached.read_text())
+                    o.saving, o.use, o.reason = data["saving"], data["use"], data.get("reason", "")
+                elif savings.get(o.shape_key, 1.0) <= 0 and o.signature:
+                    o.saving = savings[o.shape_key]  # the same option on a site of the same shapes: known
+                elif (milder := _milder_over(o, todo)) is not None:
+                    o.status, o.reason = "rejected", f"the milder {milder.spec.split(',include=')[0]} alone already" \
+                                                     " spends more than the budget allows here"
                     continue
-                except Exception as exc:  # a bug in a pass: reported as one, the other options go on
-                    o.status, o.reason = "rejected", f"internal error in the pass ({type(exc).__name__}: {exc})"
-                    notes.append(f"internal error while trying {o.spec.split(',include=')[0]} (a sparsec bug; please"
-                                 f" report it with --debug's traceback): {type(exc).__name__}: {exc}")
+                else:
+                    result = results[id(o)]
+                    if "failed" in result:  # an option that cannot run is reported, not fatal
+                        o.status, o.reason = "rejected", f"the pass failed here: {result['failed']}"
+                        continue
+                    if "internal" in result:  # a bug in a pass: reported as one, the other options go on
+                        o.status, o.reason = "rejected", f"internal error in the pass ({result['internal']})"
+                        notes.append(f"internal error while trying {o.spec.split(',include=')[0]} (a sparsec bug;"
+                                     f" please report it with --debug's traceback): {result['internal']}")
+                        continue
+                    if result["saving"] is None:
+                        o.status, o.reason = "rejected", "the pass changed nothing here"
+                        continue
+                    o.saving = savings.setdefault(o.shape_key, result["saving"]) if o.signature else result["saving"]
+                    o.use = result["use"]
+                    if fingerprint:
+                        cached.parent.mkdir(parents=True, exist_ok=True)
+                        cached.write_text(json.dumps({"saving": o.saving, "use": o.use}))
+                if o.status != "considered":
                     continue
-                if not record.changed:
-                    o.status, o.reason = "rejected", "the pass changed nothing here"
-                    continue
-                path = save_model(model, Path(tmp) / f"option{i}.onnx", external_data=True)
-                if o.shape_key not in savings or not o.signature:
-                    savings[o.shape_key] = base - objective_value(path, workload, profile, objective)
-                o.saving = savings[o.shape_key]
-                verdict = verify_against(references, path, scoring, exact=False, metrics=metrics(), runner=runner,
-                                         outputs=budget.min_cosine is not None)
-                o.use = budget_use(verdict, budget)
-                for written in Path(tmp).glob(f"option{i}.*"):  # a decoder's options would fill the disk
-                    written.unlink()
-                if fingerprint:
-                    cached.parent.mkdir(parents=True, exist_ok=True)
-                    cached.write_text(json.dumps({"saving": o.saving, "use": o.use}))
-            if o.status != "considered":
-                continue
-            if o.saving is None or o.saving <= 0:
-                o.status, o.reason = "rejected", ("the cost model predicts no gain on this target"
-                                                  if objective == "latency" else f"the {objective} does not shrink")
-            elif o.use > SAFETY:
-                o.status, o.reason = "rejected", "alone it spends more than the budget allows"
+                if o.saving is None or o.saving <= 0:
+                    o.status, o.reason = "rejected", ("the cost model predicts no gain on this target"
+                                                      if objective == "latency" else f"the {objective} does not shrink")
+                elif o.use > SAFETY:
+                    o.status, o.reason = "rejected", "alone it spends more than the budget allows"
     choose(options, SAFETY)
     chosen = [o for o in options if o.status == "chosen"]
     return AutoPlan(target.name, budget.describe(), options, ordered_specs(chosen),
@@ -345,6 +351,55 @@ def objective_value(path, workload, profile, objective: str) -> float:
     if objective == "size":
         return float(file_bytes(path))
     return float(footprint(path, workload).memory_bytes)
+
+
+def _waves(todo: list[Option]) -> list[list[Option]]:
+    """``todo`` in waves: the k-th option of every (site, family) in wave k, each wave in the
+    order of ``todo``. Whether an option is tried depends only on the milder options of its own
+    site and family (:func:`_milder_over`), all in earlier waves; options with equal shape keys
+    hold the same place in their families, so they share a wave."""
+    place: dict[tuple[str, str], int] = {}
+    waves: list[list[Option]] = []
+    for o in todo:
+        k = place.get((o.site, o.family), 0)
+        place[(o.site, o.family)] = k + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(o)
+    return waves
+
+
+def score_option(job: tuple[int, str], *, source: str, target, calibration, seed: int, runner, extras: dict,
+                 references: list, scoring: list, workload, profile, metrics, budget, base: float,
+                 objective: str, folder: str) -> dict[str, Any]:
+    """One option alone (an engine unit): fitted on the calibration sets, its predicted saving
+    (of ``objective``) and its budget use on the scoring sets. ``{"failed": why}`` when the pass
+    cannot run here (a sparsec error), ``{"internal": what}`` on any other exception (a bug),
+    ``{"saving": None}`` when it changed nothing."""
+    from sparsec.model_io import load_model, save_model
+    from sparsec.pipeline import PassContext, run_passes
+    from sparsec.verify import verify_against
+
+    i, spec = job
+    ctx = PassContext(target=target, calibration=calibration, seed=seed, runner=runner, extras=dict(extras))
+    model = load_model(source).model
+    try:
+        (record,) = run_passes(model, passes_for([spec], calibration), ctx)
+    except SparsecError as exc:
+        return {"failed": str(exc)}
+    except Exception as exc:
+        return {"internal": f"{type(exc).__name__}: {exc}"}
+    if not record.changed:
+        return {"saving": None}
+    path = save_model(model, Path(folder) / f"option{i}.onnx", external_data=True)
+    try:
+        saving = base - objective_value(path, workload, profile, objective)
+        verdict = verify_against(references, path, scoring, exact=False, metrics=metrics(), runner=runner,
+                                 outputs=budget.min_cosine is not None)
+    finally:
+        for written in Path(folder).glob(f"option{i}.*"):  # a decoder's options would fill the disk
+            written.unlink()
+    return {"saving": saving, "use": budget_use(verdict, budget)}
 
 
 def _milder_over(option: Option, options: list[Option]) -> Option | None:

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsec.data import Calibration
+from sparsec.engine import Engine, as_engine
 from sparsec.model_io import stage_model
 from sparsec.pipeline import PassRecord
 from sparsec.progress import Progress, silent
@@ -80,8 +81,10 @@ def _compare(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray]) -> tuple[f
 def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3, 0.5, 0.7),
                       method: str = "magnitude", by: str = "layer", target: float = 0.5,
                       owl_lambda: float = 0.08, owl_m: float = 5.0, sets: int = 2,
-                      runner: Runner | None = None, progress: Progress | None = None) -> Sensitivity:
-    """Measure per-layer sensitivity on ``calibration`` (the first ``sets`` input sets)."""
+                      runner: Runner | None = None, progress: Progress | None = None,
+                      engine: Engine | None = None) -> Sensitivity:
+    """Measure per-layer sensitivity on ``calibration`` (the first ``sets`` input sets); each
+    layer is a unit of ``engine`` (:mod:`sparsec.engine`; default in this process)."""
     from sparsec.passes import prune_methods
     from sparsec.passes.allocation import layer_of, owl_allocation
     from sparsec.passes.quantized import EncodedWeight
@@ -120,30 +123,63 @@ def layer_sensitivity(model: ir.Model, calibration: Calibration, *, levels=(0.3,
 
     overridable = [s.weight.value for s in sites if s.weight.value not in model.graph.inputs]
     model.graph.inputs.extend(overridable)
+    engine = as_engine(engine)
     try:
         with tempfile.TemporaryDirectory(prefix="sparsec-sensitivity-") as tmp:
             with stage_model(model, Path(tmp) / "model.onnx", external_data=True) as staged:
                 session = runner.session(staged.path)
                 reference = [runner.run(session, feed) for feed in feeds]
+                _SESSION.clear()
+                _SESSION[(str(staged.path), repr(runner))] = session  # in this process: reused
                 layers = []
                 work = [(name, group) for name, group in by_layer.items()]
-                for name, group in progress.track(work, "sensitivity: pruning one layer at a time", total=len(work)):
-                    drop, rel = {}, {}
-                    for level in levels:
-                        layout = UnstructuredLayout(level)
-                        override = {}
-                        for site in group:
-                            matrix = site.to_matrix(site.weight.numpy()).astype(np.float32)
-                            scores = np.abs(matrix) * (norms[id(site)][None, :] if method == "wanda" else 1.0)
-                            mask = layout.mask(scores, per_row=method == "wanda")
-                            override[site.weight.name] = np.ascontiguousarray(
-                                site.from_matrix(np.where(mask, matrix, 0).astype(matrix.dtype))).astype(
-                                site.weight.numpy().dtype)
-                        d, r = zip(*(_compare(ref, runner.run(session, {**feed, **override}))
-                                     for feed, ref in zip(feeds, reference)))
-                        drop[str(level)], rel[str(level)] = float(np.mean(d)), float(np.mean(r))
-                    layers.append(LayerSensitivity(name, sum(int(np.prod(s.weight.shape)) for s in group), drop, rel))
+                # Layers are engine units; a few at a time, as each carries its pruned weights.
+                size = 1 if engine.workers == 1 else 2 * engine.workers
+                shared = {"path": str(staged.path), "runner": runner, "feeds": feeds, "reference": reference}
+                for start in progress.track(range(0, len(work), size), "sensitivity: pruning one layer at a time",
+                                            total=-(-len(work) // size)):
+                    part = work[start:start + size]
+                    jobs = [{str(level): _pruned(group, UnstructuredLayout(level), method, norms) for level in levels}
+                            for _, group in part]
+                    measured = engine.map(layer_drops, jobs, labels=[name for name, _ in part],
+                                          what="sensitivity of layer", shared=shared)
+                    for (name, group), (drop, rel) in zip(part, measured):
+                        layers.append(LayerSensitivity(name, sum(int(np.prod(s.weight.shape)) for s in group),
+                                                       drop, rel))
     finally:
+        _SESSION.clear()
         for value in overridable:
             model.graph.inputs.remove(value)
     return Sensitivity(method, list(levels), calibration.source, layers, allocation, notes)
+
+
+def _pruned(group: list, layout: UnstructuredLayout, method: str,
+            norms: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weights of one layer pruned into ``layout`` (magnitude or Wanda masks), by name."""
+    override = {}
+    for site in group:
+        matrix = site.to_matrix(site.weight.numpy()).astype(np.float32)
+        scores = np.abs(matrix) * (norms[id(site)][None, :] if method == "wanda" else 1.0)
+        mask = layout.mask(scores, per_row=method == "wanda")
+        override[site.weight.name] = np.ascontiguousarray(
+            site.from_matrix(np.where(mask, matrix, 0).astype(matrix.dtype))).astype(site.weight.numpy().dtype)
+    return override
+
+
+_SESSION: dict[tuple[str, str], Any] = {}  # one session per process: the model under study
+
+
+def layer_drops(overrides: dict[str, dict[str, np.ndarray]], *, path: str, runner: Runner, feeds: list,
+                reference: list) -> tuple[dict[str, float], dict[str, float]]:
+    """One layer (an engine unit): the mean drop and relative L2 error per level, the model at
+    ``path`` run with that level's pruned weights fed over the originals."""
+    key = (path, repr(runner))
+    if key not in _SESSION:
+        _SESSION.clear()
+        _SESSION[key] = runner.session(path)
+    session = _SESSION[key]
+    drop, rel = {}, {}
+    for level, override in overrides.items():
+        d, r = zip(*(_compare(ref, runner.run(session, {**feed, **override})) for feed, ref in zip(feeds, reference)))
+        drop[level], rel[level] = float(np.mean(d)), float(np.mean(r))
+    return drop, rel

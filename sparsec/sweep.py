@@ -3,7 +3,9 @@
 Each candidate is compiled (and verified) like ``sparsec compile`` with ``best_effort`` (so a
 candidate below its budget is still measured, and marked); the original and every candidate
 are then timed interleaved in one process (:func:`sparsec.runtime.bench.compare_speed`), so
-the speedups are comparable. The points and their Pareto front (no other point is both faster
+the speedups are comparable. The compiles are independent units of an engine
+(:mod:`sparsec.engine`: in this process, or Ray tasks with ``--ray``); the timing is one unit
+that has a node's cores to itself. The points and their Pareto front (no other point is both faster
 and more faithful) go into a table and, as a plot, into an HTML report.
 """
 
@@ -15,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sparsec.engine import Engine, InProcess, as_engine
 from sparsec.progress import Progress, silent
 
 
@@ -64,37 +67,63 @@ def mark_pareto(points: list[SweepPoint]) -> None:
 
 
 def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", threads: int | None = None,
-          repeats: int = 15, progress: Progress | None = None, **compile_options: Any) -> Sweep:
-    """Compile ``specs`` and time them against the original (see the module docstring)."""
-    from sparsec.compiler import compile
+          repeats: int = 15, progress: Progress | None = None, engine: Engine | None = None,
+          **compile_options: Any) -> Sweep:
+    """Compile ``specs`` and time them against the original (see the module docstring).
+
+    The candidates' compiles are independent units of ``engine`` (default: in this process, one
+    after the other); the timing of all of them is one unit that has a node's cores to itself.
+    """
     from sparsec.data import timing_feed
     from sparsec.model_io import load_model
+
+    progress = progress or silent()
+    engine = as_engine(engine)
+    loaded = load_model(model)
+    feed, note = timing_feed(loaded.model)
+    with tempfile.TemporaryDirectory(prefix="sparsec-sweep-") as tmp:
+        jobs = [(spec, Path(tmp) / f"c{i}") for i, spec in enumerate(specs)]
+        with progress.task(f"compiling {len(specs)} candidates ({engine.name})"):
+            rows = engine.map(compile_candidate, jobs, labels=specs, what="sweep candidate",
+                              shared={"source": str(loaded.path), "target": target, "threads": threads,
+                                      "options": compile_options,
+                                      # a Ray worker has no terminal to show progress on
+                                      "progress": progress if isinstance(engine, InProcess) else None})
+        paths = {"original": loaded.path, **{row["spec"]: row["output"] for row in rows}}
+        with progress.task(f"timing {len(paths)} models side by side"):
+            speed = engine.timed(time_models, paths, feed, target, threads, repeats,
+                                 threads=threads or os.cpu_count() or 1, label="the sweep's models side by side")
+    base = speed.timings["original"].median_ms
+    points = [SweepPoint("original", 1.0, 1.0, base, loaded.total_bytes, speedup_p10=1.0, speedup_p90=1.0)]
+    for row in rows:
+        r = speed.ratios[row["spec"]]
+        points.append(SweepPoint(row["spec"], row["fidelity"], r.median, speed.timings[row["spec"]].median_ms,
+                                 row["output_bytes"], row["metrics"], row["params_removed"], verdict=row["status"],
+                                 speedup_p10=r.p10, speedup_p90=r.p90))
+    mark_pareto(points)
+    return Sweep(str(loaded.path), note, speed.threads, speed.repeats, points, speed.stable)
+
+
+def compile_candidate(job: tuple[str, Path], *, source: str, target: str, threads: int | None,
+                      options: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
+    """One candidate: compiled (best effort) and verified like ``sparsec compile``; its figures."""
+    from sparsec.compiler import compile
+
+    spec, stem = job
+    result = compile(source, target=target, passes=spec, output=stem.with_suffix(".onnx"),
+                     report=stem.with_suffix(".json"), best_effort=True, threads=threads, progress=progress,
+                     **options)
+    verdict = result.verdicts.get("real") or result.verdicts.get("random")  # None: nothing changed
+    return {"spec": spec, "output": str(result.output), "fidelity": verdict.min_cosine if verdict else 1.0,
+            "metrics": dict(verdict.metrics) if verdict else {}, "output_bytes": result.sizes["output_bytes"],
+            "params_removed": sum(s.details.get("params_removed", 0) for r in result.records for s in r.changed),
+            "status": result.judgement.status}
+
+
+def time_models(paths: dict[str, Any], feed, target: str, threads: int | None, repeats: int):
+    """The original and every candidate timed interleaved in one process (one engine unit)."""
     from sparsec.runtime.bench import compare_speed
     from sparsec.targets import get_target
 
-    progress = progress or silent()
     runner = get_target(target).runner(threads)
-    loaded = load_model(model)
-    feed, note = timing_feed(loaded.model)
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="sparsec-sweep-") as tmp:
-        paths = {"original": loaded.path}
-        for i, spec in enumerate(specs):
-            result = compile(loaded.path, target=target, passes=spec, output=Path(tmp) / f"c{i}.onnx",
-                             report=Path(tmp) / f"c{i}.json", progress=progress, best_effort=True,
-                             threads=threads, **compile_options)
-            verdict = result.verdicts.get("real") or result.verdicts.get("random")  # None: nothing changed
-            removed = sum(s.details.get("params_removed", 0) for r in result.records for s in r.changed)
-            rows.append((spec, verdict.min_cosine if verdict else 1.0, dict(verdict.metrics) if verdict else {},
-                         result.sizes["output_bytes"], removed, result.judgement.status))
-            paths[spec] = result.output
-        with progress.task(f"timing {len(paths)} models side by side"):
-            speed = compare_speed(paths, feed, runner=runner, threads=threads, min_repeats=repeats)
-    base = speed.timings["original"].median_ms
-    points = [SweepPoint("original", 1.0, 1.0, base, loaded.total_bytes, speedup_p10=1.0, speedup_p90=1.0)]
-    for spec, fidelity, metrics, size, removed, status in rows:
-        r = speed.ratios[spec]
-        points.append(SweepPoint(spec, fidelity, r.median, speed.timings[spec].median_ms, size, metrics, removed,
-                                 verdict=status, speedup_p10=r.p10, speedup_p90=r.p90))
-    mark_pareto(points)
-    return Sweep(str(loaded.path), note, speed.threads, speed.repeats, points, speed.stable)
+    return compare_speed(paths, feed, runner=runner, threads=threads, min_repeats=repeats)

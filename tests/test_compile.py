@@ -106,3 +106,26 @@ def test_streamed_path_matches_in_memory_path(zoo_path, tmp_path, monkeypatch):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert streamed.verdicts["random"].min_cosine == pytest.approx(normal.verdicts["random"].min_cosine, abs=1e-5)
     assert [p.name for p in (tmp_path / "b").iterdir() if p.name.endswith(".sparsec-tmp")] == []
+
+
+def test_streamed_sparsegpt_with_parallel_solves_matches_the_in_memory_sequential_path(zoo_path, tmp_path,
+                                                                                      monkeypatch):
+    """SparseGPT streamed (stages captured one at a time, pruned weights spilled to disk) with a
+    stage's solves in threads writes the bytes of the in-memory compile that solves one by one."""
+    from sparsec import compiler
+
+    src = zoo_path("tiny-llama")
+    spec = "nm:min_params=0,method=sparsegpt"
+    results = []
+    for name, jobs, limit in (("a", 1, compiler.STREAM_BYTES), ("b", 3, 0)):
+        monkeypatch.setattr(compiler, "STREAM_BYTES", limit)
+        monkeypatch.setattr("sparsec.graph.SPILL_MIN_BYTES", 1 if limit == 0 else 1 << 20)
+        (tmp_path / name).mkdir()
+        results.append(compile(src, passes=spec, calib="builtin", calib_samples=4, calib_seqlen=32, jobs=jobs,
+                               output=tmp_path / name / "m.onnx", best_effort=True))
+    normal, streamed = results
+    assert any("compiled streamed" in n for n in streamed.notes)
+    assert not any("compiled streamed" in n for n in normal.notes)
+    assert len(streamed.records[0].changed) >= 4 and "sparsegpt" in streamed.records[0].notes[0]
+    for name in ("m.onnx", "m.onnx.data"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
