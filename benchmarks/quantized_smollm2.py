@@ -10,7 +10,8 @@ model timed interleaved in one ONNX Runtime process (``compare_speed``: median a
 per-round ratios after warm-up) on a 512-token prompt and on one decode step with 511 cached
 positions; decode tokens per second from the median decode step.
 
-    python benchmarks/quantized_smollm2.py --build DIR     # compile + fidelity (~25 min on 2 cores)
+    python benchmarks/quantized_smollm2.py --build DIR     # compile + fidelity (~60 min on 2 cores)
+    python benchmarks/quantized_smollm2.py --build DIR --only "int4"   # (re)build some configurations
     python benchmarks/quantized_smollm2.py --time DIR      # speed; results/quantized_smollm2_cpu.md + .json
 """
 
@@ -39,6 +40,9 @@ CONFIGS = {
     "ffn 50% + int4": f"ffn-neurons:ratio=0.5;{INT4}",
     "heads 1/3 + ffn 25% + int4": f"attention-heads:ratio=0.34;ffn-neurons:ratio=0.25;{INT4}",
     "50% unstructured + int4": f"unstructured:sparsity=0.5;{INT4}",
+    # experts=8,k=6: the mildest MoE split of benchmarks/results/moe_quality_smollm2.md; int4 turns
+    # its com.microsoft.MoE nodes into QMoE with 4-bit experts (and the other MatMuls into MatMulNBits)
+    "moe k=6 of 8 + int4 (QMoE)": f"moe:experts=8,k=6,shared=0,lowering=contrib;{INT4}",
 }
 
 
@@ -89,13 +93,17 @@ def perplexity(dense: Path, path: Path, windows) -> dict:
     return metric.result()
 
 
-def build_all(workdir: Path) -> None:
+def build_all(workdir: Path, only: list[str]) -> None:
     from sparsec.models import build
 
     dense = build("smollm2-kv")
     windows = docstring_windows()
-    table = {"dense": {"spec": "-", "path": str(dense), "size_mb": _size_mb(Path(dense))}}
+    saved = workdir / "table.json"
+    table = json.loads(saved.read_text()) if saved.exists() else {}
+    table["dense"] = {"spec": "-", "path": str(dense), "size_mb": _size_mb(Path(dense))}
     for label, spec in CONFIGS.items():
+        if only and label not in only:
+            continue
         out = workdir / label.replace(" ", "_").replace("%", "pct").replace("/", "of").replace("+", "p") / "model.onnx"
         out.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.run([sys.executable, __file__, "--one", spec, str(out)], capture_output=True, text=True)
@@ -174,12 +182,14 @@ def main() -> None:
     parser.add_argument("--build", type=Path, help="compile every configuration into DIR and measure fidelity")
     parser.add_argument("--time", type=Path, help="time the models built in DIR; write the results table")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", choices=sorted(CONFIGS), default=[],
+                        help="with --build: only these configurations (the others built earlier are kept)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(compile_one(args.one[0], Path(args.one[1])), default=str))
     elif args.build:
-        build_all(args.build)
+        build_all(args.build, args.only)
     elif args.time:
         raw = time_all(args.time, args.threads)
         command = shlex.join(["python", "benchmarks/quantized_smollm2.py", "--time", "DIR", "--threads",
