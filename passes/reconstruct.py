@@ -127,6 +127,13 @@ class BlockTarget:
             a.mul_(valid[:, :, None]).mul_(valid[:, None, :])
             a.diagonal(dim1=1, dim2=2).add_((~valid).double())
             b = torch.where(valid, rhs[idx, torch.arange(r0, r1)[:, None]], torch.zeros((), dtype=a.dtype))
-            sol = torch.linalg.solve(a, b.unsqueeze(-1)).squeeze(-1)
+            # a is symmetric positive definite (a damped Gram block, identity padding): Cholesky.
+            # (torch.linalg.solve's batched LU returned invalid pivots for such matrices inside a
+            # compile process, see the issue notes; Cholesky has no pivots.)
+            factor, info = torch.linalg.cholesky_ex(a)
+            if bool((info > 0).any()):  # not positive definite after all (no damping): numpy's LU
+                sol = torch.from_numpy(np.linalg.solve(a.numpy(), b.unsqueeze(-1).numpy())).squeeze(-1)
+            else:
+                sol = torch.cholesky_solve(b.unsqueeze(-1), factor).squeeze(-1)
             out[torch.arange(r0, r1)[:, None].expand_as(idx)[valid], idx[valid]] = sol[valid]
         return out.numpy()

@@ -107,3 +107,15 @@ def test_refined_masks_are_the_ones_refit(zoo_path):
     sites = {s.label: s for n in all_nodes(model) if n.op_type == "MatMul" and (s := patterns.match_linear_weight(n))}
     for s in record.changed:
         assert is_nm(sites[s.site].to_matrix(sites[s.site].weight.numpy()), 2, 4, axis=1)
+
+
+def test_refit_falls_back_to_numpy_when_the_gram_block_is_not_positive_definite(monkeypatch):
+    import torch
+
+    x_pruned, x_dense, w = _problem(seed=3)
+    stat = _target(x_pruned, x_dense, w)
+    mask = nm_mask(np.abs(w), 2, 4, axis=1)
+    expected = stat.refit(mask, damp=0.0)
+    real = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (real(a)[0], torch.ones(a.shape[0], dtype=torch.int32)))
+    np.testing.assert_allclose(stat.refit(mask, damp=0.0), expected, rtol=1e-6, atol=1e-8)
