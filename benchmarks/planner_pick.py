@@ -24,6 +24,8 @@ magnitude scores, which keep as many units as the calibrated ones).
     python benchmarks/planner_pick.py --model smollm2 --max-ppl-increase 1.2 \
         --out benchmarks/results/planner_pick_smollm2.md    # uniform configurations of FFNs and heads only
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --target hopper --export DIR --no-time
+    python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --quantize quantize:mode=dynamic \
+        --workdir DIR --out benchmarks/results/planner_pick_minilm_int8.md   # with int8 in the space
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ SMOLLM2_UNIFORM = {"ffn 25%": "ffn-neurons:ratio=0.25", "ffn 50%": "ffn-neurons:
                    "ffn 25% + heads 25%": "attention-heads:ratio=0.25;ffn-neurons:ratio=0.25"}
 
 
-def uniform_specs() -> dict[str, str]:
+def uniform_specs(quantize: str = "") -> dict[str, str]:
+    """The uniform configurations; with ``quantize`` (a quantize pass spec) also that quantization
+    alone and on top of each."""
     out = {}
     for ffn, heads in itertools.product((0, 0.25, 0.5, 0.75), (0, 0.25, 0.5)):
         if not ffn and not heads:
@@ -55,6 +59,9 @@ def uniform_specs() -> dict[str, str]:
         out[f"ffn {ffn:.0%} + heads {heads:.0%}"] = ";".join(parts)
     for k in (4, 2):
         out[f"moe 8, k={k}"] = f"moe:experts=8,k={k}"
+    if quantize:
+        name = quantize.split("mode=")[-1]
+        out = {**out, name: quantize, **{f"{label} + {name}": f"{spec};{quantize}" for label, spec in out.items()}}
     return out
 
 
@@ -90,6 +97,8 @@ def main() -> None:
     parser.add_argument("--max-ppl-increase", type=float, help="the budget for smollm2")
     parser.add_argument("--target", default="cpu", help="the planner's target")
     parser.add_argument("--random", type=int, default=0, help="sampled per-site combinations")
+    parser.add_argument("--quantize", default="", help="a quantize spec (quantize:mode=dynamic) added alone and on"
+                        " top of every uniform configuration (the planner offers it on the CPU)")
     parser.add_argument("--export", type=Path, help="write specs, verdicts and an fp16 original for planner_gpu.py")
     parser.add_argument("--no-time", action="store_true", help="do not time on this CPU")
     parser.add_argument("--retime", action="store_true", help="only time the configurations a previous run left in"
@@ -119,7 +128,7 @@ def main() -> None:
                    best_effort=True, calib_samples=64, explain=True)
     results[PICK], paths[PICK] = pick, args.workdir / "planner.onnx"
     specs[PICK] = ";".join(pick.auto.specs) if pick.auto else ""
-    specs.update(uniform_specs() if args.model == "minilm" else SMOLLM2_UNIFORM)
+    specs.update(uniform_specs(args.quantize) if args.model == "minilm" else SMOLLM2_UNIFORM)
     if args.random and pick.auto:
         specs.update(sampled_specs(pick.auto.options, args.random))
     for label, spec in specs.items():
@@ -198,7 +207,7 @@ def write_table(out: Path, table: dict, speed: dict, profile: str, args, where: 
              + f"; the planner's pick: {picked:.2f}x ({table[PICK]['status']})"
              + f"; within 5% of the fastest: {'yes' if within_5 else 'no'}.**",
              f"Command: `python benchmarks/planner_pick.py --model {args.model} {args.budget} --random {args.random}"
-             f" --target {args.target}`", "",
+             f" --target {args.target}" + (f" --quantize {args.quantize}" if args.quantize else "") + "`", "",
              f"| configuration | verdict | {metric} | predicted | speedup |", "|---|---|---|---|---|"]
     for label, row in sorted(table.items(), key=lambda kv: (kv[0] != PICK, -speed[kv[0]][0])):
         m, lo, hi = speed[label]
