@@ -112,9 +112,13 @@ def _engine(ray):
               help="Calibration data for wanda / sparsegpt / activation scores: a .npz of input sets, a"
               " text file (with --tokenizer), or 'builtin' (example models; their default).")
 @click.option("--calib-samples", type=click.IntRange(1, 100000), default=None,
-              help="Calibration windows (text) or sentences (encoders). Default 32.")
+              help="Calibration windows (text), or sentences (encoders' built-in text, --calib-unit lines)."
+              " Default 32 windows, 512 sentences.")
 @click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=None,
-              help="Tokens per calibration window. Default 512.")
+              help="Tokens per calibration window (the most per line with --calib-unit lines). Default 512.")
+@click.option("--calib-unit", type=click.Choice(["windows", "lines"]), default=None,
+              help="How a text --calib file is cut: token windows of --calib-seqlen (decoders; the default), or"
+              " one sample per non-empty line with the tokenizer's special tokens (sentence encoders).")
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
@@ -136,28 +140,30 @@ def _engine(ray):
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
                 dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
-                calib_samples, calib_seqlen, tokenizer, verify_each, explain, objective, constant_initializers,
+                calib_samples, calib_seqlen, calib_unit, tokenizer, verify_each, explain, objective, constant_initializers,
                 threads, jobs, ray, as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
     from sparsec.compiler import compile as run_compile
     from sparsec.errors import VerificationError
     from sparsec.feeds import parse_dims
-    from sparsec.recipe import Recipe, load_recipe
+    from sparsec.recipe import Recipe, load_recipe, with_calibration
 
     progress = _progress()
     if (model is None) == (example is None):
         raise click.UsageError("give either MODEL or --example NAME")
+    calibration = {"calib": calib, "calib_samples": calib_samples, "calib_seqlen": calib_seqlen,
+                   "calib_unit": calib_unit, "tokenizer": tokenizer}
     if recipe is not None:
         ctx = click.get_current_context()
         given = [name for name in _RECIPE_FLAGS if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"--recipe replays a compile exactly; do not also give --{given[0].replace('_', '-')}")
-        the_recipe = load_recipe(recipe)
+            raise click.UsageError(f"--recipe replays a compile exactly; do not also give --{given[0].replace('_', '-')}"
+                                   " (only the calibration flags may override a recipe's)")
+        the_recipe = with_calibration(load_recipe(recipe), **calibration)
     else:
         the_recipe = Recipe.from_options(
             target=target, passes=passes, min_cosine=min_cosine, min_embedding_cosine=min_embedding_cosine,
-            max_ppl_ratio=max_ppl_ratio, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-            tokenizer=tokenizer, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs,
+            max_ppl_ratio=max_ppl_ratio, **calibration, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs,
             constant_initializers=constant_initializers or None, objective=objective)
     if example is not None:
         from sparsec.models import build
@@ -183,8 +189,10 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
     _print_compile(result)
 
 
-_RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "calib", "calib_samples",
-                 "calib_seqlen", "tokenizer", "seed", "samples", "dims", "inputs", "constant_initializers", "objective")
+# Flags a recipe fixes (the calibration flags override a recipe's calibration: a recipe is replayed
+# on the user's own export with the user's own text).
+_RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "seed", "samples", "dims",
+                 "inputs", "constant_initializers", "objective")
 
 
 def _print_compile(result) -> None:

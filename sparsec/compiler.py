@@ -181,7 +181,8 @@ def compile(
             of a recipe, give its fields as keyword ``options``: target, passes (a pass spec or
             pass objects; None takes the target's plan), min_cosine, min_embedding_cosine,
             max_ppl_ratio, calib (a .npz, a text file with tokenizer, 'builtin', a callable or a
-            DataSource), calib_samples, calib_seqlen, tokenizer, seed, samples, dims, inputs.
+            DataSource), calib_samples, calib_seqlen, tokenizer, calib_unit (how a text file is cut:
+            'windows' or 'lines'), seed, samples, dims, inputs.
         output: the compiled model's path; default ``<input>.sparse.onnx``.
         report: report path(s); the format follows the extension (.json, .md, .html).
             Default ``<output>.report.json``.
@@ -354,10 +355,11 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
     from sparsec.plan import DEFAULT_BUDGETS
 
     source = calibration_source(recipe.calibration.get("source"), loaded.model,
-                                tokenizer=recipe.calibration.get("tokenizer"),
+                                tokenizer=recipe.calibration.get("tokenizer"), unit=recipe.calibration.get("unit"),
                                 needed_by="the planner (it measures each option's fidelity)")
     with progress.task("preparing calibration data"):
-        # twice the default: a quarter is kept out of the fitting to score the options on
+        # twice the window default (also for sentences: every option is fitted and scored on them);
+        # a quarter is kept out of the fitting to score the options on
         calibration = source.calibration(loaded.model, recipe.calibration.get("samples") or 2 * DEFAULT_SAMPLES,
                                          recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
     calibration, scoring = planner.split(calibration)
@@ -385,11 +387,12 @@ def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progr
     if spec is None and not plan.needs_calibration:
         return None
     needed_by = next((f"pass '{s.pass_id}' ({s.spec})" for s in plan.steps if s.calibrated), "a pass")
-    source = calibration_source(spec, model, tokenizer=recipe.calibration.get("tokenizer"), needed_by=needed_by)
+    source = calibration_source(spec, model, tokenizer=recipe.calibration.get("tokenizer"),
+                                unit=recipe.calibration.get("unit"), needed_by=needed_by)
     with progress.task("preparing calibration data"):
-        from sparsec.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN
+        from sparsec.data import DEFAULT_SEQLEN, default_samples
 
-        return source.calibration(model, recipe.calibration.get("samples") or DEFAULT_SAMPLES,
+        return source.calibration(model, recipe.calibration.get("samples") or default_samples(source, model),
                                   recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
 
 

@@ -13,7 +13,7 @@ sparsec with other defaults replays the same compile.
       - id: nm
         options: {n: 2, m: 4, method: sparsegpt, ...}
     budget: {min_cosine: 0.95}
-    calibration: {source: builtin, samples: 32, seqlen: 512, tokenizer: null}
+    calibration: {source: builtin, samples: 32, seqlen: 512, tokenizer: null, unit: windows}
     verification: {seed: 0, samples: 2, dims: {sequence: 128}, inputs: null}
 """
 
@@ -32,7 +32,7 @@ _SECTIONS = {"version", "target", "passes", "budget", "calibration", "verificati
              "objective"}
 _KEYS = {
     "budget": {"min_cosine", "min_embedding_cosine", "max_ppl_ratio"},
-    "calibration": {"source", "samples", "seqlen", "tokenizer"},
+    "calibration": {"source", "samples", "seqlen", "tokenizer", "unit"},
     "verification": {"seed", "samples", "dims", "inputs"},
 }
 # Keyword arguments of the Python API that fill a recipe, and where each goes.
@@ -42,6 +42,7 @@ OPTION_FIELDS = {
     "max_ppl_ratio": ("budget", "max_ppl_ratio"),
     "calib": ("calibration", "source"), "calib_samples": ("calibration", "samples"),
     "calib_seqlen": ("calibration", "seqlen"), "tokenizer": ("calibration", "tokenizer"),
+    "calib_unit": ("calibration", "unit"),
     "seed": ("verification", "seed"), "samples": ("verification", "samples"),
     "dims": ("verification", "dims"), "inputs": ("verification", "inputs"),
     "constant_initializers": ("constant_initializers", None), "objective": ("objective", None),
@@ -53,7 +54,7 @@ class Recipe:
     target: str = "cpu"
     passes: list[dict[str, Any]] | str | None = None  # [{"id", "options"}], a pass spec, or None: the plan's
     budget: dict[str, Any] = field(default_factory=dict)
-    calibration: dict[str, Any] = field(default_factory=dict)  # source, samples, seqlen, tokenizer
+    calibration: dict[str, Any] = field(default_factory=dict)  # source, samples, seqlen, tokenizer, unit
     verification: dict[str, Any] = field(default_factory=dict)  # seed, samples, dims, inputs
     constant_initializers: bool = False  # initializers listed as graph inputs are constants
     objective: str = "latency"  # what the planner minimises: latency, size or memory
@@ -146,6 +147,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     if recipe.objective not in OBJECTIVES:
         raise OptionError(f"{source}: objective must be one of {', '.join(OBJECTIVES)}, got {recipe.objective!r}")
     recipe.pass_objects()
+    from sparsec.data import UNITS
+
+    unit = recipe.calibration.get("unit")
+    if unit is not None and unit not in UNITS:
+        raise OptionError(f"{source}: calibration.unit must be one of {', '.join(UNITS)}, got {unit!r}")
     for key, low, high in (("min_cosine", -1, 1), ("min_embedding_cosine", -1, 1), ("max_ppl_ratio", 1, None)):
         value = recipe.budget.get(key)
         if value is None:
@@ -182,6 +188,23 @@ def recipe_text(recipe: Recipe, path: str | os.PathLike) -> str:
 
         return yaml.safe_dump(data, sort_keys=False)
     return json.dumps(data, indent=2) + "\n"
+
+
+def with_calibration(recipe: Recipe, **options: Any) -> Recipe:
+    """``recipe`` with the calibration options given (calib, calib_samples, calib_seqlen,
+    calib_unit, tokenizer; None keeps the recipe's): a recipe replayed on the user's own text."""
+    import dataclasses
+
+    calibration = dict(recipe.calibration)
+    for name, value in options.items():
+        section, key = OPTION_FIELDS[name]
+        if section != "calibration":
+            raise OptionError(f"'{name}' is not a calibration option")
+        if value is not None:
+            calibration[key] = value
+    changed = dataclasses.replace(recipe, calibration=calibration)
+    validate(changed, "calibration options")
+    return changed
 
 
 def replayable(recipe: Recipe, passes) -> Recipe:

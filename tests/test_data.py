@@ -56,6 +56,33 @@ def test_npz_text_and_builtin_sources(tmp_path, zoo_path):
     assert set(calib.feeds[0]) == {"input_ids", "attention_mask", "token_type_ids"}
 
 
+def test_text_lines_for_an_encoder_and_the_default_counts(tmp_path, zoo_path):
+    from sparsec.data import DEFAULT_SAMPLES, DEFAULT_SENTENCES
+    from sparsec.models.bert import minilm_dir, tokenizer
+
+    bert = load_model(zoo_path("tiny-bert")).model
+    lines = ["A short line.", "", "  a much longer line of words that goes on and on for a while  ", "third."] * 5
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines))
+    calib = load_calibration(str(text), bert, samples=15, seqlen=12, tokenizer=str(minilm_dir()), unit="lines")
+    assert [f["input_ids"].shape[0] for f in calib.feeds] == [15] and "one sample per line" in calib.source
+    feed, expect = calib.feeds[0], [tokenizer()(line.strip())["input_ids"][:12] for line in lines if line.strip()][:15]
+    for row, ids in enumerate(expect):  # [CLS] ... [SEP] as the encoder sees a sentence, cut to seqlen, zero-padded
+        n = len(ids)
+        assert feed["input_ids"][row, :n].tolist() == ids and not feed["input_ids"][row, n:].any()
+        assert feed["attention_mask"][row].tolist() == [1] * n + [0] * (feed["input_ids"].shape[1] - n)
+    assert expect[0][0] == 101 and expect[0][-1] == 102 and not feed["token_type_ids"].any()
+    assert calib.tokens == sum(len(ids) for ids in expect)
+    with pytest.raises(InputError, match="15 non-empty lines, 16 needed"):
+        load_calibration(str(text), bert, samples=16, tokenizer=str(minilm_dir()), unit="lines")
+    # sentences by default for encoders (built-in text or lines), windows for the rest
+    assert sum(f["input_ids"].shape[0] for f in load_calibration("builtin", bert, seqlen=16).feeds) == DEFAULT_SENTENCES
+    llama = load_model(zoo_path("tiny-llama")).model
+    assert sum(f["input_ids"].shape[0] for f in load_calibration("builtin", llama, seqlen=8).feeds) == DEFAULT_SAMPLES
+    text.write_text("one line\n" * DEFAULT_SENTENCES)
+    assert len(load_calibration(str(text), bert, tokenizer=str(minilm_dir()), unit="lines").feeds) == DEFAULT_SENTENCES // 16
+
+
 def test_callable_source_and_what_is_not_calibration_data(tmp_path):
     model = load_model(mlp(tmp_path)).model
     calib = load_calibration(lambda m, samples, seqlen: [{"X": weights(samples, 16)}], model, samples=5)

@@ -23,6 +23,7 @@ from tests.helpers import linear, save
     ({"budget": {"min_cosine": 2}}, "min_cosine must be a number in"),
     ({"budget": {"max_loss": 1}}, "'budget' has unknown key 'max_loss'"),
     ({"calibration": {"file": "x"}}, "'calibration' has unknown key 'file'"),
+    ({"calibration": {"unit": "sentences"}}, "calibration.unit must be one of windows, lines"),
 ])
 def test_invalid_recipes(tmp_path, data, error):
     path = tmp_path / "r.json"
@@ -56,6 +57,31 @@ def test_save_then_replay_is_byte_identical(tmp_path, capsys, suffix):
     rb = json.loads((tmp_path / "b.report.json").read_text())
     assert ra["plan"]["passes"] == rb["plan"]["passes"]
     assert main(["compile", str(model), "--recipe", str(recipe), "--target", "cpu", "-o", str(tmp_path / "c.onnx")]) == 2
+
+
+def test_command_line_calibration_overrides_the_recipes(tmp_path):
+    import numpy as np
+
+    model = save(linear(k=128, n=64), tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    for name in ("own", "users"):  # two draws of channel scales: different data, different Wanda masks
+        np.savez(tmp_path / f"{name}.npz", X=(rng.standard_normal((64, 128)) * rng.uniform(0.1, 3, 128)).astype(np.float32))
+    recipe = tmp_path / "r.yaml"
+    common = ["--best-effort", "--json"]
+    assert main(["compile", str(model), "--passes", "unstructured:sparsity=0.5,method=wanda", "--calib",
+                 str(tmp_path / "own.npz"), "-o", str(tmp_path / "a.onnx"), "--save-recipe", str(recipe), *common]) == 0
+    assert yaml.safe_load(recipe.read_text())["calibration"]["source"] == str(tmp_path / "own.npz")
+    assert main(["compile", str(model), "--recipe", str(recipe), "-o", str(tmp_path / "b.onnx"), *common]) == 0
+    assert main(["compile", str(model), "--recipe", str(recipe), "--calib", str(tmp_path / "users.npz"),
+                 "-o", str(tmp_path / "c.onnx"), *common]) == 0
+    report = json.loads((tmp_path / "c.report.json").read_text())
+    assert "users.npz" in report["calibration"]["source"]
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "c.onnx").read_bytes()
+    # the other flags a recipe fixes stay refused
+    assert main(["compile", str(model), "--recipe", str(recipe), "--passes", "nm", "-o", str(tmp_path / "d.onnx")]) == 2
+    assert main(["compile", str(model), "--recipe", str(recipe), "--calib-unit", "phrases",
+                 "-o", str(tmp_path / "d.onnx")]) == 2
 
 
 def test_the_python_api_takes_a_recipe(tmp_path):
