@@ -218,13 +218,14 @@ def compile(
     outputs = output_stage(loaded, output, report, save_recipe)
     clock.lap("load")
     analysis = analyze_stage(loaded, progress)
-    evaluation = evaluation_data(loaded.model, notes=loaded.notes)
+    # the planner chooses: asked for (--explain, --objective), or a budget on a target without a default plan
+    planning = recipe.passes is None and (explain or recipe.objective != "latency"
+                                          or (not recipe.fidelity_budget().empty and not target.default_passes))
+    evaluation = evaluation_data(loaded.model, notes=loaded.notes) or held_out_stage(loaded, recipe, planning)
     clock.lap("analyze")
     runner = target.runner(threads)
     auto = calibration = None
-    # the planner chooses: asked for (--explain, --objective), or a budget on a target without a default plan
-    if recipe.passes is None and (explain or recipe.objective != "latency"
-                                  or (not recipe.fidelity_budget().empty and not target.default_passes)):
+    if planning:
         recipe, auto, calibration = auto_stage(loaded, recipe, target, analysis, evaluation, runner, progress,
                                                best_effort, engine)
         if on_auto is not None:
@@ -379,6 +380,26 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
                                 f" {budget.describe()} (--explain says why for each site; --best-effort writes"
                                 " the model unchanged)")
     return dataclasses.replace(recipe, passes=";".join(auto.specs) if auto.specs else []), auto, calibration
+
+
+def held_out_stage(loaded: LoadedModel, recipe: Recipe, planning: bool) -> EvaluationData | None:
+    """For a model with no evaluation data of its own: real inputs from the end of a text --calib
+    file, which calibration (from its start) never reads; a note says what was used or why not."""
+    from sparsec.data import DEFAULT_SAMPLES, DEFAULT_SEQLEN, TextSource, default_samples
+
+    spec = recipe.calibration.get("source")
+    if not isinstance(spec, (str, os.PathLike)):
+        return None
+    source = calibration_source(spec, loaded.model, tokenizer=recipe.calibration.get("tokenizer"),
+                                unit=recipe.calibration.get("unit"))
+    if not isinstance(source, TextSource):
+        return None
+    samples = recipe.calibration.get("samples")
+    reserved = samples or (2 * DEFAULT_SAMPLES if planning else default_samples(source, loaded.model))
+    evaluation, note = source.held_out(loaded.model, reserved, recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
+    loaded.notes.append(f"fidelity on real text: {note}" if evaluation is not None else
+                        f"no real-text fidelity from --calib {spec}: {note}; fidelity is measured on random inputs")
+    return evaluation
 
 
 def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progress) -> Calibration | None:

@@ -40,6 +40,7 @@ DEFAULT_SEQLEN = 512
 BATCH_ROWS = 8  # windows stacked into one input set
 LINE_BATCH = 16  # lines (sentences) padded into one input set
 UNITS = ("windows", "lines")  # how a text file is cut into samples
+EVAL_SETS = 4  # input sets of held-out text fidelity is measured on (as the example models)
 
 
 @dataclass
@@ -94,7 +95,8 @@ class TextSource:
     def default_samples(self) -> int:
         return DEFAULT_SENTENCES if self.unit == "lines" else DEFAULT_SAMPLES
 
-    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+    def tokens(self) -> list:
+        """The file tokenized: one id list per non-empty line (lines), or one id stream (windows)."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
@@ -102,11 +104,38 @@ class TextSource:
                              " sets, a UTF-8 text file with --tokenizer, or 'builtin')") from None
         if self.unit == "lines":
             encode = load_tokenizer(self.tokenizer, special_tokens=True)
-            lines = [line.strip() for line in text.splitlines() if line.strip()]
-            return line_calibration([encode(line) for line in lines], input_specs(model), samples, seqlen,
-                                    self.describe())
-        ids = load_tokenizer(self.tokenizer)(text)
-        return text_calibration(ids, input_specs(model), samples, seqlen, self.describe())
+            return [encode(line.strip()) for line in text.splitlines() if line.strip()]
+        return load_tokenizer(self.tokenizer)(text)
+
+    def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
+        cut = line_calibration if self.unit == "lines" else text_calibration
+        return cut(self.tokens(), input_specs(model), samples, seqlen, self.describe())
+
+    def held_out(self, model: ir.Model, reserved: int, seqlen: int, sets: int = EVAL_SETS
+                 ) -> tuple[EvaluationData | None, str]:
+        """Real inputs from the end of the file, after the ``reserved`` samples calibration takes
+        from its start, with the task metric the model's outputs allow; else None and why."""
+        task, metrics = task_metrics(model)
+        if task is None:
+            return None, metrics
+        specs, units = input_specs(model), self.tokens()
+        if self.unit == "lines":
+            need = sets * LINE_BATCH
+            if len(units) < reserved + need:
+                return None, (f"{len(units)} lines, {reserved} to calibrate on and {need} to measure fidelity"
+                              " on are needed")
+            feeds = line_calibration(units[len(units) - need:], specs, need, seqlen, str(self.path)).feeds
+            what = f"the last {need} lines"
+        else:
+            need = sets * seqlen
+            if len(units) < (reserved + sets) * seqlen:
+                return None, (f"{len(units)} tokens, {reserved} + {sets} windows of {seqlen} are needed to"
+                              " calibrate and to measure fidelity")
+            windows = np.asarray(units[len(units) - need:], np.int64).reshape(sets, 1, seqlen)
+            feeds = [_text_feed(specs, w, np.ones(w.shape, np.int64), str(self.path)) for w in windows]
+            what = f"the last {sets} windows of {seqlen} tokens"
+        note = f"{what} of {self.path.name} (held out: calibration reads the first {reserved})"
+        return EvaluationData(feeds, note, metrics, task), note
 
 
 @dataclass(frozen=True)
@@ -324,6 +353,26 @@ class EvaluationData:
     note: str
     metrics: Callable[[], list[Metric]] = field(default=lambda: [])
     task: str = ""  # encoder | decoder | "" (what the task metric measures)
+
+
+def task_metrics(model: ir.Model) -> tuple[str | None, Callable[[], list[Metric]] | str]:
+    """What the model's outputs say its task metric is: ("decoder", perplexity on a ``logits``
+    output), ("encoder", mean-pooled embedding cosine of its first rank-3 output, with an attention
+    mask input), or (None, why not)."""
+    from sparsec.metrics import Perplexity, SentenceEmbeddingCosine
+
+    specs = input_specs(model)
+    ids = [s.name for s in specs if s.role == "ids"]
+    masks = [s.name for s in specs if s.role == "mask"]
+    if any(s.role == "past" for s in specs) or len(ids) != 1:
+        return None, "its inputs are not one token-id input (a KV cache or several id inputs)"
+    logits = [o.name for o in model.graph.outputs if "logits" in (o.name or "").lower()]
+    if len(logits) == 1:
+        return "decoder", lambda: [Perplexity(logits[0], ids[0])]
+    hidden = [o.name for o in model.graph.outputs if o.shape is not None and len(o.shape) == 3]
+    if masks and hidden:
+        return "encoder", lambda: [SentenceEmbeddingCosine(hidden[0], masks[0])]
+    return None, "no 'logits' output (decoder) and no rank-3 output with an attention mask (encoder)"
 
 
 def evaluation_data(model: ir.Model, sets: int | None = None, notes: list[str] | None = None

@@ -1,6 +1,8 @@
 """Calibration and evaluation data: every source kind, and the messages for what is not one."""
 
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from onnx import helper
@@ -81,6 +83,60 @@ def test_text_lines_for_an_encoder_and_the_default_counts(tmp_path, zoo_path):
     assert sum(f["input_ids"].shape[0] for f in load_calibration("builtin", llama, seqlen=8).feeds) == DEFAULT_SAMPLES
     text.write_text("one line\n" * DEFAULT_SENTENCES)
     assert len(load_calibration(str(text), bert, tokenizer=str(minilm_dir()), unit="lines").feeds) == DEFAULT_SENTENCES // 16
+
+
+def users_export(zoo_path, name: str, tmp_path) -> Path:
+    """An example model without the zoo's mark: a model sparsec has no text or task metric for."""
+    import onnx
+
+    proto = onnx.load(str(zoo_path(name)))
+    kept = [p for p in proto.metadata_props if p.key != "sparsec.zoo"]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    return save(proto, tmp_path / f"{name}-own.onnx")
+
+
+def test_a_users_export_is_measured_on_the_held_out_end_of_its_calibration_text(tmp_path, zoo_path):
+    import json
+
+    from sparsec.cli import main
+    from sparsec.data import TextSource, evaluation_data, load_tokenizer
+    from sparsec.models import text
+    from sparsec.models.bert import minilm_dir
+
+    llama = users_export(zoo_path, "tiny-llama", tmp_path)
+    assert evaluation_data(load_model(llama).model) is None
+    corpus = tmp_path / "own.txt"
+    corpus.write_text(text.text("calibration")[:20000])
+    source = TextSource(corpus, str(minilm_dir()))
+    ids = source.tokens()
+    evaluation, note = source.held_out(load_model(llama).model, reserved=8, seqlen=32)
+    assert evaluation.task == "decoder" and "last 4 windows of 32 tokens" in note
+    assert np.concatenate([f["input_ids"][0] for f in evaluation.feeds]).tolist() == ids[-128:]
+    assert len(ids) >= 12 * 32  # so the first 8 windows (calibration) and the last 4 do not overlap
+    out = tmp_path / "o.onnx"
+    args = ["compile", str(llama), "--passes", "unstructured:sparsity=0.5,method=wanda", "--calib", str(corpus),
+            "--tokenizer", str(minilm_dir()), "--calib-samples", "8", "--calib-seqlen", "32", "--best-effort",
+            "-o", str(out), "--json"]
+    assert main(args) == 0
+    report = json.loads(out.with_name("o.report.json").read_text())
+    real = report["verification"]["real"]
+    assert real["metrics"]["perplexity_ratio"] != 1 and "held out" in real["inputs"]
+    assert report["judgement"]["budget"]["max_ppl_ratio"] == 1.2  # the decoders' default budget
+    # too little text for both: said, and fidelity falls back to random inputs
+    tokenize, full = load_tokenizer(str(minilm_dir())), text.text("calibration")
+    n = next(n for n in range(500, 5000, 50) if len(tokenize(full[:n])) >= 9 * 32)
+    corpus.write_text(full[:n])  # enough for the 8 calibration windows, not for 4 more
+    assert main(args) == 0
+    report = json.loads(out.with_name("o.report.json").read_text())
+    assert "real" not in report["verification"]
+    assert any("no real-text fidelity" in n for n in report["notes"])
+
+    bert = users_export(zoo_path, "tiny-bert", tmp_path)
+    corpus.write_text("\n".join(text.sentences("calibration", 96)))
+    evaluation, note = TextSource(corpus, str(minilm_dir()), "lines").held_out(load_model(bert).model, 32, 64)
+    assert evaluation.task == "encoder" and sum(f["input_ids"].shape[0] for f in evaluation.feeds) == 64
+    assert "last 64 lines" in note
 
 
 def test_callable_source_and_what_is_not_calibration_data(tmp_path):
