@@ -24,6 +24,7 @@ torch, on CUDA when present, else on the CPU; Wanda and magnitude are numpy.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -224,14 +225,28 @@ def column_norms(statistic) -> np.ndarray:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when torch sees a GPU, else cpu."""
-    if device != "auto":
-        return device
-    try:
-        import torch
-    except ImportError:
-        return "cpu"
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """``auto`` -> cuda when torch sees a GPU, else cpu. Call it before solves run in threads:
+    on cuda it makes torch load its linear-algebra libraries here (:func:`warm_cuda_linalg`)."""
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:
+            return "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        warm_cuda_linalg()
+    return device
+
+
+@functools.lru_cache(maxsize=1)
+def warm_cuda_linalg() -> None:
+    """One torch.linalg call on the GPU, in this thread. torch loads its CUDA linear-algebra
+    libraries lazily and that first load is not thread-safe: SparseGPT solves of one stage started
+    in threads on a fresh process failed with "lazy wrapper should be called at most once" (on an
+    H200, 7 of 8 threads, every time; 0 after this call; pytorch issue 90613)."""
+    import torch
+
+    torch.linalg.cholesky(torch.eye(2, device="cuda"))
 
 
 # --- the methods -----------------------------------------------------------------------------

@@ -137,3 +137,16 @@ def test_conv_columns_match_the_canonical_weight_order():
     out = cols @ site.to_matrix(site.weight.numpy()).T  # (B*L, C_out)
     ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(site.weight.numpy().copy()), padding=1, stride=2)
     np.testing.assert_allclose(out.reshape(2, 25, 4).transpose(0, 2, 1).reshape(ref.shape), ref.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_linear_algebra_is_loaded_in_one_thread_before_threaded_solves(monkeypatch):
+    """torch's lazy load of its CUDA solvers is not thread-safe (H200: 7 of 8 threaded first calls
+    failed): resolving the device to cuda makes that first call, once, where it is resolved."""
+    calls = []
+    monkeypatch.setattr(prune_methods, "warm_cuda_linalg", lambda: calls.append("warm"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert prune_methods.resolve_device("auto") == "cpu" and prune_methods.resolve_device("cpu") == "cpu"
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert prune_methods.resolve_device("auto") == "cuda" and calls == ["warm"]
+    assert prune_methods.resolve_device("cuda") == "cuda" and calls == ["warm", "warm"]
