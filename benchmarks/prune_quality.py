@@ -16,6 +16,10 @@ Results go to benchmarks/results/prune_quality_<model>.md (table) and .json.
     python benchmarks/prune_quality.py --model smollm2 --calib-samples 32
     python benchmarks/prune_quality.py --model smollm2 --suite permute-reconstruct --tag 19a
 
+A recipe file in ``--configs`` is compiled as it says (its passes, budget and calibration):
+
+    python benchmarks/prune_quality.py --model smollm2 --tag recipes --configs recipes/smollm2-135m-*.yaml
+
 ``--suite permute-reconstruct`` runs channel permutation (nm ``permute=true``) and block
 reconstruction (``reconstruct=block``), each alone and combined, next to the method they modify.
 ``--suite refine-lowrank`` runs the DSnoT refinement (``refine=dsnot``) and sparse + low-rank
@@ -23,6 +27,11 @@ reconstruction (``reconstruct=block``), each alone and combined, next to the met
 timed in the same session; its table adds the low-rank ranks and extra parameters:
 
     python benchmarks/prune_quality.py --model minilm --suite refine-lowrank --tag 19b
+
+``--suite each-alone`` runs every technique alone on 2:4 SparseGPT beside SparseGPT and Wanda,
+timed in the same session (the cost each adds):
+
+    python benchmarks/prune_quality.py --model smollm2 --suite each-alone --tag each_alone
 """
 
 from __future__ import annotations
@@ -69,8 +78,16 @@ PERMUTE_RECONSTRUCT = {
     ],
 }
 
+# Each issue-19 technique alone on 2:4 SparseGPT, beside SparseGPT and Wanda timed in the same
+# session (results: --tag each_alone).
+EACH_ALONE = [
+    "nm:method=sparsegpt", "nm:method=sparsegpt,permute=true", "nm:method=sparsegpt,reconstruct=block",
+    "nm:method=sparsegpt,refine=dsnot", "nm:method=sparsegpt,rank_ratio=0.1", "nm:method=wanda",
+]
+
 SUITES = {
     "methods": CONFIGS,
+    "each-alone": {"minilm": EACH_ALONE, "smollm2": EACH_ALONE},
     "permute-reconstruct": PERMUTE_RECONSTRUCT,
     "refine-lowrank": {
         "minilm": [
@@ -91,21 +108,27 @@ SUITES = {
 
 
 def run_one(model: str, spec: str, samples: int, seqlen: int) -> dict:
+    """One row: ``spec`` is a pass spec (compiled with ``samples`` x ``seqlen`` calibration) or a
+    recipe file (compiled as it says, its calibration included)."""
     from sparsec.compiler import compile
     from sparsec.models import build
+    from sparsec.recipe import load_recipe
 
     src = build(model)
     load = os.getloadavg()[0]  # other jobs on the machine stretch the times: say how busy it was
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        result = compile(src, passes=spec, output=Path(tmp) / "model.onnx", calib_samples=samples,
-                         calib_seqlen=seqlen, samples=1, best_effort=True)
+        if spec.endswith((".yaml", ".yml", ".json")):
+            result = compile(src, load_recipe(spec), output=Path(tmp) / "model.onnx", best_effort=True)
+        else:
+            result = compile(src, passes=spec, output=Path(tmp) / "model.onnx", calib_samples=samples,
+                             calib_seqlen=seqlen, samples=1, best_effort=True)
         seconds = time.perf_counter() - start
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         docstrings = docstrings_fidelity(model, src, Path(tmp) / "model.onnx")
     record = result.records[0]
     return {
-        "spec": spec, "metrics": result.verdicts["real"].metrics, "changed": len(record.changed),
+        "spec": spec, "verdict": result.judgement.status, "metrics": result.verdicts["real"].metrics, "changed": len(record.changed),
         "sparsity": record.sparsity(), "seconds": round(seconds, 1),
         "stage_seconds": {k: round(v, 1) for k, v in result.seconds.items()},
         "calibration": result.calibration,
@@ -168,10 +191,12 @@ def table(model: str, rows: list[dict]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--configs", nargs="*", help="pass specs (default: the suite's list for the model)")
+    parser.add_argument("--configs", nargs="*", help="pass specs or recipe files (default: the suite's list for"
+                        " the model); a recipe compiles with its own calibration settings")
     parser.add_argument("--suite", choices=sorted(SUITES), default="methods",
                         help="methods: the pruning methods; permute-reconstruct: permute=true and"
-                        " reconstruct=block; refine-lowrank: refine=dsnot and rank_ratio")
+                        " reconstruct=block; refine-lowrank: refine=dsnot and rank_ratio; each-alone: every"
+                        " technique alone on 2:4 SparseGPT")
     parser.add_argument("--calib-samples", type=int, default=None)
     parser.add_argument("--calib-seqlen", type=int, default=512)
     parser.add_argument("--tag", help="results go to prune_quality_<model>_<tag>.md/.json")
