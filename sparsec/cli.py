@@ -68,6 +68,10 @@ _seed_option = click.option("--seed", type=int, default=0, show_default=True, he
 _samples_option = click.option("--samples", type=click.IntRange(1, 1000), default=2, show_default=True,
                                help="Number of random input sets.")
 _json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+_calib_unit_option = click.option(
+    "--calib-unit", type=click.Choice(["windows", "lines"]), default=None,
+    help="How a text --calib file is cut: token windows of --calib-seqlen (decoders; the default), or one"
+    " sample per non-empty line with the tokenizer's special tokens (sentence encoders).")
 _ray_option = click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                            help="Run independent units of work as Ray tasks (needs the 'ray' extra): --ray alone"
                            " starts a local cluster, --ray ADDRESS connects to an existing one (see docs/scale.md).")
@@ -116,9 +120,7 @@ def _engine(ray):
               " Default 32 windows, 512 sentences.")
 @click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=None,
               help="Tokens per calibration window (the most per line with --calib-unit lines). Default 512.")
-@click.option("--calib-unit", type=click.Choice(["windows", "lines"]), default=None,
-              help="How a text --calib file is cut: token windows of --calib-seqlen (decoders; the default), or"
-              " one sample per non-empty line with the tokenizer's special tokens (sentence encoders).")
+@_calib_unit_option
 @click.option("--tokenizer", default=None, metavar="PATH",
               help="Tokenizer folder or tokenizer.json for a text --calib file (read offline).")
 @click.option("--verify-each", is_flag=True, help="Also measure each pass's effect against the original.")
@@ -300,6 +302,7 @@ def inspect_cmd(model, all_weights, as_json) -> None:
 @click.option("--calib", default=None, metavar="SOURCE")
 @click.option("--calib-samples", type=click.IntRange(1, 100000), default=None)
 @click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=None)
+@_calib_unit_option
 @click.option("--tokenizer", default=None, metavar="PATH")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None, help="ORT threads for timing (default: all cores).")
 @click.option("--repeats", type=click.IntRange(3, 1000), default=15, show_default=True,
@@ -308,8 +311,8 @@ def inspect_cmd(model, all_weights, as_json) -> None:
               help="Report path (.json, .md or .html with the Pareto plot); repeatable.")
 @_ray_option
 @_json_option
-def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenizer, threads, repeats, reports,
-              ray, as_json) -> None:
+def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, calib_unit, tokenizer, threads, repeats,
+              reports, ray, as_json) -> None:
     """Compile several candidates, time them side by side, show speed against fidelity."""
     from sparsec.outputs import Outputs
     from sparsec.pipeline import parse_pass_specs
@@ -322,7 +325,7 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
     with _engine(ray) as engine:
         result = sweep(model, list(specs), target=target, threads=threads, repeats=repeats, progress=_progress(),
                        engine=engine, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
-                       tokenizer=tokenizer, samples=1)
+                       calib_unit=calib_unit, tokenizer=tokenizer, samples=1)
     stable = "" if result.stable else " (NOT STABLE: the machine is too noisy for these ratios)"
     header = [f"# sparsec sweep: {result.model}", "",
               f"Timed interleaved, {result.threads} threads, {result.repeats} rounds; speedup = median of"
@@ -352,6 +355,7 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
               help="Calibration data: a .npz, a text file (with --tokenizer), or 'builtin' (example models' default).")
 @click.option("--calib-samples", type=click.IntRange(1, 100000), default=8, show_default=True)
 @click.option("--calib-seqlen", type=click.IntRange(2, 1 << 20), default=256, show_default=True)
+@_calib_unit_option
 @click.option("--tokenizer", default=None, metavar="PATH")
 @click.option("--levels", default="0.3,0.5,0.7", show_default=True, help="Sparsity levels to try per layer.")
 @click.option("--method", type=click.Choice(["magnitude", "wanda"]), default="wanda", show_default=True,
@@ -364,8 +368,8 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, tokenize
               help="Report path (.json, .md, or .html with the sensitivity plot); repeatable.")
 @_ray_option
 @_json_option
-def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, method, sparsity, by, reports,
-                ray, as_json) -> None:
+def analyze_cmd(model, calib, calib_samples, calib_seqlen, calib_unit, tokenizer, levels, method, sparsity, by,
+                reports, ray, as_json) -> None:
     """Per-layer sensitivity (output drop per layer per sparsity) and the OWL allocation."""
     from sparsec.data import load_calibration
     from sparsec.errors import OptionError
@@ -383,7 +387,7 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, tokenizer, levels, me
     outputs.check()
     loaded = load_model(model)
     calibration = load_calibration(calib, loaded.model, samples=calib_samples, seqlen=calib_seqlen,
-                                   tokenizer=tokenizer)
+                                   tokenizer=tokenizer, unit=calib_unit)
     with _engine(ray) as engine:
         result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
                                    target=sparsity, progress=_progress(), engine=engine)
