@@ -9,6 +9,7 @@ original in one process, median of rounds). Reported: Spearman's rank correlatio
 the prediction is on the right side of 1 (within +-3% counts as "no change") for every candidate.
 
     python benchmarks/cost_model.py      # writes results/cost_model_cpu.md; ~15 min on 2 cores
+    python benchmarks/cost_model.py --models minilm --quantized --out benchmarks/results/cost_model_cpu_quantized.md
 """
 
 from __future__ import annotations
@@ -51,6 +52,20 @@ CANDIDATES = {
 }
 
 
+# ONNX Runtime's quantization, alone and under structured pruning (--quantized): the planner weighs
+# these at the quantized rates `sparsec calibrate` measures.
+QUANTIZED = {
+    "minilm": {
+        "int8": "quantize:mode=dynamic",
+        "int4": "quantize:mode=int4",
+        "ffn 50% + int8": "ffn-neurons:ratio=0.5;quantize:mode=dynamic",
+        "heads 25% + int8": "attention-heads:ratio=0.25;quantize:mode=dynamic",
+        "ffn 75% + heads 50% + int8": "attention-heads:ratio=0.5;ffn-neurons:ratio=0.75;quantize:mode=dynamic",
+        "ffn 50% + int4": "ffn-neurons:ratio=0.5;quantize:mode=int4",
+    },
+}
+
+
 def workload(name: str):
     from sparsec.data import evaluation_data
     from sparsec.model_io import load_model
@@ -72,6 +87,8 @@ def side(x: float) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(CANDIDATES))
+    parser.add_argument("--quantized", action="store_true",
+                        help="also the quantized candidates (int8 dynamic, int4, with structured pruning)")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sparsec" / "bench" / "cost_model")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cost_model_cpu.md")
     args = parser.parse_args()
@@ -90,7 +107,8 @@ def main() -> None:
         src = build(model)
         feed = workload(model)
         paths = {"original": src}
-        for label, spec in CANDIDATES[model].items():
+        candidates = {**CANDIDATES[model], **(QUANTIZED.get(model, {}) if args.quantized else {})}
+        for label, spec in candidates.items():
             path = args.workdir / model / f"{label.replace(' ', '_').replace('%', 'pc').replace(':', '').replace(',', '')}.onnx"
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
@@ -98,7 +116,7 @@ def main() -> None:
             paths[label] = path
         predicted = {label: predict(path, feed, profile).seconds for label, path in paths.items()}
         measured = compare_speed(paths, feed, baseline="original", min_repeats=12, max_repeats=40)
-        for label, spec in CANDIDATES[model].items():
+        for label, spec in candidates.items():
             r = measured.ratios[label]
             rows.append({"model": model, "candidate": label, "spec": spec,
                          "predicted": predicted["original"] / predicted[label], "measured": r.median,
@@ -118,7 +136,7 @@ def main() -> None:
              f" original time / candidate time, interleaved, median (p10-p90).",
              f"**Spearman rank correlation {rho:.3f} over {len(cands)} candidates; prediction on the right side of 1"
              f" (+-{DEADBAND:.0%} = no change) for {sum(right)} of {len(cands)}.**",
-             "Command: `python benchmarks/cost_model.py`", "",
+             f"Command: `{' '.join(['python', 'benchmarks/cost_model.py', *sys.argv[1:]])}`", "",
              "| model | candidate | spec | predicted | measured | side right | predicted ms | measured ms |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
