@@ -18,6 +18,7 @@ the example-model registry (:mod:`sparsec.models`) only for models built from it
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -96,16 +97,11 @@ class TextSource:
         return DEFAULT_SENTENCES if self.unit == "lines" else DEFAULT_SAMPLES
 
     def tokens(self) -> list:
-        """The file tokenized: one id list per non-empty line (lines), or one id stream (windows)."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise InputError(f"--calib {self.path}: not UTF-8 text (calibration data is a .npz of input"
-                             " sets, a UTF-8 text file with --tokenizer, or 'builtin')") from None
-        if self.unit == "lines":
-            encode = load_tokenizer(self.tokenizer, special_tokens=True)
-            return [encode(line.strip()) for line in text.splitlines() if line.strip()]
-        return load_tokenizer(self.tokenizer)(text)
+        """The file tokenized: one id list per non-empty line (lines), or one id stream (windows).
+        Cached while the file is unchanged (a compile reads it for calibration and for held-out
+        fidelity); callers must not modify the result."""
+        stat = self.path.stat()
+        return _tokenized(self.path, (stat.st_mtime_ns, stat.st_size), self.tokenizer, self.unit)
 
     def calibration(self, model: ir.Model, samples: int, seqlen: int) -> Calibration:
         cut = line_calibration if self.unit == "lines" else text_calibration
@@ -136,6 +132,20 @@ class TextSource:
             what = f"the last {sets} windows of {seqlen} tokens"
         note = f"{what} of {self.path.name} (held out: calibration reads the first {reserved})"
         return EvaluationData(feeds, note, metrics, task), note
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenized(path: Path, stamp: tuple[int, int], tokenizer: str, unit: str) -> list:
+    """:meth:`TextSource.tokens`, keyed by the file's modification time and size."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise InputError(f"--calib {path}: not UTF-8 text (calibration data is a .npz of input"
+                         " sets, a UTF-8 text file with --tokenizer, or 'builtin')") from None
+    if unit == "lines":
+        encode = load_tokenizer(tokenizer, special_tokens=True)
+        return [encode(line.strip()) for line in text.splitlines() if line.strip()]
+    return load_tokenizer(tokenizer)(text)
 
 
 @dataclass(frozen=True)
@@ -365,7 +375,7 @@ def task_metrics(model: ir.Model) -> tuple[str | None, Callable[[], list[Metric]
     ids = [s.name for s in specs if s.role == "ids"]
     masks = [s.name for s in specs if s.role == "mask"]
     if any(s.role == "past" for s in specs) or len(ids) != 1:
-        return None, "its inputs are not one token-id input (a KV cache or several id inputs)"
+        return None, "it has no single token-id input without a KV cache"
     logits = [o.name for o in model.graph.outputs if "logits" in (o.name or "").lower()]
     if len(logits) == 1:
         return "decoder", lambda: [Perplexity(logits[0], ids[0])]

@@ -110,6 +110,7 @@ def test_a_users_export_is_measured_on_the_held_out_end_of_its_calibration_text(
     corpus.write_text(text.text("calibration")[:20000])
     source = TextSource(corpus, str(minilm_dir()))
     ids = source.tokens()
+    assert source.tokens() is ids  # tokenized once per compile (calibration and held-out text share it)
     evaluation, note = source.held_out(load_model(llama).model, reserved=8, seqlen=32)
     assert evaluation.task == "decoder" and "last 4 windows of 32 tokens" in note
     assert np.concatenate([f["input_ids"][0] for f in evaluation.feeds]).tolist() == ids[-128:]
