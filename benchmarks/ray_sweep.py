@@ -43,13 +43,17 @@ def figures(sweep: dict) -> list[dict]:
     return [{k: v for k, v in p.items() if k not in TIMING} for p in sweep["points"]]
 
 
-def run(model: str, specs: list[str], engine, args) -> tuple[dict, float]:
+def run(model: str, specs: list[str], engine, args) -> tuple[dict, float, list[float]]:
+    """The sweep, its wall time, and the machine's 1-minute load average before and after it
+    (other work on the machine stretches both wall times and widens the timing spread)."""
     from sparsec.sweep import sweep
 
+    load = [os.getloadavg()[0]]
     start = time.perf_counter()
     result = sweep(model, specs, threads=args.threads, repeats=args.repeats, engine=engine,
                    calib_samples=args.calib_samples, samples=1)
-    return result.to_dict(), time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    return result.to_dict(), seconds, [*load, os.getloadavg()[0]]
 
 
 def measure(args) -> dict:
@@ -62,14 +66,14 @@ def measure(args) -> dict:
     command = "python benchmarks/ray_sweep.py " + " ".join(sys.argv[1:])
     runs = {}
     if args.ray is None:
-        sweep, seconds = run(src, specs, None, args)
-        runs["in-process"] = {"seconds": seconds, "command": command, "sweep": sweep}
+        sweep, seconds, load = run(src, specs, None, args)
+        runs["in-process"] = {"seconds": seconds, "load": load, "command": command, "sweep": sweep}
     if not args.in_process:
         start = time.perf_counter()
-        with make_engine(args.ray or "local") as engine:
+        with make_engine(args.ray or "local", threads=args.threads) as engine:
             startup = time.perf_counter() - start
-            sweep, seconds = run(src, specs, engine, args)
-            runs["ray"] = {"seconds": seconds, "startup_seconds": startup, "engine": engine.name,
+            sweep, seconds, load = run(src, specs, engine, args)
+            runs["ray"] = {"seconds": seconds, "load": load, "startup_seconds": startup, "engine": engine.name,
                            "command": command, "sweep": sweep}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     return {"model": args.model, "candidates": specs, "machine": machine, "calib_samples": args.calib_samples,
@@ -109,9 +113,11 @@ def table(data: dict, tag: str) -> list[str]:
              f"Machine: {data['machine']}. Each candidate compiled with {data['calib_samples']} calibration samples"
              " of the built-in text and verified on its held-out text (pydoc evaluation split), then all timed side"
              f" by side (at least {data.get('repeats', 15)} repeats) ({'; '.join(commands)}).", "",
-             "| run | wall s (sweep) | Ray start-up s | engine |", "|---|---|---|---|"]
+             "| run | wall s (sweep) | Ray start-up s | engine | load before / after |", "|---|---|---|---|---|"]
     for name, r in runs.items():
-        lines.append(f"| {name} | {r['seconds']:.1f} | {r.get('startup_seconds', 0):.1f} | {r.get('engine', '-')} |")
+        load = " / ".join(f"{x:.1f}" for x in r["load"]) if "load" in r else "-"
+        lines.append(f"| {name} | {r['seconds']:.1f} | {r.get('startup_seconds', 0):.1f} | {r.get('engine', '-')}"
+                     f" | {load} |")
     if identical is not None:
         lines += ["", f"Figures other than timings (verdict, fidelity, task metrics, size, parameters removed)"
                   f" identical: **{'yes' if identical else 'NO'}**."]

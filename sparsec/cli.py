@@ -77,10 +77,10 @@ _ray_option = click.option("--ray", "ray", is_flag=False, flag_value="local", de
                            " starts a local cluster, --ray ADDRESS connects to an existing one (see docs/scale.md).")
 
 
-def _engine(ray):
+def _engine(ray, threads):
     from sparsec.engine import make_engine
 
-    return make_engine(ray)
+    return make_engine(ray, threads=threads)
 
 
 @cli.command("compile")
@@ -176,7 +176,7 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
     show_auto = None if as_json else (lambda auto: [_echo(line) for line in (
         auto.lines() if explain else auto.lines()[:1] + [f"  {s}" for s in auto.specs]) + [""]])
     try:
-        with _engine(ray) as engine:
+        with _engine(ray, threads) as engine:
             result = run_compile(model, the_recipe, output=output, report=list(reports) or None,
                                  save_recipe=save_recipe, benchmark=benchmark, verify_each=verify_each,
                                  best_effort=best_effort, progress=progress, threads=threads, on_plan=show_plan,
@@ -322,7 +322,7 @@ def sweep_cmd(model, specs, target, calib, calib_samples, calib_seqlen, calib_un
     outputs.check()
     for spec in specs:
         parse_pass_specs(spec)  # every candidate's options are checked before any work
-    with _engine(ray) as engine:
+    with _engine(ray, threads) as engine:
         result = sweep(model, list(specs), target=target, threads=threads, repeats=repeats, progress=_progress(),
                        engine=engine, calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen,
                        calib_unit=calib_unit, tokenizer=tokenizer, samples=1)
@@ -388,7 +388,7 @@ def analyze_cmd(model, calib, calib_samples, calib_seqlen, calib_unit, tokenizer
     loaded = load_model(model)
     calibration = load_calibration(calib, loaded.model, samples=calib_samples, seqlen=calib_seqlen,
                                    tokenizer=tokenizer, unit=calib_unit)
-    with _engine(ray) as engine:
+    with _engine(ray, None) as engine:
         result = layer_sensitivity(loaded.model, calibration, levels=level_list, method=method, by=by,
                                    target=sparsity, progress=_progress(), engine=engine)
     texts = {}

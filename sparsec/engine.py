@@ -13,6 +13,13 @@ solve per site of a stage) hand their independent units to an :class:`Engine`:
   Ray; a task that raises, or dies more often, stops the command with one line naming the unit
   (:class:`TaskError`, or the unit's own error with its name in front): nothing is dropped.
 
+A unit uses every core of a node unless told otherwise (torch, BLAS and ONNX Runtime threads
+are the driver's; see :func:`thread_env`), so a Ray task reserves as many CPUs as the unit's
+threads (:meth:`RayEngine.task_cpus`): with the defaults one unit runs per node at a time, and
+limiting the threads (``OMP_NUM_THREADS=4`` and ``--threads 4``) runs a node's cores / 4 at
+once. A task that reserved one CPU and ran 16 threads beside seven others oversubscribed a
+16-core node eightfold (measured: slower than one after the other).
+
 Timing must not share cores with anything else, or the speed ratios lie. A timing task asks
 for one unit of the custom resource :data:`TIMING_RESOURCE`, of which each node has one, and
 for as many CPUs as its ONNX Runtime threads: at most one timing task runs per node, and no
@@ -62,13 +69,13 @@ class Engine:
     workers = 1  # units that may run at once
 
     def map(self, fn: Callable[..., Any], items: Sequence[Any], *, labels: Sequence[str], what: str,
-            shared: dict[str, Any] | None = None, num_cpus: float = 1, num_gpus: float = 0,
-            threads: int = 1) -> list[Any]:
+            shared: dict[str, Any] | None = None, num_gpus: float = 0, threads: int = 1) -> list[Any]:
         """``[fn(item, **shared) for item in items]``; ``fn`` must be a module-level function
         (Ray pickles it by reference). ``labels`` name the units in errors, ``what`` says what a
-        unit is ("sweep candidate"). ``shared`` is sent once, not once per unit. ``num_cpus``,
-        ``num_gpus``: what a Ray task reserves. ``threads``: in this process, up to this many units at once
-        in a thread pool (for work that releases the GIL, such as torch's solves)."""
+        unit is ("sweep candidate"). ``shared`` is sent once, not once per unit. ``num_gpus``: what
+        a Ray task reserves besides the CPUs its threads use. ``threads``: in this process, up to
+        this many units at once in a thread pool (for work that releases the GIL, such as torch's
+        solves)."""
         raise NotImplementedError
 
     def timed(self, fn: Callable[..., Any], *args: Any, threads: int, label: str) -> Any:
@@ -88,7 +95,7 @@ class Engine:
 class InProcess(Engine):
     """Every unit here, one after the other."""
 
-    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
+    def map(self, fn, items, *, labels, what, shared=None, num_gpus=0, threads=1):
         shared = shared or {}
         labels = list(labels)
         if len(labels) != len(items):
@@ -125,11 +132,16 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"
 
 def thread_env() -> dict[str, str]:
     """The BLAS thread settings of this process, for Ray's workers: Ray sets OMP_NUM_THREADS to
-    a task's CPUs (1), and numpy's BLAS sums in another order with another thread count, which
+    a task's CPUs, and numpy's BLAS sums in another order with another thread count, which
     moved the planner's measured budget use in the 9th digit. Unset here: BLAS's own default,
-    one thread per CPU this process may use."""
+    one thread per CPU this process may use; OpenBLAS and MKL fall back to OMP_NUM_THREADS."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {name: os.environ.get(name) or str(cpus) for name in THREAD_VARIABLES}
+    fallback = os.environ.get("OMP_NUM_THREADS") or str(cpus)
+    return {name: os.environ.get(name) or fallback for name in THREAD_VARIABLES}
+
+
+def _blas_threads() -> int:
+    return max(int(v) if v.isdigit() else 1 for v in thread_env().values())
 
 
 def _torch_threads() -> int | None:
@@ -154,7 +166,8 @@ def _call(fn: Callable[..., Any], item: Any, torch_threads: int | None, **shared
 class RayEngine(Engine):
     """Units as Ray tasks, on a local cluster started here (``address`` None) or an existing one."""
 
-    def __init__(self, address: str | None = None, *, num_cpus: int | None = None) -> None:
+    def __init__(self, address: str | None = None, *, num_cpus: int | None = None,
+                 threads: int | None = None) -> None:
         try:
             import ray
         except ImportError as exc:
@@ -180,14 +193,23 @@ class RayEngine(Engine):
             self._started = True
         resources = ray.cluster_resources()
         self.name = f"Ray ({'local cluster' if address is None else address}, {int(resources.get('CPU', 0))} CPUs)"
-        self.workers = max(1, int(resources.get("CPU", 1)))
         self.timing_slots = int(resources.get(TIMING_RESOURCE, 0))
         self.node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
         self.torch_threads = _torch_threads()
+        self.threads = threads
+        # units that may run at once: every task reserves the CPUs its threads use
+        self.workers = max(1, int(resources.get("CPU", 1) // self.task_cpus()))
 
-    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
+    def task_cpus(self) -> float:
+        """The CPUs a unit's task reserves: as many as its busiest thread pool (torch's and BLAS's,
+        the driver's counts; ONNX Runtime's, ``threads`` or else one per core of the node), at
+        most a node's, so that units never share cores with each other."""
+        ort = self.threads or self.node_cpus
+        return max(1, min(self.node_cpus, max(self.torch_threads or 1, _blas_threads(), ort)))
+
+    def map(self, fn, items, *, labels, what, shared=None, num_gpus=0, threads=1):
         ray = self._ray
-        remote = ray.remote(_call).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=RETRIES,
+        remote = ray.remote(_call).options(num_cpus=self.task_cpus(), num_gpus=num_gpus, max_retries=RETRIES,
                                            retry_exceptions=False)
         refs = {k: ray.put(v) for k, v in (shared or {}).items()}
         futures = [remote.remote(fn, item, self.torch_threads, **refs) for item in items]
@@ -241,9 +263,11 @@ def default_jobs() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def make_engine(ray: str | bool | None = None, *, num_cpus: int | None = None) -> Engine:
+def make_engine(ray: str | bool | None = None, *, num_cpus: int | None = None,
+                threads: int | None = None) -> Engine:
     """The engine for ``--ray``: None/False in-process, True (or "local") a local Ray cluster,
-    an address an existing one."""
+    an address an existing one. ``threads``: the ONNX Runtime threads of the command's units
+    (``--threads``; None: one per core), which their tasks reserve as CPUs."""
     if ray is None or ray is False:
         return InProcess()
     address = None if ray is True or ray == "local" else str(ray)
@@ -251,7 +275,7 @@ def make_engine(ray: str | bool | None = None, *, num_cpus: int | None = None) -
         # ``--ray model.onnx`` reads the model as the address: say so rather than try to connect
         raise OptionError(f"--ray ADDRESS expects host:port, ray://host:port or auto, got '{address}'"
                           " (to start a local cluster give --ray after the other arguments, or --ray=local)")
-    return RayEngine(address, num_cpus=num_cpus)
+    return RayEngine(address, num_cpus=num_cpus, threads=threads)
 
 
 def as_engine(engine: Engine | None) -> Engine:

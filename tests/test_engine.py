@@ -69,6 +69,26 @@ def test_a_ray_address_that_is_not_one_is_refused_before_connecting():
         make_engine("model.onnx")
 
 
+@pytest.mark.parametrize("node, torch_threads, omp, threads, expected", [
+    (16, 16, None, None, 16),  # the defaults: every core of the node, one unit at a time
+    (16, 4, "4", 4, 4),  # threads limited everywhere: four units per node
+    (16, 4, "4", None, 16),  # ONNX Runtime's default is still one thread per core
+    (16, 4, "16", 4, 16),  # BLAS's threads count too
+    (8, 16, None, 32, 8),  # never more than a node has (such a task would never run)
+])
+def test_a_ray_task_reserves_the_cores_its_threads_use(monkeypatch, node, torch_threads, omp, threads, expected):
+    from sparsec.engine import THREAD_VARIABLES, RayEngine
+
+    for name in THREAD_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    if omp:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(node)))
+    engine = RayEngine.__new__(RayEngine)  # no cluster: the arithmetic alone
+    engine.node_cpus, engine.torch_threads, engine.threads = node, torch_threads, threads
+    assert engine.task_cpus() == expected
+
+
 def test_without_ray_nothing_imports_ray():
     code = ("import sys; import sparsec.cli, sparsec.sweep, sparsec.planner, sparsec.sensitivity, sparsec.compiler;"
             " from sparsec.engine import make_engine; make_engine(None).map(abs, [-1], labels=['a'], what='unit');"
@@ -114,7 +134,7 @@ def test_solves_of_a_stage_in_threads_equal_the_sequential_run(tmp_path, method)
 class _Reversed(InProcess):
     """Runs units last to first (results still in order): independent units give the same plan."""
 
-    def map(self, fn, items, *, labels, what, shared=None, num_cpus=1, num_gpus=0, threads=1):
+    def map(self, fn, items, *, labels, what, shared=None, num_gpus=0, threads=1):
         return super().map(fn, items[::-1], labels=list(labels)[::-1], what=what, shared=shared)[::-1]
 
 

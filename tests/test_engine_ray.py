@@ -63,6 +63,25 @@ def test_ray_units_come_back_in_order_and_failures_are_named(cluster, tmp_path):
         cluster.map(_always_die, [1, 2, 3], labels=list("abc"), what="planner option")
 
 
+def _interval(x, *, folder):
+    import time
+
+    start = time.monotonic()
+    time.sleep(1.0)
+    (Path(folder) / f"{x}.txt").write_text(f"{start} {time.monotonic()}")
+    return x
+
+
+def test_units_that_use_every_core_do_not_run_side_by_side(cluster, tmp_path):
+    # each unit runs the driver's threads (one per core here): two at once on a 2-core node
+    # would oversubscribe it, as 8 tasks of 16 threads each did on a 16-core node
+    assert cluster.task_cpus() == cluster.node_cpus and cluster.workers == 1
+    assert cluster.map(_interval, [0, 1, 2], labels=list("abc"), what="unit", shared={"folder": str(tmp_path)}) \
+        == [0, 1, 2]
+    spans = sorted(tuple(map(float, (tmp_path / f"{x}.txt").read_text().split())) for x in range(3))
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:])), spans
+
+
 def _figures(sweep: dict) -> list:
     """The sweep's points without the timing columns (which no two runs share)."""
     timing = {"speedup", "median_ms", "speedup_p10", "speedup_p90", "pareto"}
