@@ -135,8 +135,9 @@ def main() -> None:
     mode.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                       help="only the Ray run (a local cluster, or ADDRESS)")
     mode.add_argument("--in-process", action="store_true", help="only the in-process run")
-    mode.add_argument("--combine", nargs=2, type=Path, metavar="JSON",
-                      help="measure nothing: join two halves written with --out-json into the results")
+    mode.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                      help="measure nothing: join halves written with --out-json into the results (one half"
+                           " alone: its table, no verdict on identical figures)")
     parser.add_argument("--tag", required=True, help="names the result files (machine, cores)")
     parser.add_argument("--out-json", type=Path, default=None,
                         help="write the JSON here (for --combine) and no files in results/")
