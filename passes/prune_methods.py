@@ -204,11 +204,14 @@ class Hessian:
         """||X dW^T|| / ||X W^T|| over the calibration inputs X, from H = 2/n X^T X."""
         import torch
 
-        h = self.h.double()
         wt = torch.from_numpy(np.ascontiguousarray(w)).to(self.device).double()
         dt = torch.from_numpy(np.ascontiguousarray(delta)).to(self.device).double()
-        num = float(torch.einsum("rk,kl,rl->", dt, h, dt))
-        den = float(torch.einsum("rk,kl,rl->", wt, h, wt))
+        num = den = 0.0
+        # in double, a band of H's rows at a time (a whole double copy of an 8192^2 H is 512 MiB)
+        for i in range(0, self.h.shape[0], 1024):
+            band = self.h[i:i + 1024].double()
+            num += float(torch.einsum("rk,kl,rl->", dt[:, i:i + 1024], band, dt))
+            den += float(torch.einsum("rk,kl,rl->", wt[:, i:i + 1024], band, wt))
         return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
 
 
@@ -316,7 +319,13 @@ def sparsegpt(matrix: np.ndarray, hessian, layout: Layout, *, blocksize: int = 1
     if cross is not None:
         W = torch.linalg.solve(H, cross @ W.T).T
         W[:, dead] = 0
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # The upper Cholesky factor of H^-1, one K x K step at a time, each input freed as soon as
+    # the next exists: two K x K matrices alive at once besides the caller's Hessian, not three
+    # (8192 x 8192 float32: 256 MiB each, the largest thing a solve holds).
+    H = torch.linalg.cholesky(H)
+    H = torch.cholesky_inverse(H)
+    Hinv = torch.linalg.cholesky(H, upper=True)
+    del H
     group = layout.group
     blocksize = max(group, blocksize // group * group)
     prune_mask = torch.zeros(rows, cols, dtype=torch.bool, device=device)

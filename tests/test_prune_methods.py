@@ -69,6 +69,32 @@ def test_sparsegpt_hessian_and_determinism():
     assert is_nm(a.values, 2, 4, axis=1) and not np.array_equal(a.values[a.mask], w[a.mask])  # reconstructed
 
 
+def _rss_mib(key: str) -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+
+
+@pytest.mark.skipif(not __import__("os").access("/proc/self/clear_refs", __import__("os").W_OK),
+                    reason="needs Linux's resettable peak RSS")
+def test_a_sparsegpt_solve_holds_two_copies_of_the_hessian_at_most():
+    # On a streamed large model the solve's K x K copies are what peak memory is made of (an
+    # 8192^2 Hessian is 256 MiB); the reference chain cholesky(inverse(cholesky(H))) held three.
+    k = 4096
+    matrix = k * k * 4 / 2**20
+    x = np.random.default_rng(0).standard_normal((256, k)).astype(np.float32)
+    stat = prune_methods.new_statistic("sparsegpt", k, "cpu")
+    stat.add(x)
+    w = weights(64, k, seed=1)
+    prune_methods.sparsegpt(w[:, :64], stat.h[:64, :64].clone(), NMLayout(2, 4))  # torch's lazy set-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := RSS now
+    before = _rss_mib("VmRSS")
+    values, _ = prune_methods.sparsegpt(w, stat.h, NMLayout(2, 4))
+    grew = (_rss_mib("VmHWM") - before) / matrix
+    assert is_nm(values, 2, 4, axis=1)
+    assert 1.5 < grew < 2.5, f"the solve's peak grew by {grew:.2f} Hessians"
+
+
 def test_dense_targets_correct_input_error():
     x_dense = correlated_inputs()
     x = x_dense + 0.3 * correlated_inputs(seed=5)  # the pruned model's drifted inputs
