@@ -74,7 +74,8 @@ _calib_unit_option = click.option(
     " sample per non-empty line with the tokenizer's special tokens (sentence encoders).")
 _ray_option = click.option("--ray", "ray", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
                            help="Run independent units of work as Ray tasks (needs the 'ray' extra): --ray alone"
-                           " starts a local cluster, --ray ADDRESS connects to an existing one (see docs/scale.md).")
+                           " starts a local cluster, --ray ADDRESS connects to an existing one. Each task reserves"
+                           " the cores its threads use: all of a node's by default (see docs/scale.md).")
 
 
 def _engine(ray, threads):

@@ -17,8 +17,8 @@ A unit uses every core of a node unless told otherwise (torch, BLAS and ONNX Run
 are the driver's; see :func:`thread_env`), so a Ray task reserves as many CPUs as the unit's
 threads (:meth:`RayEngine.task_cpus`): with the defaults one unit runs per node at a time, and
 limiting the threads (``OMP_NUM_THREADS=4`` and ``--threads 4``) runs a node's cores / 4 at
-once. A task that reserved one CPU and ran 16 threads beside seven others oversubscribed a
-16-core node eightfold (measured: slower than one after the other).
+once. Tasks that reserved one CPU each and ran 16 threads, eight at once, oversubscribed a
+16-core node eightfold: slower than the same compiles one after the other (docs/scale.md).
 
 Timing must not share cores with anything else, or the speed ratios lie. A timing task asks
 for one unit of the custom resource :data:`TIMING_RESOURCE`, of which each node has one, and
@@ -192,13 +192,14 @@ class RayEngine(Engine):
                                     f"{' '.join(str(exc).split())[:200]}") from None
             self._started = True
         resources = ray.cluster_resources()
-        self.name = f"Ray ({'local cluster' if address is None else address}, {int(resources.get('CPU', 0))} CPUs)"
         self.timing_slots = int(resources.get(TIMING_RESOURCE, 0))
         self.node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
         self.torch_threads = _torch_threads()
         self.threads = threads
         # units that may run at once: every task reserves the CPUs its threads use
         self.workers = max(1, int(resources.get("CPU", 1) // self.task_cpus()))
+        self.name = (f"Ray ({'local cluster' if address is None else address}, {int(resources.get('CPU', 0))} CPUs,"
+                     f" {self.workers} {'unit' if self.workers == 1 else 'units'} at once)")
 
     def task_cpus(self) -> float:
         """The CPUs a unit's task reserves: as many as its busiest thread pool (torch's and BLAS's,

@@ -76,6 +76,7 @@ def test_units_that_use_every_core_do_not_run_side_by_side(cluster, tmp_path):
     # each unit runs the driver's threads (one per core here): two at once on a 2-core node
     # would oversubscribe it, as 8 tasks of 16 threads each did on a 16-core node
     assert cluster.task_cpus() == cluster.node_cpus and cluster.workers == 1
+    assert "1 unit at once" in cluster.name  # what a sweep's progress line shows
     assert cluster.map(_interval, [0, 1, 2], labels=list("abc"), what="unit", shared={"folder": str(tmp_path)}) \
         == [0, 1, 2]
     spans = sorted(tuple(map(float, (tmp_path / f"{x}.txt").read_text().split())) for x in range(3))
