@@ -58,6 +58,7 @@ def create_session(
     optimize: bool = True,
     log_severity: int = 4,
     spin: bool = True,
+    profile: str | os.PathLike | None = None,
 ):
     """Create an ``onnxruntime.InferenceSession``.
 
@@ -70,6 +71,8 @@ def create_session(
         spin: let idle intra-op threads spin-wait for work (ORT's default). Timing several
             sessions side by side needs it off: one session's spinning threads would take the
             cores of the session being timed.
+        profile: record every node's kernel time in a JSON trace whose path starts with this
+            prefix (ORT's profiler; ``session.end_profiling()`` writes it and returns its path).
 
     Raises:
         RuntimeFailure: ORT refused the model (unsupported op, bad graph, missing provider).
@@ -79,6 +82,9 @@ def create_session(
     options.log_severity_level = log_severity
     if threads:
         options.intra_op_num_threads = threads
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile)
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
@@ -180,9 +186,10 @@ class Runner:
     def on_gpu(self) -> bool:
         return any(n in ("CUDAExecutionProvider", "TensorrtExecutionProvider") for n in self.provider_names)
 
-    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None, spin: bool = True):
+    def session(self, model: str | os.PathLike | bytes, *, threads: int | None = None, spin: bool = True,
+                profile: str | os.PathLike | None = None):
         return create_session(model, providers=self.providers, threads=threads or self.threads,
-                              optimize=self.optimize, spin=spin)
+                              optimize=self.optimize, spin=spin, profile=profile)
 
     def run(self, session, feeds: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None,
             *, shared: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:

@@ -139,3 +139,16 @@ def test_timed_sessions_do_not_spin(tmp_path, monkeypatch):
     a = save(linear(k=64, n=64), tmp_path / "a.onnx")
     compare_speed({"a": a, "b": a}, {"X": weights(4, 64)}, min_repeats=2, max_repeats=2, warmup=1)
     assert created == ["0", "0"]
+
+
+def test_a_profiled_session_writes_each_nodes_kernel_time(tmp_path):
+    import json
+
+    src = save(linear(k=32, n=16), tmp_path / "m.onnx")
+    session = cpu_runner(1).session(src, profile=tmp_path / "trace")
+    session.run(None, {"X": np.ones((4, 32), np.float32)})
+    trace = session.end_profiling()
+    assert trace.startswith(str(tmp_path / "trace"))
+    ops = {e["args"]["op_name"] for e in json.loads(open(trace).read())
+           if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+    assert ops == {"MatMul", "Relu"}
