@@ -201,16 +201,20 @@ class RayEngine(Engine):
         self.name = (f"Ray ({'local cluster' if address is None else address}, {int(resources.get('CPU', 0))} CPUs,"
                      f" {self.workers} {'unit' if self.workers == 1 else 'units'} at once)")
 
-    def task_cpus(self) -> float:
+    def task_cpus(self, num_gpus: float = 0) -> float:
         """The CPUs a unit's task reserves: as many as its busiest thread pool (torch's and BLAS's,
         the driver's counts; ONNX Runtime's, ``threads`` or else one per core of the node), at
-        most a node's, so that units never share cores with each other."""
+        most a node's, so that units never share cores with each other. A unit with a GPU (a
+        SparseGPT solve whose math runs on CUDA) reserves one: its work is on the GPU, and a
+        node's GPUs each take one such task at once."""
+        if num_gpus:
+            return 1
         ort = self.threads or self.node_cpus
         return max(1, min(self.node_cpus, max(self.torch_threads or 1, _blas_threads(), ort)))
 
     def map(self, fn, items, *, labels, what, shared=None, num_gpus=0, threads=1):
         ray = self._ray
-        remote = ray.remote(_call).options(num_cpus=self.task_cpus(), num_gpus=num_gpus, max_retries=RETRIES,
+        remote = ray.remote(_call).options(num_cpus=self.task_cpus(num_gpus), num_gpus=num_gpus, max_retries=RETRIES,
                                            retry_exceptions=False)
         refs = {k: ray.put(v) for k, v in (shared or {}).items()}
         futures = [remote.remote(fn, item, self.torch_threads, **refs) for item in items]

@@ -87,6 +87,7 @@ def test_a_ray_task_reserves_the_cores_its_threads_use(monkeypatch, node, torch_
     engine = RayEngine.__new__(RayEngine)  # no cluster: the arithmetic alone
     engine.node_cpus, engine.torch_threads, engine.threads = node, torch_threads, threads
     assert engine.task_cpus() == expected
+    assert engine.task_cpus(num_gpus=1) == 1  # a solve on the GPU: one task per GPU, not per node
 
 
 def test_without_ray_nothing_imports_ray():
