@@ -200,16 +200,24 @@ class Runner:
             return run_bound(session, feeds, shared=shared, output_names=output_names, device=device)
         return run(session, feeds, output_names)
 
-    def checker(self, model: str | os.PathLike):
-        """A function that runs ``model`` on one input set (raising RuntimeFailure when ORT
-        refuses it): what :func:`sparsec.feeds.make_feeds` uses to keep only inputs the
-        original model runs on. The session is created on first use."""
+    def checker(self, model: str | os.PathLike, *, stage_bytes: int | None = None):
+        """A function that runs ``model`` on input sets and returns its outputs (raising
+        RuntimeFailure when ORT refuses one): what :func:`sparsec.feeds.make_feeds` uses to keep
+        only inputs the original model runs on. The session is created on first use. With
+        ``stage_bytes`` the model runs in stages of at most that many bytes of weights (a model
+        too large to hold in memory twice: a whole-model session would copy every weight)."""
         session = None
 
-        def check(feed: Mapping[str, np.ndarray]) -> None:
+        def check(feeds: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
             nonlocal session
+            if stage_bytes is not None:
+                from sparsec.model_io import load_model
+
+                from .staged import staged_outputs
+
+                return staged_outputs(load_model(model).model, feeds, budget_bytes=stage_bytes, runner=self)
             session = session or self.session(model)
-            self.run(session, feed)
+            return [self.run(session, feed) for feed in feeds]
 
         return check
 

@@ -27,6 +27,9 @@ from sparsec.progress import Progress, silent
 if TYPE_CHECKING:
     from .session import Runner
 
+# Weights per stage when a whole model runs in stages (verification of a streamed compile).
+STAGE_BYTES = 256 << 20
+
 
 def _subgraph_captures(node: ir.Node) -> list[ir.Value]:
     """Outer-scope values a node's subgraphs (If/Loop/Scan bodies) read."""

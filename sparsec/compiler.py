@@ -37,6 +37,7 @@ from sparsec.plan import Plan, make_plan
 from sparsec.progress import Progress, silent
 from sparsec.recipe import Recipe, recipe_text, replayable, validate
 from sparsec.runtime.session import Runner
+from sparsec.runtime.staged import STAGE_BYTES
 from sparsec.targets import Target, get_target
 from sparsec.verify import Judgement, Verdict, judge, unchanged_judgement, verify_models, verify_staged
 
@@ -234,10 +235,10 @@ def compile(
     if on_plan is not None:
         on_plan(plan)
     calibration = calibration or calibrate_stage(plan, recipe, loaded.model, progress)
-    feeds = feeds_stage(loaded, recipe, runner) if verify_each else None
+    streamed = analysis.weight_bytes > STREAM_BYTES
+    feeds = feeds_stage(loaded, recipe, runner, streamed) if verify_each else None
     specs = input_specs(loaded.model)  # the original's inputs (a pass may change them: a shared KV cache)
     clock.lap("calibrate")
-    streamed = analysis.weight_bytes > STREAM_BYTES
     with _spill(streamed, outputs.model):
         ctx = PassContext(target=target, calibration=calibration, seed=recipe.seed, progress=progress, runner=runner,
                           engine=engine, jobs=jobs or default_jobs())
@@ -263,7 +264,7 @@ def compile(
             if not any(r.changed for r in records):
                 result.judgement = unchanged_judgement()
             else:
-                feeds = feeds or feeds_stage(loaded, recipe, runner, specs)
+                feeds = feeds or feeds_stage(loaded, recipe, runner, streamed, specs)
                 result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress)
                 result.judgement = judge(result.verdicts, plan.budget, exact=plan.exact)
             clock.lap("verify")
@@ -367,7 +368,7 @@ def auto_stage(loaded: LoadedModel, recipe: Recipe, target: Target, analysis: An
     budget = recipe.fidelity_budget()
     if budget.empty:
         budget = DEFAULT_BUDGETS[evaluation.task if evaluation else ""]
-    workload = evaluation.feeds[0] if evaluation is not None else feeds_stage(loaded, recipe, runner).sets[0]
+    workload = evaluation.feeds[0] if evaluation is not None else feeds_stage(loaded, recipe, runner, False).sets[0]
     metrics = evaluation.metrics if evaluation is not None else (lambda: [])
     auto = planner.plan(loaded.runnable, target, budget, calibration=calibration, scoring=scoring, workload=workload,
                         metrics=metrics, seed=recipe.seed, runner=runner, progress=progress,
@@ -417,27 +418,32 @@ def calibrate_stage(plan: Plan, recipe: Recipe, model: ir.Model, progress: Progr
                                   recipe.calibration.get("seqlen") or DEFAULT_SEQLEN)
 
 
-def feeds_stage(loaded: LoadedModel, recipe: Recipe, runner: Runner, specs: list[InputSpec] | None = None) -> Feeds:
+def feeds_stage(loaded: LoadedModel, recipe: Recipe, runner: Runner, streamed: bool,
+                specs: list[InputSpec] | None = None) -> Feeds:
     """The input sets to verify on: the user's, or generated ones the original model runs on
-    (``specs``: its inputs, taken before the passes)."""
+    (``specs``: its inputs, taken before the passes; streamed: it runs in stages, as it will in
+    verification, since a whole-model session would copy every weight into memory)."""
+    check = runner.checker(loaded.runnable, stage_bytes=STAGE_BYTES if streamed else None)
     return make_feeds(loaded.model, inputs=recipe.verification.get("inputs"), seed=recipe.seed,
                       dims=recipe.verification.get("dims"), samples=recipe.verification.get("samples", 2),
-                      check=runner.checker(loaded.runnable), specs=specs)
+                      check=check, specs=specs)
 
 
 def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluation: EvaluationData | None,
                  runner: Runner, streamed: bool, progress: Progress) -> dict[str, Verdict]:
     """The staged output against the original: on the input sets, and on real inputs if any."""
-    inputs = {"random": (feeds.sets, feeds.note, ())}
+    inputs = {"random": (feeds.sets, feeds.note, (), feeds.outputs)}
     if evaluation is not None:
-        inputs["real"] = (evaluation.feeds, evaluation.note, evaluation.metrics())
+        inputs["real"] = (evaluation.feeds, evaluation.note, evaluation.metrics(), None)
     verdicts = {}
-    for name, (sets, note, metrics) in inputs.items():
+    for name, (sets, note, metrics, reference) in inputs.items():
         if streamed:  # never two whole models in memory: both run stage by stage
             with progress.task(f"verifying in stages on {name} inputs"):
+                # the original's outputs on generated inputs were computed when they were checked
                 verdicts[name] = verify_staged(load_model(loaded.runnable).model, load_model(staged.path).model, sets,
                                                inputs=note, exact=plan.exact, metrics=metrics, runner=runner,
-                                               progress=progress, floor=plan.tolerance_floor)
+                                               progress=progress, floor=plan.tolerance_floor,
+                                               reference_outputs=reference)
         else:
             verdicts[name] = verify_models(loaded.runnable, staged.path, sets, inputs=note, exact=plan.exact,
                                            metrics=metrics, runner=runner, progress=progress,

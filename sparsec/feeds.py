@@ -60,6 +60,7 @@ class Feeds:
 
     sets: list[Feed]
     note: str
+    outputs: list[Feed] | None = None  # the original's outputs on the sets, when the check computed them
 
 
 def _np_dtype(dtype: ir.DataType) -> np.dtype:
@@ -348,13 +349,13 @@ def load_feeds(path: str | os.PathLike, specs: Sequence[InputSpec]) -> list[Feed
 
 def make_feeds(model: ir.Model, *, inputs: str | os.PathLike | Sequence[Mapping[str, np.ndarray]] | None = None,
                seed: int = 0, dims: Mapping[str, int] | None = None, samples: int = 1,
-               check: Callable[[Feed], None] | None = None, specs: list[InputSpec] | None = None) -> Feeds:
+               check: Callable[[Sequence[Feed]], list[Feed]] | None = None, specs: list[InputSpec] | None = None) -> Feeds:
     """The input sets to run ``model`` on: from ``inputs`` (a .npz path or a list of dicts)
     when given, else ``samples`` seeded random sets (``specs``: the model's inputs as they were
     before a pass changed them).
 
-    With ``check`` (a function that runs the original model on one input set and raises
-    RuntimeFailure when ONNX Runtime refuses it), generated inputs that the model cannot run
+    With ``check`` (a function that runs the original model on input sets, returns its outputs
+    and raises RuntimeFailure when ONNX Runtime refuses one), generated inputs that the model cannot run
     are replaced: larger symbolic dimensions, then other seeds, before giving up with a
     message that says what was tried and how to give ``--dim`` or ``--inputs``.
     """
@@ -374,15 +375,14 @@ def make_feeds(model: ir.Model, *, inputs: str | os.PathLike | Sequence[Mapping[
     for attempt_seed, default in attempts:
         sets = random_feeds(specs, seed=attempt_seed, dims=dims, samples=samples, default=default)
         try:
-            for feed in sets if check is not None else ():
-                check(feed)
+            outputs = check(sets) if check is not None else None
         except RuntimeFailure as exc:
             error = str(exc)
             continue
         note = f"random inputs (seed {attempt_seed})"
         if default != DEFAULT_DIM and symbolic_dims(specs):
             note += f", symbolic dimensions {default}"
-        return Feeds(sets, note)
+        return Feeds(sets, note, outputs)
     known = symbolic_dims(specs)
     tried = f"symbolic dimensions {sorted({d for _, d in attempts})} and seeds {sorted({s for s, _ in attempts})}"
     raise InputError(f"the model does not run on generated inputs ({tried}; the last error: {error}); give real"

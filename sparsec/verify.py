@@ -410,14 +410,18 @@ def verify_models(reference: str | os.PathLike, candidate: str | os.PathLike,
 
 
 def verify_staged(reference: ir.Model, candidate: ir.Model, feeds: Sequence[Mapping[str, np.ndarray]], *,
-                  budget_bytes: int = 256 << 20, inputs: str = "", exact: bool = True,
+                  budget_bytes: int | None = None, inputs: str = "", exact: bool = True,
                   metrics: Sequence[Metric] = (), runner: Runner | None = None,
-                  progress: Progress | None = None, floor: tuple[float, float] | None = None) -> Verdict:
-    """:func:`verify_models` for models too large to hold twice in memory: both run in stages."""
+                  progress: Progress | None = None, floor: tuple[float, float] | None = None,
+                  reference_outputs: Sequence[Mapping[str, np.ndarray]] | None = None) -> Verdict:
+    """:func:`verify_models` for models too large to hold twice in memory: both run in stages
+    (the reference only when its outputs on ``feeds`` are not given)."""
     from sparsec.runtime.kvcache import KVCache
-    from sparsec.runtime.staged import staged_outputs
+    from sparsec.runtime.staged import STAGE_BYTES, staged_outputs
 
-    ref = staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner, progress=progress)
+    budget_bytes = budget_bytes or STAGE_BYTES
+    ref = reference_outputs or staged_outputs(reference, feeds, budget_bytes=budget_bytes, runner=runner,
+                                              progress=progress)
     kv = KVCache.of(candidate.metadata_props)
     if kv.shared is not None:
         raise InputError("a model whose KV cache is one shared buffer cannot run in stages; verify it whole")

@@ -10,6 +10,8 @@ from sparsec.compiler import compile
 from sparsec.errors import VerificationError
 from sparsec.model_io import load_model
 from sparsec.passes.patterns import LINEAR_OPS, Code, match_linear_weight
+from sparsec.runtime import staged
+from sparsec.runtime.session import Runner
 from sparsec.sparsity import is_nm
 from sparsec.feeds import input_specs, random_feeds
 from sparsec.models.llama import _tiny_inputs
@@ -98,9 +100,20 @@ def test_streamed_path_matches_in_memory_path(zoo_path, tmp_path, monkeypatch):
     normal = compile(src, passes="nm:min_params=0;compress", output=tmp_path / "a" / "m.onnx", best_effort=True)
     monkeypatch.setattr(compiler, "STREAM_BYTES", 0)
     monkeypatch.setattr("sparsec.graph.SPILL_MIN_BYTES", 1)
+    opened = []  # what each ONNX Runtime session was made from: a stage's bytes, or a whole model's path
+    session = Runner.session
+    monkeypatch.setattr(Runner, "session", lambda self, model, **kw: opened.append(model) or session(self, model, **kw))
+    runs = []  # models run whole in stages
+    staged_outputs = staged.staged_outputs
+    monkeypatch.setattr(staged, "staged_outputs", lambda model, *a, **kw: runs.append(model) or staged_outputs(model, *a, **kw))
     (tmp_path / "b").mkdir()
     streamed = compile(src, passes="nm:min_params=0;compress", output=tmp_path / "b" / "m.onnx", best_effort=True)
     assert any("compiled streamed" in n for n in streamed.notes)
+    # never a session of a whole model (it would copy every weight): the input check runs in stages too
+    assert opened and all(isinstance(m, bytes) for m in opened), [m for m in opened if not isinstance(m, bytes)]
+    # on generated inputs the original runs once (checking them; its outputs are reused), the output
+    # once; on real inputs, both once
+    assert len(runs) == 2 + 2 * ("real" in streamed.verdicts), runs
     assert "run in stages" in streamed.verdicts["random"].inputs
     for name in ("m.onnx", "m.onnx.data"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()

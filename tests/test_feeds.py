@@ -137,6 +137,22 @@ def test_generated_inputs_grow_until_the_model_runs(tmp_path, capfd):
     assert "--inputs FILE.npz or sizes with --dim NAME=N (symbolic dimensions: batch, samples)" in err
 
 
+def test_a_check_in_stages_refuses_the_inputs_a_whole_session_refuses(tmp_path):
+    """A streamed compile checks generated inputs by running the original in stages (a session of
+    the whole model would copy every weight): the same sizes are refused and the same kept."""
+    from sparsec.errors import RuntimeFailure
+    from sparsec.runtime.session import cpu_runner
+
+    path = audio_model(tmp_path)
+    model = load_model(path).model
+    small = random_feeds(input_specs(model), seed=0, samples=1, default=16)
+    for stage_bytes in (None, 1):  # whole, then one stage per weight
+        check = cpu_runner().checker(path, stage_bytes=stage_bytes)
+        with pytest.raises(RuntimeFailure):
+            check(small)
+        assert make_feeds(model, check=check).note == "random inputs (seed 0), symbolic dimensions 64"
+
+
 def test_inputs_are_valid_for_how_the_model_uses_them():
     nodes = [helper.make_node("Mod", ["x", "d"], ["m"]), helper.make_node("Unsqueeze", ["x", "axes"], ["u"]),
              helper.make_node("Reshape", ["u", "shape"], ["r"]), helper.make_node("Dropout", ["f", "ratio"], ["g"])]
