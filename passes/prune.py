@@ -35,13 +35,16 @@ import numpy as np
 import onnx_ir as ir
 
 from sparsec.errors import OptionError, PassError
-from sparsec.graph import all_nodes, mark_changed
+from sparsec.graph import all_nodes, mark_changed, return_free_memory
 from sparsec.pipeline import Kind, Pass, PassContext, PassOptions, PassRecord, SiteRecord, option
 from sparsec.sparsity import Layout, zero_fraction
 
 from . import lowrank, patterns, prune_methods
 from .patterns import LINEAR_OPS, Code, LinearWeight, MatchFailure
 from .quantized import EncodedWeight
+
+# Rows of a weight measured at once (their float64 bytes) by _damage.
+DAMAGE_BLOCK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,10 @@ class WeightPrunePass(Pass):
                 new = self.write(site, record, job, result)
                 if new is not None:
                     moved[old] = new
+            # This stage's statistics and solves go before the next stage is captured, and their
+            # memory back to the OS (a streamed compile is bounded by one stage's, not by the sum).
+            stats = jobs = solved = job = result = None
+            return_free_memory()
         record.notes.append(f"{opts.method}: statistics over {tokens} tokens per layer, math on {device}")
         if exits:
             record.notes.append(f"reconstruct=block: {len(exits)} block exits refit to the dense blocks")
@@ -420,7 +427,7 @@ class WeightPrunePass(Pass):
             if not layout.complies(new_matrix):
                 raise PassError(f"{self.id}: '{site.weight.name}' ({site.weight.form}) is not {layout.name}"
                                 " after re-encoding")
-            figures = {**figures, **_damage(matrix, new_matrix + solved.lowrank(),
+            figures = {**figures, **_damage(matrix, solved.effective(new_matrix),
                                             getattr(job.statistic, "inner", job.statistic))}
         after = zero_fraction(pruned)
         reason = (f"{layout.name} {opts.method} pruning of '{site.weight.name}'"
@@ -472,6 +479,11 @@ class Solved:
     def lowrank(self) -> np.ndarray | float:
         return self.u @ self.v if self.u is not None else 0.0
 
+    def effective(self, matrix: np.ndarray) -> np.ndarray:
+        """What readers multiply by when ``matrix`` is stored: it plus the low-rank term (no copy
+        without one)."""
+        return matrix if self.u is None else matrix + self.lowrank()
+
 
 def solve_site(job: SolveJob, *, method: str, blocksize: int, damp: float, refine: str = "none",
                refine_iters: int = 50, lowrank_iters: int = 20) -> Solved | None:
@@ -482,13 +494,13 @@ def solve_site(job: SolveJob, *, method: str, blocksize: int, damp: float, refin
     if layout.complies(matrix):
         return None
     inner = getattr(statistic, "inner", statistic)  # reconstruct=block wraps the method's statistic
-    result = prune_methods.prune_matrix(method, matrix.astype(np.float32), layout, inner,
+    result = prune_methods.prune_matrix(method, matrix.astype(np.float32, copy=False), layout, inner,
                                         blocksize=blocksize, damp=damp, refine=refine,
                                         refine_iters=refine_iters, rank=job.rank, lowrank_iters=lowrank_iters)
     if result.values is None:  # a mask only: survivors keep their exact bits
         new_matrix = np.where(result.mask, matrix, np.zeros((), dtype=matrix.dtype))
     else:
-        new_matrix = result.values.astype(matrix.dtype)
+        new_matrix = result.values.astype(matrix.dtype, copy=False)
     block = None
     if hasattr(statistic, "refit"):  # reconstruct=block: this site ends a block
         refit = np.where(result.mask, statistic.refit(result.mask, damp), 0.0)
@@ -499,7 +511,7 @@ def solve_site(job: SolveJob, *, method: str, blocksize: int, damp: float, refin
             block["block_error"] = block["block_error_method"]
     solved = Solved(new_matrix, {}, result.u, result.v)
     if job.measure:
-        solved.figures.update(_damage(matrix, new_matrix + solved.lowrank(), inner))
+        solved.figures.update(_damage(matrix, solved.effective(new_matrix), inner))
     if result.figures:
         solved.figures["refine"] = result.figures
     if block is not None:
@@ -538,14 +550,21 @@ def _summarise(record: PassRecord, opts: PruneOptions) -> None:
 
 def _damage(before: np.ndarray, after: np.ndarray, statistic) -> dict[str, float]:
     """How far one weight moved: ||W - W'|| / ||W||, and with a Hessian (SparseGPT's statistic)
-    the relative L2 error of the layer's output on the calibration inputs."""
-    w = before.astype(np.float64)
-    delta = w - after.astype(np.float64)
-    norm = float(np.linalg.norm(w))
-    figures = {"weight_change": float(np.linalg.norm(delta)) / norm if norm else 0.0}
-    error = getattr(statistic, "relative_output_error", None)
-    if error is not None:
-        figures["output_error"] = error(w, delta)
+    the relative L2 error of the layer's output on the calibration inputs. In double, a block of
+    rows at a time: whole double copies of W and W - W' would take four times the weight's
+    float32 bytes, more than the solve itself at a streamed model's sizes."""
+    energy = getattr(statistic, "output_energy", None)
+    step = max(1, DAMAGE_BLOCK_BYTES // (8 * before.shape[1]))
+    sums = np.zeros(4)  # ||W||^2, ||dW||^2, output error's numerator and denominator
+    for r in range(0, before.shape[0], step):
+        w = before[r:r + step].astype(np.float64)
+        delta = w - after[r:r + step]
+        sums[:2] += float(np.einsum("ij,ij->", w, w)), float(np.einsum("ij,ij->", delta, delta))
+        if energy is not None:
+            sums[2:] += energy(w, delta)
+    figures = {"weight_change": float(np.sqrt(sums[1] / sums[0])) if sums[0] else 0.0}
+    if energy is not None:
+        figures["output_error"] = float(np.sqrt(max(sums[2], 0.0) / sums[3])) if sums[3] > 0 else 0.0
     return figures
 
 

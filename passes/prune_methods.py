@@ -200,19 +200,20 @@ class Hessian:
             self.cross += (t * scale).T @ (d * scale)
         self.tokens = n
 
-    def relative_output_error(self, w: np.ndarray, delta: np.ndarray) -> float:
-        """||X dW^T|| / ||X W^T|| over the calibration inputs X, from H = 2/n X^T X."""
+    def output_energy(self, w: np.ndarray, delta: np.ndarray) -> tuple[float, float]:
+        """(sum of dW H dW^T, sum of W H W^T) over some rows of W: the squared norms of X dW^T
+        and X W^T over the calibration inputs X, up to H's common factor. In double, a band of
+        H's rows at a time (a whole double copy of an 8192^2 H is 512 MiB)."""
         import torch
 
         wt = torch.from_numpy(np.ascontiguousarray(w)).to(self.device).double()
         dt = torch.from_numpy(np.ascontiguousarray(delta)).to(self.device).double()
         num = den = 0.0
-        # in double, a band of H's rows at a time (a whole double copy of an 8192^2 H is 512 MiB)
         for i in range(0, self.h.shape[0], 1024):
             band = self.h[i:i + 1024].double()
-            num += float(torch.einsum("rk,kl,rl->", dt[:, i:i + 1024], band, dt))
-            den += float(torch.einsum("rk,kl,rl->", wt[:, i:i + 1024], band, wt))
-        return (max(num, 0.0) / den) ** 0.5 if den > 0 else 0.0
+            num += float(((dt[:, i:i + 1024] @ band) * dt).sum())
+            den += float(((wt[:, i:i + 1024] @ band) * wt).sum())
+        return num, den
 
 
 def new_statistic(method: str, k: int, device: str, gram: bool = False):

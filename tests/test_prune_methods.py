@@ -95,6 +95,36 @@ def test_a_sparsegpt_solve_holds_two_copies_of_the_hessian_at_most():
     assert 1.5 < grew < 2.5, f"the solve's peak grew by {grew:.2f} Hessians"
 
 
+@pytest.mark.skipif(not __import__("os").access("/proc/self/clear_refs", __import__("os").W_OK),
+                    reason="needs Linux's resettable peak RSS")
+def test_measuring_a_solved_weight_holds_blocks_of_it_not_double_copies():
+    # Each solve reports how far the weight and the layer's output moved, in double; whole double
+    # copies of W, W' and W - W' took 6x the weight's bytes: two such solves at once set the
+    # streamed SparseGPT compile's peak (2.6 GiB with 64 MiB weights).
+    from sparsec.passes.prune import _damage
+
+    k = 4096
+    x = np.random.default_rng(0).standard_normal((256, k)).astype(np.float32)
+    stat = prune_methods.new_statistic("sparsegpt", k, "cpu")
+    stat.add(x)
+    w = weights(k, k, seed=1)
+    after = np.where(np.random.default_rng(2).random((k, k)) < 0.5, w, 0).astype(np.float32)
+    _damage(w, after, stat)  # the allocator's and torch's set-up
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := RSS now
+    before = _rss_mib("VmRSS")
+    figures = _damage(w, after, stat)
+    grew = (_rss_mib("VmHWM") - before) / (w.nbytes / 2**20)
+    assert grew < 2, f"measuring grew the peak by {grew:.1f}x the weight"
+    # the same figures as whole float64 arrays give
+    delta = w.astype(np.float64) - after
+    assert figures["weight_change"] == pytest.approx(np.linalg.norm(delta) / np.linalg.norm(w.astype(np.float64)),
+                                                     rel=1e-12)
+    h, w64 = stat.h.double().numpy(), w.astype(np.float64)
+    expected = np.sqrt(((delta @ h) * delta).sum() / ((w64 @ h) * w64).sum())
+    assert figures["output_error"] == pytest.approx(expected, rel=1e-9)
+
+
 def test_dense_targets_correct_input_error():
     x_dense = correlated_inputs()
     x = x_dense + 0.3 * correlated_inputs(seed=5)  # the pruned model's drifted inputs
