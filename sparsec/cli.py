@@ -588,14 +588,15 @@ def bench_cmd(original, compiled, target, mode, context, inputs, dims, threads, 
 @_json_option
 def calibrate_cmd(target, threads, as_json) -> None:
     """Measure this machine for the cost model (products, ONNX Runtime's int8 and 4-bit products on the CPU,
-    memory bandwidth, per-node overhead) and store the profile.
+    memory bandwidth, the rates of layer norms, Gelu, Softmax, Transpose and Where on the CPU, per-node
+    overhead) and store the profile.
 
     A GPU target is measured on its CUDA provider in fp16: run it on the machine with the GPU."""
     from sparsec.cost import calibrate, save_profile
     from sparsec.targets import get_target
 
     the_target = get_target(target)
-    with _progress().task("measuring products (float and quantized), bandwidth and node overhead"):
+    with _progress().task("measuring products (float and quantized), bandwidth, operators and node overhead"):
         profile = calibrate(the_target, threads)
     path = save_profile(profile, target)
     if as_json:
@@ -606,6 +607,9 @@ def calibrate_cmd(target, threads, as_json) -> None:
     for form, points in profile.quantized.items():
         _echo(f"{form} products: " + ", ".join(f"{f / 1e6:.3g} MFLOP: {r / 1e9:.1f} GFLOP/s" for f, r in points))
     _echo(f"memory bandwidth: {profile.bandwidth / 1e9:.1f} GB/s; per-node overhead: {profile.overhead * 1e6:.1f} us")
+    if profile.op_bandwidth:
+        _echo("operators (GB/s, against the bandwidth above): "
+              + ", ".join(f"{op} {r / 1e9:.1f}" for op, r in profile.op_bandwidth.items()))
     _echo(f"wrote {path} (compile's planner uses it for target '{target}' on this host; where models are"
           f" compiled on another machine, copy it there as {path.parent / (target + '.json')})")
 

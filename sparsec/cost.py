@@ -6,10 +6,11 @@ has on a workload (one ONNX Runtime run with every intermediate value exposed), 
     t(node) = overhead + max(flops / gemm_rate(flops), bytes / bandwidth)      linear algebra
     t(node) = overhead + bytes / bandwidth                                     everything else
 
-``gemm_rate`` (FLOP/s as a function of a product's size), ``bandwidth`` and the per-node
-``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
-calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, a chain of
-tiny ops), or, without one, from the target's published peaks times default efficiencies (the
+``gemm_rate`` (FLOP/s as a function of a product's size), ``bandwidth`` (per operator where one
+was measured: a layer norm moves its bytes 16x slower than an Add on the CPU here) and the
+per-node ``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
+calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, single
+operators, a chain of tiny ops), or, without one, from the target's published peaks times default efficiencies (the
 plan says which). The kernel facts of the registry correct what a roofline cannot know: on the
 CPU provider a GroupQueryAttention window or a SparseAttention layout computes every causal
 score (the kernels mask, they do not skip); SparseAttention on the CPU runs 1.6x slower than
@@ -56,7 +57,7 @@ class NodeCost:
     form: str = ""  # a quantized product's form ("int8-dynamic", "int4"): its own measured rate
 
     def seconds(self, profile: Profile) -> float:
-        memory = self.bytes / profile.bandwidth
+        memory = self.bytes / profile.op_bandwidth.get(self.op, profile.bandwidth)
         if self.kind == "memory":
             return profile.overhead + memory
         return profile.overhead + max(self.flops / profile.gemm_rate(self.flops, self.form), memory)
@@ -76,6 +77,10 @@ class Profile:
     # a quantized form's products, as ``gemm`` (measured by `sparsec calibrate` on the CPU);
     # a form without its own rates runs at the float rate
     quantized: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # bytes/s of an operator whose kernel is slower than a large element-wise Add (a layer norm,
+    # which ONNX Runtime fuses with the residual Add before it: 16x on the CPU here), measured at
+    # a transformer's sizes by `sparsec calibrate` on the CPU
+    op_bandwidth: dict[str, float] = field(default_factory=dict)
 
     def gemm_rate(self, flops: float, form: str = "") -> float:
         """FLOP/s at this size: log-linear interpolation between the measured sizes."""
@@ -98,6 +103,7 @@ class Profile:
         data = dict(data)
         data["gemm"] = [tuple(p) for p in data["gemm"]]
         data["quantized"] = {form: [tuple(p) for p in points] for form, points in data.get("quantized", {}).items()}
+        data.setdefault("op_bandwidth", {})  # profiles measured before operators had rates of their own
         return cls(**data)
 
 
@@ -435,7 +441,70 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
     if not runner.on_gpu:
         profile.quantized = {form: _quantized_rates(profile, spec, seconds, rng)
                              for form, spec in QUANTIZED_FORMS.items()}
+        profile.op_bandwidth = _operator_rates(profile, seconds, rng)
     return profile
+
+
+# Operators measured one by one (op, its inputs' shapes, attributes, what runs before it), at the
+# sizes of a small transformer's batch (512 tokens of width 384, 12 heads of 32): the operators
+# that make up most of an encoder's time besides its products. The layer norm is measured after
+# the residual Add and the Gelu after its bias Add, as ORT fuses them (SkipLayerNormalization,
+# BiasGelu); the Add's share, at the Add rate, is taken off.
+OPERATOR_PROBES = {
+    "LayerNormalization": ({"x": [16, 32, 384], "r": [16, 32, 384]}, {"axis": -1}, "Add"),
+    "Gelu": ({"x": [16, 32, 1536], "r": [1536]}, {}, "Add"),
+    "Softmax": ({"x": [16, 12, 32, 32]}, {"axis": -1}, None),
+    "Transpose": ({"x": [16, 32, 12, 32]}, {"perm": [0, 2, 1, 3]}, None),
+    "Where": ({"x": [16, 12, 32, 32]}, {}, None),
+}
+
+
+def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: str | None,
+                    rng) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A model of ``op`` (after ``before``, reading x and r) with its constant inputs, and a feed."""
+    from onnx import helper, numpy_helper
+
+    x = "s" if before else "x"
+    nodes = [helper.make_node(before, ["x", "r"], ["s"])] if before else []
+    consts: dict[str, np.ndarray] = {}
+    if op == "LayerNormalization":
+        consts = {"g": np.ones(inputs["x"][-1], np.float32), "b": np.zeros(inputs["x"][-1], np.float32)}
+        nodes.append(helper.make_node(op, [x, "g", "b"], ["y"], **attrs))
+    elif op == "Where":
+        shape = inputs["x"]
+        consts = {"c": rng.random((shape[0], 1, 1, shape[-1])) < 0.8, "f": np.array(-1e4, np.float32)}
+        nodes.append(helper.make_node(op, ["c", x, "f"], ["y"]))
+    else:
+        nodes.append(helper.make_node(op, [x], ["y"], **attrs))
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(n, 1, s) for n, s in inputs.items()],
+                              [helper.make_tensor_value_info("y", 1, None)],
+                              [numpy_helper.from_array(a, n) for n, a in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model.ir_version = 10
+    feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in inputs.items()}
+    return model.SerializeToString(), feed
+
+
+def _operator_rates(base: Profile, seconds, rng) -> dict[str, float]:
+    """Bytes/s of each of :data:`OPERATOR_PROBES`: its bytes over the measured time of its probe,
+    less what ``base`` predicts for the node before it and for the per-node overhead."""
+    import onnx
+    import onnx_ir as ir
+
+    rates = {}
+    for op, (inputs, attrs, before) in OPERATOR_PROBES.items():
+        model, feed = _operator_probe(op, inputs, attrs, before, rng)
+        t = seconds(model, feed)
+        with tempfile.TemporaryDirectory(prefix="sparsec-calibrate-") as tmp:
+            path = Path(tmp) / "probe.onnx"
+            onnx.save_model(onnx.load_from_string(model), str(path))
+            shapes, sizes, _ = _observe(path, feed)
+        graph = ir.serde.deserialize_model(onnx.load_from_string(model))
+        costs = graph_costs(graph, shapes, sizes)
+        (target,) = [c for c in costs if c.op == op]
+        around = sum(c.seconds(base) for c in costs if c is not target)
+        rates[op] = target.bytes / max(t - around - base.overhead, 0.05 * t)
+    return rates
 
 
 QUANTIZED_FORMS = {"int8-dynamic": "quantize:mode=dynamic", "int4": "quantize:mode=int4"}  # as the planner runs them

@@ -1,6 +1,7 @@
 """The cost model: work and bytes per node from observed shapes, the roofline with a profile,
 the CPU provider's attention facts, and predictions that move the right way."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -33,6 +34,11 @@ def test_profile_rates_interpolate_and_times_follow_the_roofline():
     memory = NodeCost("b", "Add", 0, 1e9, "memory")
     assert compute.seconds(PROFILE) == pytest.approx(1e-6 + 1e-2)
     assert memory.seconds(PROFILE) == pytest.approx(1e-6 + 1e-1)
+    # an operator with a rate of its own (a profile from `sparsec calibrate`) moves its bytes at it
+    slow = dataclasses.replace(PROFILE, op_bandwidth={"LayerNormalization": 1e9})
+    norm = NodeCost("c", "LayerNormalization", 0, 1e9, "memory")
+    assert norm.seconds(slow) == pytest.approx(1e-6 + 1.0) and memory.seconds(slow) == memory.seconds(PROFILE)
+    assert Profile.from_dict({k: v for k, v in PROFILE.to_dict().items() if k != "op_bandwidth"}).op_bandwidth == {}
 
 
 def test_quantized_products_run_at_their_forms_measured_rate(tmp_path):
@@ -109,6 +115,11 @@ def test_calibrate_measures_this_machine(tmp_path, monkeypatch):
     assert set(profile.quantized) == {"int8-dynamic", "int4"}  # ONNX Runtime's quantized products, measured
     assert all(len(points) == len(profile.gemm) and all(r > 1e8 for _, r in points)
                for points in profile.quantized.values())
+    # operators measured on their own: a layer norm (fused with the residual Add before it) is far
+    # slower than the bandwidth of a large Add; every rate is a real bytes/s
+    assert set(profile.op_bandwidth) == {"LayerNormalization", "Gelu", "Softmax", "Transpose", "Where"}
+    assert all(1e8 < rate < 1e12 for rate in profile.op_bandwidth.values())
+    assert profile.op_bandwidth["LayerNormalization"] < profile.bandwidth / 2
     assert main(["calibrate", "--target", "ampere"]) == 2  # a GPU target is not measured on this machine
     assert "published" in load_profile(get_target("ampere")).source
     copied = tmp_path / "profiles" / "ampere.json"  # a profile measured on the GPU machine, copied here
