@@ -10,8 +10,8 @@ has on a workload (one ONNX Runtime run with every intermediate value exposed), 
 was measured: a layer norm moves its bytes 16x slower than an Add on the CPU here) and the
 per-node ``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
 calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, single
-operators, a chain of tiny ops), or, without one, from the target's published peaks times default efficiencies (the
-plan says which). The kernel facts of the registry correct what a roofline cannot know: on the
+operators, a chain of tiny ops), or, without one, from the target's published peaks times
+default efficiencies (the plan says which). The kernel facts of the registry correct what a roofline cannot know: on the
 CPU provider a GroupQueryAttention window or a SparseAttention layout computes every causal
 score (the kernels mask, they do not skip); SparseAttention on the CPU runs 1.6x slower than
 GroupQueryAttention.
