@@ -80,7 +80,7 @@ def main() -> None:
     from sparsec.data import evaluation_data
     from sparsec.model_io import load_model
     from sparsec.models import build
-    from sparsec.runtime.bench import _calls
+    from sparsec.runtime.bench import timed_calls
     from sparsec.targets import get_target
 
     target = get_target("cpu")
@@ -94,7 +94,7 @@ def main() -> None:
         compile(src, passes=args.passes, output=candidate, best_effort=True, samples=1)
         paths = {"original": src, "candidate": candidate}
         sessions = {k: runner.session(p, threads=threads, spin=False, profile=Path(tmp) / k) for k, p in paths.items()}
-        calls = _calls(runner, sessions, feed, {})
+        calls = timed_calls(runner, sessions, feed, {})
         warmup = 3
         for _ in range(warmup + args.repeats):
             for call in calls.values():  # interleaved: both see the same machine

@@ -11,10 +11,12 @@ was measured: a layer norm moves its bytes 16x slower than an Add on the CPU her
 per-node ``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
 calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, single
 operators, a chain of tiny ops), or, without one, from the target's published peaks times
-default efficiencies (the plan says which). The kernel facts of the registry correct what a roofline cannot know: on the
-CPU provider a GroupQueryAttention window or a SparseAttention layout computes every causal
-score (the kernels mask, they do not skip); SparseAttention on the CPU runs 1.6x slower than
-GroupQueryAttention.
+default efficiencies (the plan says which). An integer product's quantization and scaling
+nodes, which ONNX Runtime fuses into it, take no time of their own: the product's quantized rate
+covers them (:func:`fused_into_products`). The kernel facts of the registry correct what a
+roofline cannot know: on the CPU provider a GroupQueryAttention window or a SparseAttention
+layout computes every causal score (the kernels mask, they do not skip); SparseAttention on the
+CPU runs 1.6x slower than GroupQueryAttention.
 
 Predictions are used as ratios (original against candidate, same workload, same profile):
 what a rewrite saves, not absolute times.
@@ -53,10 +55,12 @@ class NodeCost:
     op: str
     flops: float
     bytes: float
-    kind: str  # gemm | attention | memory
+    kind: str  # gemm | attention | memory | fused (part of a quantized product: no time of its own)
     form: str = ""  # a quantized product's form ("int8-dynamic", "int4"): its own measured rate
 
     def seconds(self, profile: Profile) -> float:
+        if self.kind == "fused":
+            return 0.0
         memory = self.bytes / profile.op_bandwidth.get(self.op, profile.bandwidth)
         if self.kind == "memory":
             return profile.overhead + memory
@@ -168,11 +172,39 @@ def _attention_flops(node, shapes: Mapping[str, tuple], provider: str) -> float:
     return flops
 
 
+def fused_into_products(model) -> dict[int, str]:
+    """The nodes that ONNX Runtime runs inside an integer product (id(node) -> the product's
+    form): the DynamicQuantizeLinear of its input, the product of the two scales, and the Cast
+    and scale Mul after it (DynamicQuantizeMatMul, MatMulIntegerToFloat). A form's rate is
+    measured over that whole chain (:func:`calibrate`), so they take no time of their own. A
+    DynamicQuantizeLinear shared by several products (a layer's Q, K and V) is then counted in
+    each: 2 extra quantizations of the input per layer, about 2% of a quantized MiniLM."""
+    fused = {}
+    for node in model.graph:
+        if node.op_type != "MatMulInteger":
+            continue
+        form = QUANTIZED_OPS[node.op_type]
+        quantize = node.inputs[0].producer() if node.inputs[0] is not None else None
+        if quantize is not None and quantize.op_type == "DynamicQuantizeLinear":
+            fused[id(quantize)] = form
+            fused.update((id(use.node), form) for use in quantize.outputs[1].uses() if use.node.op_type == "Mul")
+        for use in node.outputs[0].uses():
+            if use.node.op_type == "Cast":
+                fused[id(use.node)] = form
+                fused.update((id(after.node), form) for after in use.node.outputs[0].uses()
+                             if after.node.op_type == "Mul")
+    return fused
+
+
 def graph_costs(model, shapes: Mapping[str, tuple], itemsizes: Mapping[str, int],
                 provider: str = CPU) -> list[NodeCost]:
     """The cost of every node of ``model`` (an onnx_ir Model) given its values' shapes."""
     costs = []
+    fused = fused_into_products(model)
     for node in model.graph:
+        if id(node) in fused:
+            costs.append(NodeCost(node.name or node.op_type, node.op_type, 0.0, 0.0, "fused", fused[id(node)]))
+            continue
         inputs = [v for v in node.inputs if v is not None]
         moved = sum(_bytes(shapes.get(v.name), itemsizes.get(v.name, 4)) for v in inputs)
         moved += sum(_bytes(shapes.get(v.name), itemsizes.get(v.name, 4)) for v in node.outputs)
@@ -393,9 +425,12 @@ def measuring_runner(target, threads: int | None = None):
 def calibrate(target, threads: int | None = None, progress=None) -> Profile:
     """Measure this machine on the target's provider (:func:`measuring_runner`): products of
     several sizes, a large element-wise Add, and a chain of 64 tiny Adds (the per-node
-    overhead). On a GPU in fp16 (what GPU targets deploy), inputs and outputs on the device."""
+    overhead); on the CPU also the quantized products and single operators. On a GPU in fp16
+    (what GPU targets deploy), inputs and outputs on the device. Every probe is timed
+    interleaved with the others (:func:`sparsec.runtime.bench.interleaved_medians`), on sessions
+    that do not spin-wait, as :func:`~sparsec.runtime.bench.compare_speed` times models."""
     from sparsec.errors import InputError
-    from sparsec.runtime.bench import _calls
+    from sparsec.runtime.bench import interleaved_medians, timed_calls
 
     runner = measuring_runner(target, threads)
     if runner is None:
@@ -406,43 +441,70 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
     threads = threads or os.cpu_count() or 1
     rng = np.random.default_rng(0)
 
-    def seconds(model: bytes, feed: dict[str, np.ndarray], repeats: int = 20) -> float:
-        session = runner.session(model, threads=threads)
-        (call,) = _calls(runner, {"probe": session}, feed, {}).values()
-        for _ in range(3):
-            call()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return float(np.median(times))
-
-    gemm = []
-    for m, k, n in GPU_GEMM_SIZES if runner.on_gpu else GEMM_SIZES:
+    sizes = GPU_GEMM_SIZES if runner.on_gpu else GEMM_SIZES
+    probes = []
+    for m, k, n in sizes:
         weight = rng.standard_normal((k, n)).astype(dtype)
-        t = seconds(_single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight}, elem=elem),
-                    {"x": rng.standard_normal((m, k)).astype(dtype)})
-        gemm.append((2.0 * m * k * n, 2.0 * m * k * n / t))
-    gemm.sort()
-    size = 1 << (26 if runner.on_gpu else 22)
-    t = seconds(_single_node("Add", {"a": [size], "b": [size]}, elem=elem),
-                {"a": np.ones(size, dtype), "b": np.ones(size, dtype)})
-    bandwidth = 3 * size * np.dtype(dtype).itemsize / t
-    chain = 64
-    overhead = seconds(_single_node("Add", {"a": [1], "b": [1]}, chain=chain, elem=elem),
-                       {"a": np.ones(1, dtype), "b": np.ones(1, dtype)}, 50) / chain
+        probes.append((_single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight}, elem=elem),
+                       {"x": rng.standard_normal((m, k)).astype(dtype)}))
+    size, chain = 1 << (26 if runner.on_gpu else 22), 64
+    probes.append((_single_node("Add", {"a": [size], "b": [size]}, elem=elem),
+                   {"a": np.ones(size, dtype), "b": np.ones(size, dtype)}))
+    probes.append((_single_node("Add", {"a": [1], "b": [1]}, chain=chain, elem=elem),
+                   {"a": np.ones(1, dtype), "b": np.ones(1, dtype)}))
+    with tempfile.TemporaryDirectory(prefix="sparsec-calibrate-") as tmp:
+        quantized = {} if runner.on_gpu else \
+            {form: _quantized_probes(spec, rng, Path(tmp) / form) for form, spec in QUANTIZED_FORMS.items()}
+        operators = {} if runner.on_gpu else _operator_probes(rng, Path(tmp))
+    probes += [(p.model, p.feed) for group in (*quantized.values(), operators.values()) for p in group]
+    sessions = [runner.session(model, threads=threads, spin=False) for model, _ in probes]  # as models are timed
+    times = interleaved_medians([timed_calls(runner, {0: session}, feed, {})[0]
+                                 for session, (_, feed) in zip(sessions, probes)])
+    del sessions
+    gemm = sorted((2.0 * m * k * n, 2.0 * m * k * n / t) for (m, k, n), t in zip(sizes, times))
+    bandwidth = 3 * size * np.dtype(dtype).itemsize / times[len(sizes)]
+    overhead = times[len(sizes) + 1] / chain
     where = f"{runner.provider_names[0]}, {np.dtype(dtype).name}" if runner.on_gpu else \
         f"{platform.machine()}, {threads} threads"
     profile = Profile(target.name, gemm, bandwidth, overhead,
                       f"measured on {platform.node() or 'this host'} ({where}) by `sparsec calibrate`", threads,
                       {"processor": platform.processor(), "time": time.strftime("%Y-%m-%d %H:%M"),
                        "provider": runner.provider_names[0], "dtype": np.dtype(dtype).name})
-    if not runner.on_gpu:
-        profile.quantized = {form: _quantized_rates(profile, spec, seconds, rng)
-                             for form, spec in QUANTIZED_FORMS.items()}
-        profile.op_bandwidth = _operator_rates(profile, seconds, rng)
+    rest = iter(times[len(sizes) + 2:])
+    for form, form_probes in quantized.items():  # the product's share after what the profile predicts around it
+        profile.quantized[form] = sorted((p.target.flops, p.target.flops / p.share(next(rest), profile))
+                                         for p in form_probes)
+    for op, p in operators.items():
+        profile.op_bandwidth[op] = p.target.bytes / p.share(next(rest), profile)
     return profile
+
+
+@dataclass
+class _Probe:
+    """A probe graph, its feed, and its nodes' costs: ``target`` is the node being measured."""
+
+    model: bytes
+    feed: dict[str, np.ndarray]
+    costs: list[NodeCost]
+    target: NodeCost
+
+    def share(self, seconds: float, base: Profile) -> float:
+        """The target node's seconds of a measured ``seconds``: what ``base`` predicts for the
+        nodes around it and for the node's overhead are taken off (at least 5% is left)."""
+        around = sum(c.seconds(base) for c in self.costs if c is not self.target)
+        return max(seconds - around - base.overhead, 0.05 * seconds)
+
+
+def _probe(model: bytes, feed: dict[str, np.ndarray], path: Path, is_target) -> _Probe:
+    """A :class:`_Probe` of ``model`` (saved at ``path`` to observe its shapes)."""
+    import onnx
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(onnx.load_from_string(model), str(path))
+    shapes, sizes, graph = _observe(path, feed)
+    costs = graph_costs(graph, shapes, sizes)
+    (target,) = [c for c in costs if is_target(c)]
+    return _Probe(model, feed, costs, target)
 
 
 # Operators measured one by one (op, its inputs' shapes, attributes, what runs before it), at the
@@ -485,58 +547,42 @@ def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: 
     return model.SerializeToString(), feed
 
 
-def _operator_rates(base: Profile, seconds, rng) -> dict[str, float]:
-    """Bytes/s of each of :data:`OPERATOR_PROBES`: its bytes over the measured time of its probe,
-    less what ``base`` predicts for the node before it and for the per-node overhead."""
-    import onnx
-    import onnx_ir as ir
-
-    rates = {}
+def _operator_probes(rng, tmp: Path) -> dict[str, _Probe]:
+    """A probe of each of :data:`OPERATOR_PROBES`; its rate is its bytes over its share of the
+    probe's measured time."""
+    probes = {}
     for op, (inputs, attrs, before) in OPERATOR_PROBES.items():
         model, feed = _operator_probe(op, inputs, attrs, before, rng)
-        t = seconds(model, feed)
-        with tempfile.TemporaryDirectory(prefix="sparsec-calibrate-") as tmp:
-            path = Path(tmp) / "probe.onnx"
-            onnx.save_model(onnx.load_from_string(model), str(path))
-            shapes, sizes, _ = _observe(path, feed)
-        graph = ir.serde.deserialize_model(onnx.load_from_string(model))
-        costs = graph_costs(graph, shapes, sizes)
-        (target,) = [c for c in costs if c.op == op]
-        around = sum(c.seconds(base) for c in costs if c is not target)
-        rates[op] = target.bytes / max(t - around - base.overhead, 0.05 * t)
-    return rates
+        probes[op] = _probe(model, feed, tmp / f"{op}.onnx", lambda c, op=op: c.op == op)
+    return probes
 
 
 QUANTIZED_FORMS = {"int8-dynamic": "quantize:mode=dynamic", "int4": "quantize:mode=int4"}  # as the planner runs them
 
 
-def _quantized_rates(base: Profile, spec: str, seconds, rng) -> list[tuple[float, float]]:
-    """The rate of each GEMM size quantized by the ``quantize`` pass (``spec``): the product's share
-    of the measured time of the quantized graph, after what ``base`` predicts for the nodes around
-    it (DynamicQuantizeLinear, scale products: ORT fuses them, so predicting the quantized graph
-    node by node gives back the measured time)."""
+def _quantized_probes(spec: str, rng, tmp: Path, sizes=GEMM_SIZES) -> list[_Probe]:
+    """A probe of each GEMM size quantized by the ``quantize`` pass (``spec``). The product's rate
+    is over the measured time of the whole quantized graph: the nodes around an integer product
+    (DynamicQuantizeLinear, scale products, Cast) are ORT's one fused kernel, and
+    :func:`fused_into_products` gives them no time of their own. (Taking off what the profile
+    predicts for them instead left a small difference of noisy times: the int8 rate moved 4.2x
+    to 11.1x the float rate, and to 20-40x when the measured bandwidth fell, between three
+    calibrations of this 2-core machine.)"""
     import onnx
     import onnx_ir as ir
 
-    from sparsec.model_io import save_model
     from sparsec.pipeline import PassContext, parse_pass_specs, run_passes
 
-    points = []
-    with tempfile.TemporaryDirectory(prefix="sparsec-calibrate-") as tmp:
-        for i, (m, k, n) in enumerate(GEMM_SIZES):
-            weight = rng.standard_normal((k, n)).astype(np.float32)
-            model = ir.serde.deserialize_model(onnx.load_from_string(
-                _single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight})))
-            run_passes(model, parse_pass_specs(spec), PassContext())
-            path = save_model(model, Path(tmp) / f"q{i}.onnx")
-            feed = {"x": rng.standard_normal((m, k)).astype(np.float32)}
-            t = seconds(onnx.load(str(path)).SerializeToString(), feed)
-            shapes, sizes, graph = _observe(path, feed)
-            costs = graph_costs(graph, shapes, sizes)
-            around = sum(c.seconds(base) for c in costs if not c.form)
-            flops = 2.0 * m * k * n
-            points.append((flops, flops / max(t - around - base.overhead, 0.05 * t)))
-    return sorted(points)
+    probes = []
+    for i, (m, k, n) in enumerate(sizes):
+        weight = rng.standard_normal((k, n)).astype(np.float32)
+        model = ir.serde.deserialize_model(onnx.load_from_string(
+            _single_node("MatMul", {"x": [m, k], "w": [k, n]}, consts={"w": weight})))
+        run_passes(model, parse_pass_specs(spec), PassContext())
+        feed = {"x": rng.standard_normal((m, k)).astype(np.float32)}
+        probes.append(_probe(ir.serde.serialize_model(model).SerializeToString(), feed, tmp / f"q{i}.onnx",
+                             lambda c: bool(c.form) and c.kind != "fused"))
+    return probes
 
 
 def save_profile(profile: Profile, target_name: str) -> Path:

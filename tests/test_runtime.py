@@ -141,6 +141,28 @@ def test_timed_sessions_do_not_spin(tmp_path, monkeypatch):
     assert created == ["0", "0"]
 
 
+def test_interleaved_medians_keep_a_burst_of_other_work_to_one_round():
+    """Each call's result is its median over rounds of every call in turn: a burst on the machine
+    as long as 100 calls lands on one round of each probe and moves no result (timing one probe's
+    rounds after the other, it would cover five of the first probe's seven). A fake clock: each
+    call advances it by its cost."""
+    from sparsec.runtime.bench import interleaved_medians
+
+    now, calls_made = [0.0], [0]
+    costs = [1e-3, 4e-3, 2.5e-4]
+
+    def call(i):
+        def run():
+            calls_made[0] += 1
+            burst = 12 < calls_made[0] <= 112  # 100 calls, right after the warm-up
+            now[0] += costs[i] * (10 if burst else 1)
+        return run
+
+    times = interleaved_medians([call(i) for i in range(3)], rounds=7, round_seconds=0.02, clock=lambda: now[0])
+    assert times == pytest.approx(costs)
+    assert calls_made[0] > 7 * (20 + 5 + 80)  # each round: at least 0.02 s of each probe
+
+
 def test_a_profiled_session_writes_each_nodes_kernel_time(tmp_path):
     import json
 
