@@ -10,8 +10,8 @@ has on a workload (one ONNX Runtime run with every intermediate value exposed), 
 was measured: a layer norm moves its bytes 16x slower than an Add on the CPU here) and the
 per-node ``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
 calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, single
-operators, a chain of tiny ops), or, without one, from the target's published peaks times
-default efficiencies (the plan says which). An integer product's quantization and scaling
+operators, GroupQueryAttention, a chain of tiny ops), or, without one, from the target's
+published peaks times default efficiencies (the plan says which). An integer product's quantization and scaling
 nodes, which ONNX Runtime fuses into it, take no time of their own: the product's quantized rate
 covers them (:func:`fused_into_products`). The kernel facts of the registry correct what a
 roofline cannot know: on the CPU provider a GroupQueryAttention window or a SparseAttention
@@ -64,7 +64,9 @@ class NodeCost:
         memory = self.bytes / profile.op_bandwidth.get(self.op, profile.bandwidth)
         if self.kind == "memory":
             return profile.overhead + memory
-        return profile.overhead + max(self.flops / profile.gemm_rate(self.flops, self.form), memory)
+        rate = profile.attention_rate(self.flops, self.op) if self.kind == "attention" else \
+            profile.gemm_rate(self.flops, self.form)
+        return profile.overhead + max(self.flops / rate, memory)
 
 
 @dataclass
@@ -85,19 +87,20 @@ class Profile:
     # which ONNX Runtime fuses with the residual Add before it: 16x on the CPU here), measured at
     # a transformer's sizes by `sparsec calibrate` on the CPU
     op_bandwidth: dict[str, float] = field(default_factory=dict)
+    # GroupQueryAttention's FLOP/s on causal prompts of several lengths, as ``gemm`` (measured by
+    # `sparsec calibrate` on the CPU: 5x slower than the products there); SparseAttention runs at
+    # it too (times CPU_ATTENTION_SLOWDOWN); without it, attention runs at the product rate
+    attention: list[tuple[float, float]] = field(default_factory=list)
 
     def gemm_rate(self, flops: float, form: str = "") -> float:
         """FLOP/s at this size: log-linear interpolation between the measured sizes."""
-        points = self.quantized.get(form) or self.gemm
-        if flops <= points[0][0]:
-            return points[0][1] * max(flops / points[0][0], 1e-3) ** 0.5  # smaller: less efficient
-        if flops >= points[-1][0]:
-            return points[-1][1]
-        for (f0, r0), (f1, r1) in zip(points, points[1:]):
-            if f0 <= flops <= f1:
-                w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
-                return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w)
-        return points[-1][1]
+        return _interpolate(self.quantized.get(form) or self.gemm, flops)
+
+    def attention_rate(self, flops: float, op: str) -> float:
+        """FLOP/s of an attention node of ``op`` at this size."""
+        if self.attention and op in MEASURED_ATTENTION:
+            return _interpolate(self.attention, flops)
+        return self.gemm_rate(flops)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +111,25 @@ class Profile:
         data["gemm"] = [tuple(p) for p in data["gemm"]]
         data["quantized"] = {form: [tuple(p) for p in points] for form, points in data.get("quantized", {}).items()}
         data.setdefault("op_bandwidth", {})  # profiles measured before operators had rates of their own
+        data["attention"] = [tuple(p) for p in data.get("attention", [])]  # ... or attention
         return cls(**data)
+
+
+# The attention kernels whose rate `sparsec calibrate` measures (on GroupQueryAttention).
+MEASURED_ATTENTION = {"GroupQueryAttention", "SparseAttention"}
+
+
+def _interpolate(points: list[tuple[float, float]], flops: float) -> float:
+    """FLOP/s at ``flops`` from (flops, FLOP/s) points: log-linear between the measured sizes."""
+    if flops <= points[0][0]:
+        return points[0][1] * max(flops / points[0][0], 1e-3) ** 0.5  # smaller: less efficient
+    if flops >= points[-1][0]:
+        return points[-1][1]
+    for (f0, r0), (f1, r1) in zip(points, points[1:]):
+        if f0 <= flops <= f1:
+            w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+            return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w)
+    return points[-1][1]
 
 
 def profile_dir() -> Path:
@@ -425,7 +446,7 @@ def measuring_runner(target, threads: int | None = None):
 def calibrate(target, threads: int | None = None, progress=None) -> Profile:
     """Measure this machine on the target's provider (:func:`measuring_runner`): products of
     several sizes, a large element-wise Add, and a chain of 64 tiny Adds (the per-node
-    overhead); on the CPU also the quantized products and single operators. On a GPU in fp16
+    overhead); on the CPU also the quantized products, single operators and GroupQueryAttention. On a GPU in fp16
     (what GPU targets deploy), inputs and outputs on the device. Every probe is timed
     interleaved with the others (:func:`sparsec.runtime.bench.interleaved_medians`), on sessions
     that do not spin-wait, as :func:`~sparsec.runtime.bench.compare_speed` times models."""
@@ -456,7 +477,8 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
         quantized = {} if runner.on_gpu else \
             {form: _quantized_probes(spec, rng, Path(tmp) / form) for form, spec in QUANTIZED_FORMS.items()}
         operators = {} if runner.on_gpu else _operator_probes(rng, Path(tmp))
-    probes += [(p.model, p.feed) for group in (*quantized.values(), operators.values()) for p in group]
+        attention = [] if runner.on_gpu else _attention_probes(rng, Path(tmp))
+    probes += [(p.model, p.feed) for group in (*quantized.values(), operators.values(), attention) for p in group]
     sessions = [runner.session(model, threads=threads, spin=False) for model, _ in probes]  # as models are timed
     times = interleaved_medians([timed_calls(runner, {0: session}, feed, {})[0]
                                  for session, (_, feed) in zip(sessions, probes)])
@@ -476,6 +498,7 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
                                          for p in form_probes)
     for op, p in operators.items():
         profile.op_bandwidth[op] = p.target.bytes / p.share(next(rest), profile)
+    profile.attention = sorted((p.target.flops, p.target.flops / p.share(next(rest), profile)) for p in attention)
     return profile
 
 
@@ -554,6 +577,39 @@ def _operator_probes(rng, tmp: Path) -> dict[str, _Probe]:
     for op, (inputs, attrs, before) in OPERATOR_PROBES.items():
         model, feed = _operator_probe(op, inputs, attrs, before, rng)
         probes[op] = _probe(model, feed, tmp / f"{op}.onnx", lambda c, op=op: c.op == op)
+    return probes
+
+
+# GroupQueryAttention measured on causal prompts of these lengths, in a small decoder's layout
+# (SmolLM2's: 9 query heads and 3 key/value heads of 64, rotary); as fused by the attention pass.
+ATTENTION_PROMPTS = (128, 512, 1024)
+
+
+def _attention_probes(rng, tmp: Path) -> list[_Probe]:
+    """A GroupQueryAttention probe per prompt length of :data:`ATTENTION_PROMPTS`."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    heads, kv_heads, dim = 9, 3, 64
+    probes = []
+    for length in ATTENTION_PROMPTS:
+        node = helper.make_node("GroupQueryAttention", ["q", "k", "v", "", "", "seqlens", "total", "cos", "sin"],
+                                ["y", "present_key", "present_value"], domain="com.microsoft", num_heads=heads,
+                                kv_num_heads=kv_heads, do_rotary=1)
+        widths = {"q": heads * dim, "k": kv_heads * dim, "v": kv_heads * dim}
+        angles = np.outer(np.arange(length), 1e4 ** (-np.arange(dim // 2) * 2 / dim)).astype(np.float32)
+        consts = {"seqlens": np.array([length - 1], np.int32), "total": np.array(length, np.int32),
+                  "cos": np.cos(angles), "sin": np.sin(angles)}
+        graph = helper.make_graph(
+            [node], "probe", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, length, w])
+                              for n, w in widths.items()],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(a, n) for n, a in consts.items()])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                        helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        feed = {n: rng.standard_normal((1, length, w)).astype(np.float32) for n, w in widths.items()}
+        probes.append(_probe(model.SerializeToString(), feed, tmp / f"attention{length}.onnx",
+                             lambda c: c.kind == "attention"))
     return probes
 
 
