@@ -56,8 +56,11 @@ def summary(profiles: list[dict]) -> dict:
         out["quantized"][form] = {
             f"{f / 1e6:.0f} MFLOP": spread([dict(map(tuple, p["quantized"][form]))[f] / fl[f]
                                             for p, fl in zip(profiles, floats)]) for f in sizes}
-    for op in profiles[0].get("op_bandwidth", {}):
-        out["operators"][op] = spread([p["op_bandwidth"][op] / 1e9 for p in profiles])
+    for op, points in profiles[0].get("op_bandwidth", {}).items():
+        for i, point in enumerate(points if isinstance(points, list) else [points]):
+            label = f"{op} at {point[0] / 2**20:.2g} MiB" if isinstance(point, list) else op
+            out["operators"][label] = spread([(p["op_bandwidth"][op][i][1] if isinstance(point, list)
+                                               else p["op_bandwidth"][op]) / 1e9 for p in profiles])
     return out
 
 

@@ -61,7 +61,7 @@ class NodeCost:
     def seconds(self, profile: Profile) -> float:
         if self.kind == "fused":
             return 0.0
-        memory = self.bytes / profile.op_bandwidth.get(self.op, profile.bandwidth)
+        memory = self.bytes / profile.memory_rate(self.op, self.bytes)
         if self.kind == "memory":
             return profile.overhead + memory
         rate = profile.attention_rate(self.flops, self.op) if self.kind == "attention" else \
@@ -83,10 +83,11 @@ class Profile:
     # a quantized form's products, as ``gemm`` (measured by `sparsec calibrate` on the CPU);
     # a form without its own rates runs at the float rate
     quantized: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    # bytes/s of an operator whose kernel is slower than a large element-wise Add (a layer norm,
-    # which ONNX Runtime fuses with the residual Add before it: 16x on the CPU here), measured at
-    # a transformer's sizes by `sparsec calibrate` on the CPU
-    op_bandwidth: dict[str, float] = field(default_factory=dict)
+    # (bytes moved, bytes/s) of an operator whose kernel is slower than a large element-wise Add
+    # (a layer norm, which ONNX Runtime fuses with the residual Add before it: 16x on the CPU
+    # here), measured at a small encoder's and a small decoder's sizes by `sparsec calibrate` on
+    # the CPU, sorted by bytes
+    op_bandwidth: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     # GroupQueryAttention's FLOP/s on causal prompts of several lengths, as ``gemm`` (measured by
     # `sparsec calibrate` on the CPU: 5x slower than the products there); SparseAttention runs at
     # it too (times CPU_ATTENTION_SLOWDOWN); without it, attention runs at the product rate
@@ -95,6 +96,18 @@ class Profile:
     def gemm_rate(self, flops: float, form: str = "") -> float:
         """FLOP/s at this size: log-linear interpolation between the measured sizes."""
         return _interpolate(self.quantized.get(form) or self.gemm, flops)
+
+    def memory_rate(self, op: str, nbytes: float) -> float:
+        """Bytes/s of a node of ``op`` moving ``nbytes``: log-linear between the operator's
+        measured sizes, its nearest one outside them; the large Add's bandwidth without any."""
+        points = self.op_bandwidth.get(op)
+        if not points:
+            return self.bandwidth
+        if nbytes <= points[0][0]:
+            return points[0][1]
+        if nbytes >= points[-1][0]:
+            return points[-1][1]
+        return _interpolate(points, nbytes)
 
     def attention_rate(self, flops: float, op: str) -> float:
         """FLOP/s of an attention node of ``op`` at this size."""
@@ -110,7 +123,9 @@ class Profile:
         data = dict(data)
         data["gemm"] = [tuple(p) for p in data["gemm"]]
         data["quantized"] = {form: [tuple(p) for p in points] for form, points in data.get("quantized", {}).items()}
-        data.setdefault("op_bandwidth", {})  # profiles measured before operators had rates of their own
+        # profiles measured before operators had rates of their own, or one rate each
+        data["op_bandwidth"] = {op: [tuple(p) for p in rates] if isinstance(rates, list) else [(0.0, rates)]
+                                for op, rates in data.get("op_bandwidth", {}).items()}
         data["attention"] = [tuple(p) for p in data.get("attention", [])]  # ... or attention
         return cls(**data)
 
@@ -478,7 +493,7 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
             {form: _quantized_probes(spec, rng, Path(tmp) / form) for form, spec in QUANTIZED_FORMS.items()}
         operators = {} if runner.on_gpu else _operator_probes(rng, Path(tmp))
         attention = [] if runner.on_gpu else _attention_probes(rng, Path(tmp))
-    probes += [(p.model, p.feed) for group in (*quantized.values(), operators.values(), attention) for p in group]
+    probes += [(p.model, p.feed) for group in (*quantized.values(), *operators.values(), attention) for p in group]
     sessions = [runner.session(model, threads=threads, spin=False) for model, _ in probes]  # as models are timed
     times = interleaved_medians([timed_calls(runner, {0: session}, feed, {})[0]
                                  for session, (_, feed) in zip(sessions, probes)])
@@ -496,8 +511,9 @@ def calibrate(target, threads: int | None = None, progress=None) -> Profile:
     for form, form_probes in quantized.items():  # the product's share after what the profile predicts around it
         profile.quantized[form] = sorted((p.target.flops, p.target.flops / p.share(next(rest), profile))
                                          for p in form_probes)
-    for op, p in operators.items():
-        profile.op_bandwidth[op] = p.target.bytes / p.share(next(rest), profile)
+    for op, op_probes in operators.items():
+        profile.op_bandwidth[op] = sorted((p.target.bytes, p.target.bytes / p.share(next(rest), profile))
+                                          for p in op_probes)
     profile.attention = sorted((p.target.flops, p.target.flops / p.share(next(rest), profile)) for p in attention)
     return profile
 
@@ -530,23 +546,29 @@ def _probe(model: bytes, feed: dict[str, np.ndarray], path: Path, is_target) -> 
     return _Probe(model, feed, costs, target)
 
 
-# Operators measured one by one (op, its inputs' shapes, attributes, what runs before it), at the
-# sizes of a small transformer's batch (512 tokens of width 384, 12 heads of 32): the operators
-# that make up most of an encoder's time besides its products. The layer norm is measured after
-# the residual Add and the Gelu after its bias Add, as ORT fuses them (SkipLayerNormalization,
-# BiasGelu); the Add's share, at the Add rate, is taken off.
+# Operators measured one by one (op, its inputs' shapes at a small encoder's and a small
+# decoder's sizes, attributes, what runs before it): the operators that make up most of a
+# transformer's time besides its products. A small encoder: 16 sentences of 32 tokens, width 384,
+# 12 heads of 32; a small decoder: 512 tokens, width 576, 9 heads of 64 (SmolLM2's unfused
+# attention scores, 9.4 MB, causally masked). The layer norm is
+# measured after the residual Add and the Gelu after its bias Add, as ORT fuses them
+# (SkipLayerNormalization, BiasGelu); the Add's share, at the Add rate, is taken off.
 OPERATOR_PROBES = {
-    "LayerNormalization": ({"x": [16, 32, 384], "r": [16, 32, 384]}, {"axis": -1}, "Add"),
-    "Gelu": ({"x": [16, 32, 1536], "r": [1536]}, {}, "Add"),
-    "Softmax": ({"x": [16, 12, 32, 32]}, {"axis": -1}, None),
-    "Transpose": ({"x": [16, 32, 12, 32]}, {"perm": [0, 2, 1, 3]}, None),
-    "Where": ({"x": [16, 12, 32, 32]}, {}, None),
+    "LayerNormalization": ([{"x": [16, 32, 384], "r": [16, 32, 384]}, {"x": [1, 512, 576], "r": [1, 512, 576]}],
+                           {"axis": -1}, "Add"),
+    "Gelu": ([{"x": [16, 32, 1536], "r": [1536]}, {"x": [4, 512, 1536], "r": [1536]}], {}, "Add"),
+    "Softmax": ([{"x": [16, 12, 32, 32]}, {"x": [1, 9, 512, 512]}], {"axis": -1}, None),
+    "Transpose": ([{"x": [16, 32, 12, 32]}, {"x": [1, 512, 9, 64]}], {"perm": [0, 2, 1, 3]}, None),
+    "Where": ([{"x": [16, 12, 32, 32]}, {"x": [1, 9, 512, 512]}], {}, None),
 }
 
 
 def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: str | None,
-                    rng) -> tuple[bytes, dict[str, np.ndarray]]:
-    """A model of ``op`` (after ``before``, reading x and r) with its constant inputs, and a feed."""
+                    rng, causal: bool = False) -> tuple[bytes, dict[str, np.ndarray]]:
+    """A model of ``op`` (after ``before``, reading x and r) with its constant inputs, and a feed.
+    A Softmax's scores arrive masked, as attention's do: an encoder's padding (the last quarter
+    of the keys) or, where ``causal``, a decoder's causal mask. The exponentials of masked
+    scores take a slow path: 9.4 MB of scores half masked ran at 5.4 GB/s here, unmasked at 42."""
     from onnx import helper, numpy_helper
 
     x = "s" if before else "x"
@@ -567,16 +589,21 @@ def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: 
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
     feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in inputs.items()}
+    if op == "Softmax":
+        keys = inputs["x"][-1]
+        masked = np.triu(np.ones((keys, keys), bool), 1) if causal else np.arange(keys) >= 0.75 * keys
+        feed["x"] = np.where(masked, np.finfo(np.float32).min, feed["x"]).astype(np.float32)
     return model.SerializeToString(), feed
 
 
-def _operator_probes(rng, tmp: Path) -> dict[str, _Probe]:
-    """A probe of each of :data:`OPERATOR_PROBES`; its rate is its bytes over its share of the
-    probe's measured time."""
-    probes = {}
-    for op, (inputs, attrs, before) in OPERATOR_PROBES.items():
-        model, feed = _operator_probe(op, inputs, attrs, before, rng)
-        probes[op] = _probe(model, feed, tmp / f"{op}.onnx", lambda c, op=op: c.op == op)
+def _operator_probes(rng, tmp: Path) -> dict[str, list[_Probe]]:
+    """The probes of each of :data:`OPERATOR_PROBES`, one per size; a rate is the operator's
+    bytes over its share of the probe's measured time."""
+    probes: dict[str, list[_Probe]] = {}
+    for op, (sizes, attrs, before) in OPERATOR_PROBES.items():
+        for i, inputs in enumerate(sizes):  # an encoder's sizes, then a decoder's
+            model, feed = _operator_probe(op, inputs, attrs, before, rng, causal=i == 1)
+            probes.setdefault(op, []).append(_probe(model, feed, tmp / f"{op}{i}.onnx", lambda c, op=op: c.op == op))
     return probes
 
 

@@ -35,10 +35,18 @@ def test_profile_rates_interpolate_and_times_follow_the_roofline():
     assert compute.seconds(PROFILE) == pytest.approx(1e-6 + 1e-2)
     assert memory.seconds(PROFILE) == pytest.approx(1e-6 + 1e-1)
     # an operator with a rate of its own (a profile from `sparsec calibrate`) moves its bytes at it
-    slow = dataclasses.replace(PROFILE, op_bandwidth={"LayerNormalization": 1e9})
+    # an operator with rates of its own (a profile from `sparsec calibrate`) moves its bytes at
+    # them: at its measured sizes, log-linear between them, the nearest one outside them
+    slow = dataclasses.replace(PROFILE, op_bandwidth={"LayerNormalization": [(1e6, 4e9), (1e8, 1e9)]})
     norm = NodeCost("c", "LayerNormalization", 0, 1e9, "memory")
     assert norm.seconds(slow) == pytest.approx(1e-6 + 1.0) and memory.seconds(slow) == memory.seconds(PROFILE)
-    assert Profile.from_dict({k: v for k, v in PROFILE.to_dict().items() if k != "op_bandwidth"}).op_bandwidth == {}
+    assert slow.memory_rate("LayerNormalization", 1e6) == 4e9 and slow.memory_rate("LayerNormalization", 1e3) == 4e9
+    assert slow.memory_rate("LayerNormalization", 1e7) == pytest.approx(2e9)
+    assert slow.memory_rate("Add", 1e7) == PROFILE.bandwidth
+    assert Profile.from_dict(slow.to_dict()) == slow
+    old = {k: v for k, v in PROFILE.to_dict().items() if k != "op_bandwidth"}
+    assert Profile.from_dict(old).op_bandwidth == {}  # measured before operators had rates
+    assert Profile.from_dict({**old, "op_bandwidth": {"Gelu": 5e9}}).memory_rate("Gelu", 1e9) == 5e9  # one each
 
 
 def test_quantized_products_run_at_their_forms_measured_rate(tmp_path):
@@ -108,6 +116,20 @@ def test_cpu_attention_windows_cost_as_much_as_dense_elsewhere_less():
     assert graph_costs(_gqa(8), shapes, sizes, "CUDAExecutionProvider")[0].flops == 4 * 2 * 64 * 8 * 16
 
 
+def test_softmax_probes_read_masked_scores_as_attention_does():
+    """Masked scores make the CPU's Softmax 8x slower per byte (5.4 against 42 GB/s here): the
+    probes mask a decoder's scores causally and an encoder's last quarter of keys (padding)."""
+    from sparsec.cost import _operator_probe
+
+    low = np.finfo(np.float32).min
+    _, feed = _operator_probe("Softmax", {"x": [1, 2, 8, 8]}, {"axis": -1}, None, np.random.default_rng(0),
+                              causal=True)
+    above = np.triu(np.ones((8, 8), bool), 1)
+    assert (feed["x"][..., above] == low).all() and (feed["x"][..., ~above] > low).all()
+    _, feed = _operator_probe("Softmax", {"x": [2, 2, 8, 8]}, {"axis": -1}, None, np.random.default_rng(0))
+    assert (feed["x"][..., 6:] == low).all() and (feed["x"][..., :6] > low).all()
+
+
 def test_fused_attention_runs_at_the_measured_attention_rate():
     """GroupQueryAttention on the CPU runs 5-6x below the product rate (SmolLM2's 30 nodes: 52 ms
     at the product rate, 277 ms measured): a profile from calibrate carries its own rate, which
@@ -155,11 +177,12 @@ def test_calibrate_measures_this_machine(tmp_path, monkeypatch):
     assert set(profile.quantized) == {"int8-dynamic", "int4"}  # ONNX Runtime's quantized products, measured
     assert all(len(points) == len(profile.gemm) and all(r > 1e8 for _, r in points)
                for points in profile.quantized.values())
-    # operators measured on their own: a layer norm (fused with the residual Add before it) is far
-    # slower than the bandwidth of a large Add; every rate is a real bytes/s
+    # operators measured on their own at two sizes: a layer norm (fused with the residual Add
+    # before it) is far slower than the bandwidth of a large Add; every rate is a real bytes/s
     assert set(profile.op_bandwidth) == {"LayerNormalization", "Gelu", "Softmax", "Transpose", "Where"}
-    assert all(1e8 < rate < 1e12 for rate in profile.op_bandwidth.values())
-    assert profile.op_bandwidth["LayerNormalization"] < profile.bandwidth / 2
+    assert all(len(points) == 2 and all(1e8 < rate < 1e12 for _, rate in points)
+               for points in profile.op_bandwidth.values())
+    assert all(rate < profile.bandwidth / 2 for _, rate in profile.op_bandwidth["LayerNormalization"])
     # GroupQueryAttention on causal prompts of 128-1024 tokens: slower than a product of its size
     assert len(profile.attention) == 3 and all(r > 1e8 for _, r in profile.attention)
     assert all(rate < profile.gemm_rate(flops) for flops, rate in profile.attention)
