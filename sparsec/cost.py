@@ -11,9 +11,9 @@ was measured: a layer norm moves its bytes 16x slower than an Add on the CPU her
 per-node ``overhead`` come from a :class:`Profile`: measured on the machine at hand by ``sparsec
 calibrate`` (micro-benchmarks: products of several sizes, a large element-wise op, single
 operators, GroupQueryAttention, a chain of tiny ops), or, without one, from the target's
-published peaks times default efficiencies (the plan says which). An integer product's quantization and scaling
-nodes, which ONNX Runtime fuses into it, take no time of their own: the product's quantized rate
-covers them (:func:`fused_into_products`). The kernel facts of the registry correct what a
+published peaks times default efficiencies (the plan says which). An integer product's
+quantization and scaling nodes, which ONNX Runtime fuses into it, take no time of their own:
+the product's quantized rate covers them (:func:`fused_into_products`). The kernel facts of the registry correct what a
 roofline cannot know: on the CPU provider a GroupQueryAttention window or a SparseAttention
 layout computes every causal score (the kernels mask, they do not skip); SparseAttention on the
 CPU runs 1.6x slower than GroupQueryAttention.
@@ -89,7 +89,7 @@ class Profile:
     # the CPU, sorted by bytes
     op_bandwidth: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     # GroupQueryAttention's FLOP/s on causal prompts of several lengths, as ``gemm`` (measured by
-    # `sparsec calibrate` on the CPU: 5x slower than the products there); SparseAttention runs at
+    # `sparsec calibrate` on the CPU: 6x slower than products there); SparseAttention runs at
     # it too (times CPU_ATTENTION_SLOWDOWN); without it, attention runs at the product rate
     attention: list[tuple[float, float]] = field(default_factory=list)
 
@@ -134,15 +134,16 @@ class Profile:
 MEASURED_ATTENTION = {"GroupQueryAttention", "SparseAttention"}
 
 
-def _interpolate(points: list[tuple[float, float]], flops: float) -> float:
-    """FLOP/s at ``flops`` from (flops, FLOP/s) points: log-linear between the measured sizes."""
-    if flops <= points[0][0]:
-        return points[0][1] * max(flops / points[0][0], 1e-3) ** 0.5  # smaller: less efficient
-    if flops >= points[-1][0]:
+def _interpolate(points: list[tuple[float, float]], size: float) -> float:
+    """The rate at ``size`` from (size, rate) points sorted by size: log-linear between the
+    measured sizes; below them less efficient, above them the largest one's."""
+    if size <= points[0][0]:
+        return points[0][1] * max(size / points[0][0], 1e-3) ** 0.5  # smaller: less efficient
+    if size >= points[-1][0]:
         return points[-1][1]
     for (f0, r0), (f1, r1) in zip(points, points[1:]):
-        if f0 <= flops <= f1:
-            w = (math.log(flops) - math.log(f0)) / (math.log(f1) - math.log(f0))
+        if f0 <= size <= f1:
+            w = (math.log(size) - math.log(f0)) / (math.log(f1) - math.log(f0))
             return math.exp(math.log(r0) * (1 - w) + math.log(r1) * w)
     return points[-1][1]
 
@@ -461,8 +462,8 @@ def measuring_runner(target, threads: int | None = None):
 def calibrate(target, threads: int | None = None, progress=None) -> Profile:
     """Measure this machine on the target's provider (:func:`measuring_runner`): products of
     several sizes, a large element-wise Add, and a chain of 64 tiny Adds (the per-node
-    overhead); on the CPU also the quantized products, single operators and GroupQueryAttention. On a GPU in fp16
-    (what GPU targets deploy), inputs and outputs on the device. Every probe is timed
+    overhead); on the CPU also the quantized products, single operators and GroupQueryAttention.
+    On a GPU in fp16 (what GPU targets deploy), inputs and outputs on the device. Every probe is timed
     interleaved with the others (:func:`sparsec.runtime.bench.interleaved_medians`), on sessions
     that do not spin-wait, as :func:`~sparsec.runtime.bench.compare_speed` times models."""
     from sparsec.errors import InputError
