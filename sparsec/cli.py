@@ -611,6 +611,9 @@ def calibrate_cmd(target, threads, as_json) -> None:
         _echo("operators (GB/s at the sizes measured, against the bandwidth above): "
               + "; ".join(f"{op} " + ", ".join(f"{b / 2**20:.2g} MiB {r / 1e9:.1f}" for b, r in points)
                           for op, points in profile.op_bandwidth.items()))
+    if profile.attention:
+        _echo("attention (GroupQueryAttention, causal prompts): "
+              + ", ".join(f"{f / 1e6:.3g} MFLOP: {r / 1e9:.1f} GFLOP/s" for f, r in profile.attention))
     _echo(f"wrote {path} (compile's planner uses it for target '{target}' on this host; where models are"
           f" compiled on another machine, copy it there as {path.parent / (target + '.json')})")
 
