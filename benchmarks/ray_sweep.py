@@ -35,7 +35,7 @@ CANDIDATES = ["ffn-neurons:ratio=0.25", "ffn-neurons:ratio=0.5", "attention-head
               "moe:experts=8,k=4", "ffn-neurons:ratio=0.75", "block:rows=16,cols=16,sparsity=0.5"]
 TIMING = ("speedup", "median_ms", "speedup_p10", "speedup_p90", "pareto")
 # what two halves must share to go into one table
-SETTINGS = ("model", "candidates", "machine", "calib_samples", "repeats")
+SETTINGS = ("model", "candidates", "machine", "calib_samples", "repeats", "threads", "torch_threads")
 
 
 def figures(sweep: dict) -> list[dict]:
@@ -58,6 +58,8 @@ def run(model: str, specs: list[str], engine, args) -> tuple[dict, float, list[f
 
 def measure(args) -> dict:
     """One or both halves on this machine: the settings, and each run's wall time and sweep."""
+    import torch
+
     from sparsec.engine import make_engine
     from sparsec.models import build
 
@@ -77,7 +79,7 @@ def measure(args) -> dict:
                            "command": command, "sweep": sweep}
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     return {"model": args.model, "candidates": specs, "machine": machine, "calib_samples": args.calib_samples,
-            "repeats": args.repeats, "runs": runs}
+            "repeats": args.repeats, "threads": args.threads, "torch_threads": torch.get_num_threads(), "runs": runs}
 
 
 def combine(parts: list[dict]) -> dict:
@@ -112,7 +114,9 @@ def table(data: dict, tag: str) -> list[str]:
     lines = [f"# sweep of {len(data['candidates'])} candidates on {data['model']}: in-process vs Ray ({tag})", "",
              f"Machine: {data['machine']}. Each candidate compiled with {data['calib_samples']} calibration samples"
              " of the built-in text and verified on its held-out text (pydoc evaluation split), then all timed side"
-             f" by side (at least {data.get('repeats', 15)} repeats) ({'; '.join(commands)}).", "",
+             f" by side (at least {data.get('repeats', 15)} repeats) ({'; '.join(commands)}).",
+             f"Threads: ONNX Runtime {data.get('threads') or 'one per core'}, torch and BLAS"
+             f" {data.get('torch_threads') or 'one per core'} (`OMP_NUM_THREADS`), in both runs.", "",
              "| run | wall s (sweep) | Ray start-up s | engine | load before / after |", "|---|---|---|---|---|"]
     for name, r in runs.items():
         load = " / ".join(f"{x:.1f}" for x in r["load"]) if "load" in r else "-"

@@ -39,7 +39,8 @@ from sparsec.recipe import Recipe, recipe_text, replayable, validate
 from sparsec.runtime.session import Runner
 from sparsec.runtime.staged import STAGE_BYTES
 from sparsec.targets import Target, get_target
-from sparsec.verify import Judgement, Verdict, judge, unchanged_judgement, verify_models, verify_staged
+from sparsec.verify import (Judgement, Verdict, judge, shared_reference_outputs, unchanged_judgement, verify_against,
+                            verify_models, verify_staged)
 
 # Models with more weight bytes than this are compiled streamed: rewritten weights spill to
 # disk, verification runs in stages (never two whole models in memory), no onnx.checker.
@@ -172,6 +173,7 @@ def compile(
     on_plan: Callable[[Plan], None] | None = None,
     engine: Any = None,
     jobs: int | None = None,
+    shared_references: str | os.PathLike | None = None,
     **options: Any,
 ) -> CompileResult:
     """Compile an ONNX model; write the result and its reports.
@@ -202,6 +204,9 @@ def compile(
             not depend on it.
         jobs: in this process, solves of one stage run at once in this many threads (default:
             one per core, at most 8); the result does not depend on it.
+        shared_references: a folder where the original's outputs on the verification inputs
+            are kept: compiles of the same model on the same inputs that share it run the
+            original once (a sweep's candidates do). Not used by models verified in stages.
 
     Raises:
         InputError, OptionError, OutputError: bad input (exit code 2), before any work.
@@ -265,7 +270,8 @@ def compile(
                 result.judgement = unchanged_judgement()
             else:
                 feeds = feeds or feeds_stage(loaded, recipe, runner, streamed, specs)
-                result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress)
+                result.verdicts = verify_stage(loaded, staged, plan, feeds, evaluation, runner, streamed, progress,
+                                               shared_references, analysis.fingerprint)
                 result.judgement = judge(result.verdicts, plan.budget, exact=plan.exact)
             clock.lap("verify")
             if benchmark:
@@ -430,8 +436,12 @@ def feeds_stage(loaded: LoadedModel, recipe: Recipe, runner: Runner, streamed: b
 
 
 def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluation: EvaluationData | None,
-                 runner: Runner, streamed: bool, progress: Progress) -> dict[str, Verdict]:
-    """The staged output against the original: on the input sets, and on real inputs if any."""
+                 runner: Runner, streamed: bool, progress: Progress, shared: str | os.PathLike | None = None,
+                 model_key: str = "") -> dict[str, Verdict]:
+    """The staged output against the original: on the input sets, and on real inputs if any.
+    The original runs only where its outputs are not known: the generated input sets' were
+    computed when the sets were checked, and ``shared`` (a folder) may hold them from an
+    earlier compile of the same model."""
     inputs = {"random": (feeds.sets, feeds.note, (), feeds.outputs)}
     if evaluation is not None:
         inputs["real"] = (evaluation.feeds, evaluation.note, evaluation.metrics(), None)
@@ -445,9 +455,17 @@ def verify_stage(loaded: LoadedModel, staged, plan: Plan, feeds: Feeds, evaluati
                                                progress=progress, floor=plan.tolerance_floor,
                                                reference_outputs=reference)
         else:
-            verdicts[name] = verify_models(loaded.runnable, staged.path, sets, inputs=note, exact=plan.exact,
-                                           metrics=metrics, runner=runner, progress=progress,
-                                           floor=plan.tolerance_floor)
+            if shared is not None:
+                reference = shared_reference_outputs(loaded.runnable, sets, shared, model_key=model_key,
+                                                     runner=runner, outputs=reference)
+            if reference is not None:
+                verdicts[name] = verify_against(reference, staged.path, sets, inputs=note, exact=plan.exact,
+                                                metrics=metrics, runner=runner, progress=progress,
+                                                floor=plan.tolerance_floor)
+            else:
+                verdicts[name] = verify_models(loaded.runnable, staged.path, sets, inputs=note, exact=plan.exact,
+                                               metrics=metrics, runner=runner, progress=progress,
+                                               floor=plan.tolerance_floor)
     return verdicts
 
 

@@ -3,7 +3,9 @@
 Each candidate is compiled (and verified) like ``sparsec compile`` with ``best_effort`` (so a
 candidate below its budget is still measured, and marked); the original and every candidate
 are then timed interleaved in one process (:func:`sparsec.runtime.bench.compare_speed`), so
-the speedups are comparable. The compiles are independent units of an engine
+the speedups are comparable. The candidates share the original's outputs on the verification
+inputs (a folder of the sweep's: the first compile that needs them runs the original, the others
+read them). The compiles are independent units of an engine
 (:mod:`sparsec.engine`: in this process, or Ray tasks with ``--ray``); the timing is one unit
 that has a node's cores to itself. The points and their Pareto front (no other point is both faster
 and more faithful) go into a table and, as a plot, into an HTML report.
@@ -86,7 +88,7 @@ def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", th
         with progress.task(f"compiling {len(specs)} candidates ({engine.name})"):
             rows = engine.map(compile_candidate, jobs, labels=specs, what="sweep candidate",
                               shared={"source": str(loaded.path), "target": target, "threads": threads,
-                                      "options": compile_options,
+                                      "options": compile_options, "references": str(Path(tmp) / "references"),
                                       # a Ray worker has no terminal to show progress on
                                       "progress": progress if isinstance(engine, InProcess) else None})
         paths = {"original": loaded.path, **{row["spec"]: row["output"] for row in rows}}
@@ -105,14 +107,17 @@ def sweep(model: str | os.PathLike, specs: list[str], *, target: str = "cpu", th
 
 
 def compile_candidate(job: tuple[str, Path], *, source: str, target: str, threads: int | None,
-                      options: dict[str, Any], progress: Progress | None = None) -> dict[str, Any]:
-    """One candidate: compiled (best effort) and verified like ``sparsec compile``; its figures."""
+                      options: dict[str, Any], progress: Progress | None = None,
+                      references: str | None = None) -> dict[str, Any]:
+    """One candidate: compiled (best effort) and verified like ``sparsec compile``; its figures.
+    ``references``: the folder where candidates share the original's outputs (on a node that
+    cannot see the driver's folder, the first candidate there fills its own)."""
     from sparsec.compiler import compile
 
     spec, stem = job
     result = compile(source, target=target, passes=spec, output=stem.with_suffix(".onnx"),
                      report=stem.with_suffix(".json"), best_effort=True, threads=threads, progress=progress,
-                     **options)
+                     shared_references=references, **options)
     verdict = result.verdicts.get("real") or result.verdicts.get("random")  # None: nothing changed
     return {"spec": spec, "output": str(result.output), "fidelity": verdict.min_cosine if verdict else 1.0,
             "metrics": dict(verdict.metrics) if verdict else {}, "output_bytes": result.sizes["output_bytes"],

@@ -15,10 +15,14 @@ Results are data (:class:`OutputStats`, :class:`Verdict`); printing only display
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -338,11 +342,79 @@ def reference_outputs(reference: str | os.PathLike, feeds: Sequence[Mapping[str,
     return out
 
 
+class StoredOutputs(Sequence):
+    """A model's outputs on input sets, one ``.npz`` file per set in a folder, read when indexed
+    (so comparing against them holds one set at a time)."""
+
+    def __init__(self, folder: Path, count: int) -> None:
+        self.folder, self.count = folder, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):
+        if not isinstance(i, int):
+            raise TypeError("StoredOutputs is indexed by one input set's number")
+        if not -self.count <= i < self.count:
+            raise IndexError(i)
+        with np.load(self.folder / f"{i % self.count}.npz") as z:
+            return {name: z[name] for name in z.files}
+
+
+def _feeds_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
+    h = hashlib.sha256()
+    for feed in feeds:
+        for name, value in feed.items():
+            array = np.ascontiguousarray(value)
+            h.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+            h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def shared_reference_outputs(reference: str | os.PathLike, feeds: Sequence[Mapping[str, np.ndarray]],
+                             folder: str | os.PathLike, *, model_key: str, runner: Runner | None = None,
+                             outputs: Sequence[Mapping[str, Any]] | None = None) -> Sequence[Mapping[str, Any]]:
+    """The reference's outputs on ``feeds``, kept in ``folder`` for other verifications of the
+    same model on the same inputs to read instead of running it again (a sweep's candidates).
+
+    Stored under a key of ``model_key`` (the reference's fingerprint), the input sets' bytes and
+    the runner (providers, threads), which decide the outputs' bits; when absent they are
+    computed (or taken from ``outputs``, when the caller has them already) and written whole or
+    not at all, so concurrent writers of one key leave one complete copy. Outputs that are not
+    plain arrays (sequences, optionals) are not stored: they are returned from memory.
+    """
+    from sparsec.runtime.session import cpu_runner
+
+    runner = runner or cpu_runner()
+    key = hashlib.sha256(f"{model_key}|{_feeds_digest(feeds)}|{runner.providers!r}|{runner.threads}"
+                         f"|{runner.optimize}".encode()).hexdigest()[:24]
+    final = Path(folder) / key
+    if final.is_dir():
+        return StoredOutputs(final, len(feeds))
+    computed = list(outputs) if outputs is not None else reference_outputs(reference, feeds, runner=runner)
+    if not all(isinstance(v, np.ndarray) for out in computed for v in out.values()):
+        return computed
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=final.parent))
+    try:
+        for i, out in enumerate(computed):
+            with open(tmp / f"{i}.npz", "wb") as f:
+                np.savez(f, **out)
+        os.rename(tmp, final)
+    except OSError:  # another writer got there first (or the folder is full): ours is not needed
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            return computed
+    return StoredOutputs(final, len(feeds))
+
+
 def verify_against(references: Sequence[Mapping[str, Any]], candidate: str | os.PathLike,
                    feeds: Sequence[Mapping[str, np.ndarray]], *, exact: bool = True, inputs: str = "",
-                   metrics: Sequence[Metric] = (), runner: Runner | None = None, outputs: bool = True) -> Verdict:
+                   metrics: Sequence[Metric] = (), runner: Runner | None = None, outputs: bool = True,
+                   progress: Progress | None = None, floor: tuple[float, float] | None = None) -> Verdict:
     """:func:`verify_models` against the reference outputs of :func:`reference_outputs` (the
-    first ``len(references)`` of ``feeds``): only the candidate runs."""
+    first ``len(references)`` of ``feeds``): only the candidate runs. ``floor`` defaults to
+    what the candidate records, as there."""
     from sparsec.runtime.kvcache import KVCache
     from sparsec.runtime.session import cpu_runner
 
@@ -355,14 +427,18 @@ def verify_against(references: Sequence[Mapping[str, Any]], candidate: str | os.
         raise InputError(f"the candidate has no output '{missing[0]}' (reference outputs: {', '.join(names)})")
     kv = KVCache.of_session(session)
 
+    progress = progress or silent()
+    count = min(len(feeds), len(references))
+
     def triples():
-        for feed, ref in zip(feeds, references):
+        for feed, ref in progress.track(zip(feeds, references), "running the candidate", total=count):
             cand_feed, shared = kv.feed(feed, session.get_inputs())
             cand = runner.run(session, cand_feed, names, shared=shared)
             yield feed, *kv.view(ref, cand, KVCache.total(feed))
 
-    return compare(triples(), inputs=inputs, exact=exact, metrics=metrics, outputs=outputs,
-                   floor=recorded_floor(session.get_modelmeta().custom_metadata_map))
+    if floor is None:
+        floor = recorded_floor(session.get_modelmeta().custom_metadata_map)
+    return compare(triples(), inputs=inputs, exact=exact, metrics=metrics, outputs=outputs, floor=floor)
 
 
 def open_pair(reference: str | os.PathLike, candidate: str | os.PathLike, runner: Runner | None = None):

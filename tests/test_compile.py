@@ -142,3 +142,31 @@ def test_streamed_sparsegpt_with_parallel_solves_matches_the_in_memory_sequentia
     assert len(streamed.records[0].changed) >= 4 and "sparsegpt" in streamed.records[0].notes[0]
     for name in ("m.onnx", "m.onnx.data"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def test_compiles_sharing_a_references_folder_run_the_original_once(zoo_path, tmp_path, monkeypatch):
+    """A sweep's candidates: the first compile runs the original on the verification inputs and
+    keeps its outputs, the others read them; the verdicts are those of compiles that run it."""
+    src = zoo_path("minilm")
+    specs = ["ffn-neurons:ratio=0.25", "attention-heads:ratio=0.25"]
+    options = {"best_effort": True, "samples": 1, "calib_samples": 32}
+    alone = compile(src, passes=specs[1], output=tmp_path / "alone.onnx", **options)
+    opened = []
+    session = Runner.session
+
+    def spy(self, model, **kw):
+        opened.append(str(model))
+        return session(self, model, **kw)
+
+    monkeypatch.setattr(Runner, "session", spy)
+    counts, shared = [], []
+    for i, spec in enumerate(specs):
+        before = len(opened)
+        shared.append(compile(src, passes=spec, output=tmp_path / f"s{i}.onnx", shared_references=tmp_path / "refs",
+                              **options))
+        counts.append(sum(p == str(src) for p in opened[before:]))
+    # the first: the random inputs' check and the real inputs; the second: only the check
+    assert counts == [2, 1]
+    verdicts = [{k: v.to_dict() for k, v in r.verdicts.items()} for r in (alone, shared[1])]
+    assert verdicts[0] == verdicts[1] and verdicts[0]["real"]["input_sets"] > 1
+    assert shared[1].verdicts["real"].metrics["embedding_cosine_mean"] < 1  # a lossy change, compared

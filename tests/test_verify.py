@@ -158,3 +158,31 @@ def test_large_outputs_compare_in_chunks_to_the_same_figures():
     rows = (ref.astype(np.float64) * cand).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(cand, axis=-1)
     assert s.row_cosine_min == pytest.approx(rows.min(), abs=1e-9)
     assert compare([({}, {"y": ref}, {"y": cand})], outputs=False).outputs == []
+
+
+def test_shared_reference_outputs_run_the_reference_once_per_model_inputs_and_runner(tmp_path):
+    from sparsec.errors import RuntimeFailure
+    from sparsec.runtime.session import cpu_runner
+    from sparsec.verify import StoredOutputs, reference_outputs, shared_reference_outputs
+
+    a = save(linear(seed=0), tmp_path / "a.onnx")
+    feeds = random_feeds(input_specs(ir.serde.deserialize_model(linear())), samples=2)
+    folder = tmp_path / "refs"
+    first = shared_reference_outputs(a, feeds, folder, model_key="a")
+    assert isinstance(first, StoredOutputs) and len(first) == 2
+    expected = reference_outputs(a, feeds)
+    for got, want in zip(first, expected):
+        assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    gone = tmp_path / "missing.onnx"  # the same key: read back, the reference never runs
+    again = shared_reference_outputs(gone, feeds, folder, model_key="a")
+    assert np.array_equal(again[1]["Y"], expected[1]["Y"])
+    # another model, other inputs or other threads are other outputs: each runs the reference
+    for other in ({"model_key": "b"}, {"model_key": "a", "runner": cpu_runner(threads=1)}):
+        with pytest.raises(RuntimeFailure, match="cannot load missing.onnx"):
+            shared_reference_outputs(gone, feeds, folder, **other)
+    with pytest.raises(RuntimeFailure, match="cannot load missing.onnx"):
+        shared_reference_outputs(gone, feeds[:1], folder, model_key="a")
+    # outputs the caller has are stored without running anything
+    given = [{"Y": np.full((1, 32), 7, np.float32)}]
+    assert shared_reference_outputs(gone, feeds[:1], folder, model_key="c", outputs=given)[0]["Y"][0, 0] == 7
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no partial copies left
