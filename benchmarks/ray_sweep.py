@@ -59,9 +59,9 @@ def run(model: str, specs: list[str], engine, args) -> tuple[dict, float, list[f
 def measure(args) -> dict:
     """One or both halves on this machine: the settings, and each run's wall time and sweep."""
     import torch
-    from sparsec.models import build
 
     from sparsec.engine import make_engine
+    from sparsec.models import build
 
     specs = CANDIDATES[:args.candidates]
     src = str(build(args.model))

@@ -5,17 +5,7 @@ import onnx_ir as ir
 import pytest
 
 from sparsec.feeds import input_specs, random_feeds
-from sparsec.verify import (
-    BELOW,
-    EXACT,
-    FAILED,
-    WITHIN,
-    Budget,
-    compare,
-    judge,
-    tolerances_for,
-    verify_models,
-)
+from sparsec.verify import BELOW, EXACT, FAILED, WITHIN, Budget, compare, judge, tolerances_for, verify_models
 from tests.helpers import linear, save
 
 
@@ -171,14 +161,9 @@ def test_large_outputs_compare_in_chunks_to_the_same_figures():
 
 
 def test_shared_reference_outputs_run_the_reference_once_per_model_inputs_and_runner(tmp_path):
-    from sparsec.runtime.session import cpu_runner
-
     from sparsec.errors import RuntimeFailure
-    from sparsec.verify import (
-        StoredOutputs,
-        reference_outputs,
-        shared_reference_outputs,
-    )
+    from sparsec.runtime.session import cpu_runner
+    from sparsec.verify import StoredOutputs, reference_outputs, shared_reference_outputs
 
     a = save(linear(seed=0), tmp_path / "a.onnx")
     feeds = random_feeds(input_specs(ir.serde.deserialize_model(linear())), samples=2)
