@@ -551,17 +551,26 @@ def _probe(model: bytes, feed: dict[str, np.ndarray], path: Path, is_target) -> 
 # decoder's sizes, attributes, what runs before it): the operators that make up most of a
 # transformer's time besides its products. A small encoder: 16 sentences of 32 tokens, width 384,
 # 12 heads of 32; a small decoder: 512 tokens, width 576, 9 heads of 64 (SmolLM2's unfused
-# attention scores, 9.4 MB, causally masked). The layer norm is
-# measured after the residual Add and the Gelu after its bias Add, as ORT fuses them
-# (SkipLayerNormalization, BiasGelu); the Add's share, at the Add rate, is taken off.
+# attention scores, 9.4 MB, causally masked). The layer norm is measured after the residual Add
+# and the Gelu after its bias Add, as ORT fuses them (SkipLayerNormalization, BiasGelu); the
+# Add's share, at the Add's own rate (measured first), is taken off. Exported attention (MiniLM's
+# and SmolLM2's alike) adds its mask to the scores, broadcast over the heads, and guards the
+# probabilities against fully masked rows: ``Where(IsNaN(p), 0, p)``; the Add, IsNaN and Where
+# probes read those shapes (the Add's small size is a residual's: most Adds are). Where broadcast
+# a scalar and a full condition 1.8x slower per byte than a padding mask over the keys, IsNaN
+# 3.5x slower than one large Add, on this 2-core machine (benchmarks/results/cost_breakdown_smollm2_attention.md).
 OPERATOR_PROBES = {
+    "Add": ([{"x": [16, 32, 384], "r": [16, 32, 384]}, {"x": [1, 9, 512, 512], "r": [1, 1, 512, 512]}], {}, None),
     "LayerNormalization": ([{"x": [16, 32, 384], "r": [16, 32, 384]}, {"x": [1, 512, 576], "r": [1, 512, 576]}],
                            {"axis": -1}, "Add"),
     "Gelu": ([{"x": [16, 32, 1536], "r": [1536]}, {"x": [4, 512, 1536], "r": [1536]}], {}, "Add"),
     "Softmax": ([{"x": [16, 12, 32, 32]}, {"x": [1, 9, 512, 512]}], {"axis": -1}, None),
     "Transpose": ([{"x": [16, 32, 12, 32]}, {"x": [1, 512, 9, 64]}], {"perm": [0, 2, 1, 3]}, None),
-    "Where": ([{"x": [16, 12, 32, 32]}, {"x": [1, 9, 512, 512]}], {}, None),
+    "IsNaN": ([{"x": [16, 12, 32, 32]}, {"x": [1, 9, 512, 512]}], {}, None),
+    "Where": ([{"c": [16, 12, 32, 32], "x": [16, 12, 32, 32]}, {"c": [1, 9, 512, 512], "x": [1, 9, 512, 512]}],
+              {}, None),
 }
+BOOL_INPUTS = {"c"}  # a Where probe's condition (IsNaN's output, all false: no row is fully masked)
 
 
 def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: str | None,
@@ -570,7 +579,7 @@ def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: 
     A Softmax's scores arrive masked, as attention's do: an encoder's padding (the last quarter
     of the keys) or, where ``causal``, a decoder's causal mask. The exponentials of masked
     scores take a slow path: 9.4 MB of scores half masked ran at 5.4 GB/s here, unmasked at 42."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     x = "s" if before else "x"
     nodes = [helper.make_node(before, ["x", "r"], ["s"])] if before else []
@@ -579,17 +588,21 @@ def _operator_probe(op: str, inputs: dict[str, list[int]], attrs: dict, before: 
         consts = {"g": np.ones(inputs["x"][-1], np.float32), "b": np.zeros(inputs["x"][-1], np.float32)}
         nodes.append(helper.make_node(op, [x, "g", "b"], ["y"], **attrs))
     elif op == "Where":
-        shape = inputs["x"]
-        consts = {"c": rng.random((shape[0], 1, 1, shape[-1])) < 0.8, "f": np.array(-1e4, np.float32)}
-        nodes.append(helper.make_node(op, ["c", x, "f"], ["y"]))
+        consts = {"zero": np.array(0, np.float32)}
+        nodes.append(helper.make_node(op, ["c", "zero", x], ["y"]))
+    elif op == "Add":
+        nodes.append(helper.make_node(op, ["x", "r"], ["y"]))
     else:
         nodes.append(helper.make_node(op, [x], ["y"], **attrs))
-    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(n, 1, s) for n, s in inputs.items()],
-                              [helper.make_tensor_value_info("y", 1, None)],
+    kind = {n: TensorProto.BOOL if n in BOOL_INPUTS else TensorProto.FLOAT for n in inputs}
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info(n, kind[n], s) for n, s in inputs.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.BOOL if op == "IsNaN" else
+                                                             TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(a, n) for n, a in consts.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model.ir_version = 10
-    feed = {n: rng.standard_normal(s).astype(np.float32) for n, s in inputs.items()}
+    feed = {n: np.zeros(s, bool) if n in BOOL_INPUTS else rng.standard_normal(s).astype(np.float32)
+            for n, s in inputs.items()}
     if op == "Softmax":
         keys = inputs["x"][-1]
         masked = np.triu(np.ones((keys, keys), bool), 1) if causal else np.arange(keys) >= 0.75 * keys

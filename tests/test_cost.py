@@ -130,6 +130,42 @@ def test_softmax_probes_read_masked_scores_as_attention_does():
     assert (feed["x"][..., 6:] == low).all() and (feed["x"][..., :6] > low).all()
 
 
+def test_attention_guard_probes_read_the_shapes_exported_attention_has(zoo_path):
+    """Exported attention adds its mask to the scores (broadcast over the heads) and guards the
+    probabilities: ``Where(IsNaN(p), 0, p)``. The Add, IsNaN and Where probes read what MiniLM's
+    graph gives those nodes (the Where probe once read a padding mask over the keys, and ran 1.8x
+    faster per byte than SmolLM2's 30 Where nodes; IsNaN had no probe: 3.5x under)."""
+    import onnx
+
+    from sparsec.cost import OPERATOR_PROBES, _operator_probe
+    from sparsec.runtime.session import cpu_runner
+
+    from sparsec.model_io import load_model
+
+    graph = load_model(zoo_path("minilm")).model.graph
+    guard = next(n for n in graph if n.op_type == "Where" and n.inputs[0].producer() is not None
+                 and n.inputs[0].producer().op_type == "IsNaN")
+    mask_add = next(n for n in graph if n.op_type == "Add"
+                    and any(u.node.op_type == "Softmax" for u in n.outputs[0].uses()))
+    runner = cpu_runner(threads=1)
+    for op, model_node in (("Where", guard), ("IsNaN", guard.inputs[0].producer()), ("Add", mask_add)):
+        sizes, attrs, before = OPERATOR_PROBES[op]
+        for i, inputs in enumerate(sizes):
+            proto, feed = _operator_probe(op, inputs, attrs, before, np.random.default_rng(0), causal=i == 1)
+            (node,) = ir.serde.deserialize_model(onnx.load_from_string(proto)).graph
+            shapes = {v.name: np.shape(feed[v.name]) if v.name in feed else v.const_value.shape
+                      for v in node.inputs}
+            if op != "Add" or i == 1:  # the Add's encoder size is a residual's, not the mask's
+                assert [len(shapes[v.name]) for v in node.inputs] == [len(v.shape) for v in model_node.inputs], op
+            if op == "Where":  # a full condition, a scalar zero, the full probabilities
+                c, zero, p = (shapes[v.name] for v in node.inputs)
+                assert c == p and zero == () and feed["c"].dtype == bool and not feed["c"].any()
+            out = runner.run(runner.session(proto), feed)["y"]
+            assert out.dtype == (bool if op == "IsNaN" else np.float32)
+        if op == "Add":  # the decoder's size: a mask over the keys, broadcast over the heads
+            assert sizes[1]["r"][1] == 1 < sizes[1]["x"][1]
+
+
 def test_fused_attention_runs_at_the_measured_attention_rate():
     """GroupQueryAttention on the CPU runs 5-6x below the product rate (SmolLM2's 30 nodes: 52 ms
     at the product rate, 277 ms measured): a profile from calibrate carries its own rate, which
@@ -179,7 +215,7 @@ def test_calibrate_measures_this_machine(tmp_path, monkeypatch):
                for points in profile.quantized.values())
     # operators measured on their own at two sizes: a layer norm (fused with the residual Add
     # before it) is far slower than the bandwidth of a large Add; every rate is a real bytes/s
-    assert set(profile.op_bandwidth) == {"LayerNormalization", "Gelu", "Softmax", "Transpose", "Where"}
+    assert set(profile.op_bandwidth) == {"Add", "LayerNormalization", "Gelu", "Softmax", "Transpose", "IsNaN", "Where"}
     assert all(len(points) == 2 and all(1e8 < rate < 1e12 for _, rate in points)
                for points in profile.op_bandwidth.values())
     assert all(rate < profile.bandwidth / 2 for _, rate in profile.op_bandwidth["LayerNormalization"])
