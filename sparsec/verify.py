@@ -16,6 +16,7 @@ Results are data (:class:`OutputStats`, :class:`Verdict`); printing only display
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -344,10 +345,12 @@ def reference_outputs(reference: str | os.PathLike, feeds: Sequence[Mapping[str,
 
 class StoredOutputs(Sequence):
     """A model's outputs on input sets, one ``.npz`` file per set in a folder, read when indexed
-    (so comparing against them holds one set at a time)."""
+    (so comparing against them holds one set at a time). Arrays are stored by position and the
+    output names beside them (``names.json``): an output may have any name, ``file`` included."""
 
     def __init__(self, folder: Path, count: int) -> None:
         self.folder, self.count = folder, count
+        self.names = json.loads((folder / "names.json").read_text())
 
     def __len__(self) -> int:
         return self.count
@@ -358,7 +361,7 @@ class StoredOutputs(Sequence):
         if not -self.count <= i < self.count:
             raise IndexError(i)
         with np.load(self.folder / f"{i % self.count}.npz") as z:
-            return {name: z[name] for name in z.files}
+            return {name: z[f"arr_{j}"] for j, name in enumerate(self.names[i % self.count])}
 
 
 def _feeds_digest(feeds: Sequence[Mapping[str, np.ndarray]]) -> str:
@@ -399,7 +402,8 @@ def shared_reference_outputs(reference: str | os.PathLike, feeds: Sequence[Mappi
     try:
         for i, out in enumerate(computed):
             with open(tmp / f"{i}.npz", "wb") as f:
-                np.savez(f, **out)
+                np.savez(f, *out.values())
+        (tmp / "names.json").write_text(json.dumps([list(out) for out in computed]))
         os.rename(tmp, final)
     except OSError:  # another writer got there first (or the folder is full): ours is not needed
         shutil.rmtree(tmp, ignore_errors=True)

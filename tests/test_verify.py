@@ -185,4 +185,8 @@ def test_shared_reference_outputs_run_the_reference_once_per_model_inputs_and_ru
     # outputs the caller has are stored without running anything
     given = [{"Y": np.full((1, 32), 7, np.float32)}]
     assert shared_reference_outputs(gone, feeds[:1], folder, model_key="c", outputs=given)[0]["Y"][0, 0] == 7
+    # any output name, numpy's own argument names included, comes back in its order
+    named = [{"file": np.ones(2, np.float32), "allow_pickle": np.zeros(3, np.int64)}]
+    back = shared_reference_outputs(gone, feeds[:1], folder, model_key="d", outputs=named)[0]
+    assert list(back) == ["file", "allow_pickle"] and back["allow_pickle"].dtype == np.int64
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no partial copies left
