@@ -22,7 +22,7 @@ magnitude scores, which keep as many units as the calibrated ones).
 
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24   # results/planner_pick_minilm.md
     python benchmarks/planner_pick.py --model smollm2 --max-ppl-increase 1.2 \
-        --out benchmarks/results/planner_pick_smollm2.md    # uniform configurations of FFNs and heads only
+        --random 4 --workdir DIR --out benchmarks/results/planner_pick_smollm2.md
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --target hopper --export DIR --no-time
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --quantize quantize:mode=dynamic \
         --workdir DIR --out benchmarks/results/planner_pick_minilm_int8.md   # with int8 in the space
@@ -43,9 +43,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PICK = "planner's pick"
-SMOLLM2_UNIFORM = {"ffn 25%": "ffn-neurons:ratio=0.25", "ffn 50%": "ffn-neurons:ratio=0.5",
-                   "heads 25%": "attention-heads:ratio=0.25",
-                   "ffn 25% + heads 25%": "attention-heads:ratio=0.25;ffn-neurons:ratio=0.25"}
+# SmolLM2's compiles are dearer: the uniform ones there, each with the exact attention fusion
+# (it costs no fidelity, so a configuration without it is slower for nothing), and the fusion alone
+SMOLLM2_UNIFORM = {"attention": "attention",
+                   **{f"{label} + attention": f"{spec};attention" for label, spec in {
+                       "ffn 25%": "ffn-neurons:ratio=0.25", "ffn 50%": "ffn-neurons:ratio=0.5",
+                       "heads 25%": "attention-heads:ratio=0.25",
+                       "ffn 25% + heads 25%": "attention-heads:ratio=0.25;ffn-neurons:ratio=0.25",
+                       "moe 8, k=4": "moe:experts=8,k=4"}.items()}}
 
 
 def uniform_specs(quantize: str = "") -> dict[str, str]:
@@ -117,6 +122,7 @@ def main() -> None:
     if args.retime:
         saved = json.loads((args.workdir / "table.json").read_text())
         args.budget, table, profile_source = saved["budget"], saved["configs"], saved["profile"]
+        args.failed = saved.get("failed", {})
         paths = {"original": src, **{label: args.workdir / row["file"] for label, row in table.items()}}
         time_and_write(args, src, paths, table, profile_source)
         return
@@ -124,6 +130,7 @@ def main() -> None:
     args.budget = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budget.items())
     args.workdir.mkdir(parents=True, exist_ok=True)
     results, paths, specs = {}, {"original": src}, {}
+    args.failed = {}
     pick = compile(src, target=args.target, **budget, output=args.workdir / "planner.onnx",
                    best_effort=True, calib_samples=64, explain=True)
     results[PICK], paths[PICK] = pick, args.workdir / "planner.onnx"
@@ -134,10 +141,15 @@ def main() -> None:
     for label, spec in specs.items():
         if label == PICK:
             continue
-        paths[label] = args.workdir / _file(label)
         # the same calibration data as the planner's passes: 48 of its 64 sentences
-        results[label] = compile(src, target=args.target, passes=spec, **budget,
-                                 output=paths[label], best_effort=True, calib_samples=48)
+        try:
+            results[label] = compile(src, target=args.target, passes=spec, **budget,
+                                     output=args.workdir / _file(label), best_effort=True, calib_samples=48)
+        except Exception as exc:  # one configuration that cannot be built does not end the sweep
+            print(label, "FAILED:", exc, flush=True)
+            args.failed[label] = f"{type(exc).__name__}: {exc}"
+            continue
+        paths[label] = args.workdir / _file(label)
         print(label, results[label].judgement.status, flush=True)
     feed = evaluation_data(load_model(src).model, 1).feeds[0]
     profile = load_profile(get_target(args.target))
@@ -152,7 +164,7 @@ def main() -> None:
                      "predicted": predicted[label], "file": paths[label].name} for label, r in results.items()}
     profile_source = pick.auto.profile if pick.auto else ""
     (args.workdir / "table.json").write_text(json.dumps({"budget": args.budget, "profile": profile_source,
-                                                         "configs": table}, indent=1))
+                                                         "configs": table, "failed": args.failed}, indent=1))
     if args.export:
         export(args, src, feed, table, pick)
     if args.no_time:
@@ -213,6 +225,9 @@ def write_table(out: Path, table: dict, speed: dict, profile: str, args, where: 
         m, lo, hi = speed[label]
         lines.append(f"| {label} | {row['status']} | {row['cosine']:.4f} | {row['predicted']:.2f}x | {m:.2f}x"
                      f" ({lo:.2f}-{hi:.2f}) |")
+    if args.failed:
+        lines += ["", "Configurations that could not be built (not timed):", ""]
+        lines += [f"- {label}: {why}" for label, why in args.failed.items()]
     lines += ["", "Specs of the sampled combinations:", ""]
     lines += [f"- {label}: `{row['spec']}`" for label, row in table.items() if label.startswith("sampled")]
     out.write_text("\n".join(lines) + "\n")

@@ -24,6 +24,7 @@ what a rewrite saves, not absolute times.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -117,6 +118,11 @@ class Profile:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def digest(self) -> str:
+        """A short hash of every rate: two calibrations of one machine differ here, not in
+        ``source`` (the planner's cached savings depend on the rates)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Profile:

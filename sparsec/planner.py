@@ -28,7 +28,8 @@ On deep models (more than :data:`MAX_SITES` sites of a family) the options are p
 consecutive sites. Step 2 fits every option from one capture of the calibration statistics of
 the unpruned model, predicts each distinct (option, site shapes) once, and runs the original on
 the scoring sets once (as many as :data:`REFERENCE_BYTES` of its outputs hold). Its results are
-cached by (model fingerprint, spec, target, workload), so a re-plan is fast. Deterministic for a seed. :class:`AutoPlan` carries every option considered, with its
+cached by (model fingerprint, spec, target, workload, budget, seed, the profile's rates,
+calibration data), so a re-plan is fast. Deterministic for a seed. :class:`AutoPlan` carries every option considered, with its
 predicted saving, measured use and why it was chosen or rejected (``--explain``).
 """
 
@@ -264,7 +265,7 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
         scoring = [workload]
     workload_key = json.dumps({k: list(v.shape) for k, v in workload.items()}, sort_keys=True)
     todo = [o for o in options if o.status == "considered"]
-    measure = profile.source if objective == "latency" else objective
+    measure = f"{profile.source}|{profile.digest()}" if objective == "latency" else objective
     keys = {id(o): (f"{fingerprint}|{o.spec}|{target.name}|{workload_key}|{budget.describe()}|{seed}|{measure}"
                     f"|{calibration.source if calibration is not None else ''}|{len(scoring)}") for o in todo}
     fresh = [o for o in todo if not (fingerprint and _cache_file(keys[id(o)]).exists())]
@@ -282,6 +283,15 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                          f" (the original's outputs on them are kept in memory, at most {REFERENCE_BYTES >> 20} MiB);"
                          " the chosen combination on all of them")
     savings: dict[str, float] = {}  # predicted saving by shape key: equal shapes, equal saving
+
+    def remember(o: Option) -> None:
+        """Cache what trying ``o`` found (an internal error is not: a fixed pass tries it again)."""
+        if fingerprint:
+            cached = _cache_file(keys[id(o)])
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            part = cached.with_suffix(f".{os.getpid()}.part")  # whole or absent, with concurrent planners
+            part.write_text(json.dumps({"saving": o.saving, "use": o.use, "status": o.status, "reason": o.reason}))
+            os.replace(part, cached)
     engine = as_engine(engine)
     with tempfile.TemporaryDirectory(prefix="sparsec-plan-") as tmp:
         if calibration is not None and any(o.family == "moe" and needs_calibration(o.spec) for o in fresh):
@@ -304,8 +314,10 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                 if id(o) not in is_fresh:
                     data = json.loads(cached.read_text())
                     o.saving, o.use, o.reason = data["saving"], data["use"], data.get("reason", "")
+                    o.status = data.get("status", o.status)
                 elif savings.get(o.shape_key, 1.0) <= 0 and o.signature:
                     o.saving = savings[o.shape_key]  # the same option on a site of the same shapes: known
+                    remember(o)  # (or a re-plan would run it again)
                 elif (milder := _milder_over(o, todo)) is not None:
                     o.status, o.reason = "rejected", f"the milder {milder.spec.split(',include=')[0]} alone already" \
                                                      " spends more than the budget allows here"
@@ -314,6 +326,7 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                     result = results[id(o)]
                     if "failed" in result:  # an option that cannot run is reported, not fatal
                         o.status, o.reason = "rejected", f"the pass failed here: {result['failed']}"
+                        remember(o)
                         continue
                     if "internal" in result:  # a bug in a pass: reported as one, the other options go on
                         o.status, o.reason = "rejected", f"internal error in the pass ({result['internal']})"
@@ -322,12 +335,11 @@ def plan(source: str | os.PathLike, target, budget, *, calibration, scoring: lis
                         continue
                     if result["saving"] is None:
                         o.status, o.reason = "rejected", "the pass changed nothing here"
+                        remember(o)
                         continue
                     o.saving = savings.setdefault(o.shape_key, result["saving"]) if o.signature else result["saving"]
                     o.use = result["use"]
-                    if fingerprint:
-                        cached.parent.mkdir(parents=True, exist_ok=True)
-                        cached.write_text(json.dumps({"saving": o.saving, "use": o.use}))
+                    remember(o)
                 if o.status != "considered":
                     continue
                 if o.saving is None or o.saving <= 0:

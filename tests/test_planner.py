@@ -343,3 +343,31 @@ def test_a_bug_in_one_option_is_reported_as_one_and_the_plan_goes_on(zoo_path, t
     text = capsys.readouterr().out
     assert "internal error in the pass (ZeroDivisionError: a stand-in bug)" in text
     assert "a sparsec bug; please report it" in text and out.exists()
+
+
+def test_a_re_plan_takes_options_from_the_cache_until_the_profile_is_measured_again(zoo_path, tmp_path, monkeypatch):
+    import dataclasses
+
+    from sparsec import cost, planner
+
+    monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))  # no option results cached by other tests
+    scored = []
+    score = planner.score_option
+    monkeypatch.setattr(planner, "score_option", lambda job, **kw: scored.append(job[1]) or score(job, **kw))
+    profile = cost.load_profile
+
+    def plan(name: str) -> dict:
+        assert main(["compile", str(zoo_path("tiny-bert")), "--target", "cpu", "--min-cosine", "0.97",
+                     "-o", str(tmp_path / f"{name}.onnx")]) == 0
+        return json.loads((tmp_path / f"{name}.report.json").read_text())["planner"]
+
+    first = plan("first")
+    tried = len(scored)
+    assert tried >= 4
+    again = plan("again")  # the same model, budget and profile: every option comes from the cache
+    assert len(scored) == tried and again["options"] == first["options"]
+    # the same machine measured again (same `source`, other rates): the savings are stale
+    monkeypatch.setattr(cost, "load_profile", lambda target: dataclasses.replace(
+        profile(target), bandwidth=profile(target).bandwidth / 2))
+    plan("remeasured")
+    assert len(scored) == 2 * tried
