@@ -126,8 +126,10 @@ def main() -> None:
         paths = {"original": src, **{label: args.workdir / row["file"] for label, row in table.items()}}
         time_and_write(args, src, paths, table, profile_source)
         return
-    budget = {"max_ppl_increase": args.max_ppl_increase} if args.max_ppl_increase else {"min_cosine": args.min_cosine}
-    args.budget = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in budget.items())
+    # compile's keyword for --max-ppl-increase is max_ppl_ratio
+    budget = {"max_ppl_ratio": args.max_ppl_increase} if args.max_ppl_increase else {"min_cosine": args.min_cosine}
+    args.budget = (f"--max-ppl-increase {args.max_ppl_increase}" if args.max_ppl_increase
+                   else f"--min-cosine {args.min_cosine}")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results, paths, specs = {}, {"original": src}, {}
     args.failed = {}
