@@ -111,6 +111,9 @@ def _engine(ray, threads):
 @click.option("--max-ppl-increase", "max_ppl_ratio", type=click.FloatRange(1.0), default=None,
               help="Fidelity budget for decoders with real evaluation text: perplexity at most this times"
               " the original's (e.g. 1.2).")
+@click.option("--max-rel-err", type=click.FloatRange(0.0), default=None,
+              help="Fidelity budget: every output's relative error ||compiled - original|| / ||original||"
+              " (L2, over all its elements) at most this (e.g. 0.05).")
 @click.option("--best-effort", is_flag=True,
               help="Write the result even when it falls below its fidelity budget (exit 0).")
 @click.option("--calib", default=None, metavar="SOURCE",
@@ -142,7 +145,7 @@ def _engine(ray, threads):
 @_ray_option
 @_json_option
 def compile_cmd(model, example, target, output, passes, reports, recipe, save_recipe, benchmark, inputs,
-                dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, best_effort, calib,
+                dims, seed, samples, min_cosine, min_embedding_cosine, max_ppl_ratio, max_rel_err, best_effort, calib,
                 calib_samples, calib_seqlen, calib_unit, tokenizer, verify_each, explain, objective, constant_initializers,
                 threads, jobs, ray, as_json) -> None:
     """Compile MODEL for a target: plan, prune, verify, write the model and a report."""
@@ -166,7 +169,7 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
     else:
         the_recipe = Recipe.from_options(
             target=target, passes=passes, min_cosine=min_cosine, min_embedding_cosine=min_embedding_cosine,
-            max_ppl_ratio=max_ppl_ratio, **calibration, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs,
+            max_ppl_ratio=max_ppl_ratio, max_rel_err=max_rel_err, **calibration, seed=seed, samples=samples, dims=parse_dims(dims), inputs=inputs,
             constant_initializers=constant_initializers or None, objective=objective)
     if example is not None:
         from sparsec.models import build
@@ -194,8 +197,8 @@ def compile_cmd(model, example, target, output, passes, reports, recipe, save_re
 
 # Flags a recipe fixes (the calibration flags override a recipe's calibration: a recipe is replayed
 # on the user's own export with the user's own text).
-_RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "seed", "samples", "dims",
-                 "inputs", "constant_initializers", "objective")
+_RECIPE_FLAGS = ("target", "passes", "min_cosine", "min_embedding_cosine", "max_ppl_ratio", "max_rel_err", "seed",
+                 "samples", "dims", "inputs", "constant_initializers", "objective")
 
 
 def _print_compile(result) -> None:

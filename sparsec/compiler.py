@@ -183,7 +183,7 @@ def compile(
         recipe: what to compile (target, passes, budget, calibration, verification). Instead
             of a recipe, give its fields as keyword ``options``: target, passes (a pass spec or
             pass objects; None takes the target's plan), min_cosine, min_embedding_cosine,
-            max_ppl_ratio, calib (a .npz, a text file with tokenizer, 'builtin', a callable or a
+            max_ppl_ratio, max_rel_err, calib (a .npz, a text file with tokenizer, 'builtin', a callable or a
             DataSource), calib_samples, calib_seqlen, tokenizer, calib_unit (how a text file is cut:
             'windows' or 'lines'), seed, samples, dims, inputs.
         output: the compiled model's path; default ``<input>.sparse.onnx``.

@@ -139,6 +139,8 @@ def budget_use(verdict, budget) -> float:
         uses.append((1 - verdict.metrics["embedding_cosine_mean"]) / max(1 - budget.min_embedding_cosine, 1e-9))
     if budget.max_ppl_ratio is not None and "perplexity_ratio" in verdict.metrics:
         uses.append((verdict.metrics["perplexity_ratio"] - 1) / max(budget.max_ppl_ratio - 1, 1e-9))
+    if budget.max_rel_err is not None:
+        uses.append(max(o.rel_l2 for o in verdict.outputs) / max(budget.max_rel_err, 1e-12))
     return max(max(uses), 0.0) if uses else 0.0
 
 
@@ -408,7 +410,7 @@ def score_option(job: tuple[int, str], *, source: str, target, calibration, seed
     try:
         saving = base - objective_value(path, workload, profile, objective)
         verdict = verify_against(references, path, scoring, exact=False, metrics=metrics(), runner=runner,
-                                 outputs=budget.min_cosine is not None)
+                                 outputs=budget.reads_outputs)
     finally:
         for written in Path(folder).glob(f"option{i}.*"):  # a decoder's options would fill the disk
             written.unlink()
@@ -534,7 +536,8 @@ def adjust(auto: AutoPlan, measure: Callable[[], float], ceiling: float = 1.0) -
         if summed <= 0:
             return
         before = [(o.status, o.reason) for o in auto.options]
-        choose(auto.options, summed * aim / use)  # less than the budget used: a larger limit
+        # less than the budget used: a larger limit (nothing used at all: every option that alone fits)
+        choose(auto.options, summed * aim / max(use, 1e-9))
         now = [o.status for o in auto.options]
         if now == [status for status, _ in before]:
             break

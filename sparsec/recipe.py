@@ -31,7 +31,7 @@ VERSION = 1
 _SECTIONS = {"version", "target", "passes", "budget", "calibration", "verification", "constant_initializers",
              "objective"}
 _KEYS = {
-    "budget": {"min_cosine", "min_embedding_cosine", "max_ppl_ratio"},
+    "budget": {"min_cosine", "min_embedding_cosine", "max_ppl_ratio", "max_rel_err"},
     "calibration": {"source", "samples", "seqlen", "tokenizer", "unit"},
     "verification": {"seed", "samples", "dims", "inputs"},
 }
@@ -39,7 +39,7 @@ _KEYS = {
 OPTION_FIELDS = {
     "target": ("target", None), "passes": ("passes", None),
     "min_cosine": ("budget", "min_cosine"), "min_embedding_cosine": ("budget", "min_embedding_cosine"),
-    "max_ppl_ratio": ("budget", "max_ppl_ratio"),
+    "max_ppl_ratio": ("budget", "max_ppl_ratio"), "max_rel_err": ("budget", "max_rel_err"),
     "calib": ("calibration", "source"), "calib_samples": ("calibration", "samples"),
     "calib_seqlen": ("calibration", "seqlen"), "tokenizer": ("calibration", "tokenizer"),
     "calib_unit": ("calibration", "unit"),
@@ -152,7 +152,8 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     unit = recipe.calibration.get("unit")
     if unit is not None and unit not in UNITS:
         raise OptionError(f"{source}: calibration.unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    for key, low, high in (("min_cosine", -1, 1), ("min_embedding_cosine", -1, 1), ("max_ppl_ratio", 1, None)):
+    for key, low, high in (("min_cosine", -1, 1), ("min_embedding_cosine", -1, 1), ("max_ppl_ratio", 1, None),
+                           ("max_rel_err", 0, None)):
         value = recipe.budget.get(key)
         if value is None:
             continue

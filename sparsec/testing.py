@@ -5,9 +5,11 @@
     def test_compiled_model_answers_like_the_original():
         assert_equivalent("model.onnx", "model.sparse.onnx", min_cosine=0.99)
 
-With ``atol``/``rtol`` (or neither ``min_cosine`` nor tolerances: per-dtype defaults) every
-element must be within tolerance (an element fails only where both are exceeded); with
-``min_cosine`` every output's cosine against the reference must reach it. Both can be given.
+With ``atol``/``rtol`` (or neither a budget nor tolerances: per-dtype defaults) every element
+must be within tolerance (an element fails only where both are exceeded); with ``min_cosine``
+every output's cosine against the reference must reach it, with ``max_rel_err`` every output's
+relative L2 error (``||candidate - reference|| / ||reference||``) stay at most it. Tolerances
+and a budget can be given together.
 Inputs are a .npz (or a list of input dicts); by default seeded random inputs built from the
 model's input specs. A failure raises ``AssertionError`` whose message holds the verdict lines.
 
@@ -33,6 +35,7 @@ def assert_equivalent(
     atol: float | None = None,
     rtol: float | None = None,
     min_cosine: float | None = None,
+    max_rel_err: float | None = None,
     seed: int = 0,
     samples: int = 2,
     dims: Mapping[str, int] | None = None,
@@ -40,7 +43,8 @@ def assert_equivalent(
     """Assert that ``candidate`` answers like ``reference``; return the verdict when it does.
 
     Raises:
-        AssertionError: an output differs beyond tolerance or falls below ``min_cosine``.
+        AssertionError: an output differs beyond tolerance, falls below ``min_cosine`` or moves
+            more than ``max_rel_err``.
         sparsec.errors.SparsecError: a model or the inputs cannot be used.
     """
     from sparsec.feeds import make_feeds
@@ -54,11 +58,11 @@ def assert_equivalent(
     runner = cpu_runner()
     feeds = make_feeds(ref.model, inputs=inputs, seed=seed, dims=dims, samples=samples,
                        check=runner.checker(ref.runnable))
-    judge_tolerance = min_cosine is None or atol is not None or rtol is not None
+    budget = Budget(min_cosine=min_cosine, max_rel_err=max_rel_err)
+    judge_tolerance = budget.empty or atol is not None or rtol is not None
     verdict = verify_models(ref.runnable, cand.runnable, feeds.sets, atol=atol, rtol=rtol, inputs=feeds.note,
                             exact=judge_tolerance, runner=runner)
-    budget = Budget(min_cosine=min_cosine) if min_cosine is not None else None
-    judgement = judge({"given": verdict}, budget, exact=judge_tolerance)
+    judgement = judge({"given": verdict}, None if budget.empty else budget, exact=judge_tolerance)
     if not judgement.passed:
         bad = [c for c in judgement.checks if not c.ok]
         problems = "; ".join(dict.fromkeys(

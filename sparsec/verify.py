@@ -522,17 +522,27 @@ class Budget:
     ``min_cosine`` holds for every output (on real inputs when the model has some, else on
     random inputs); the task criteria need the model's task metric: ``min_embedding_cosine``
     (mean sentence-embedding cosine, encoders) and ``max_ppl_ratio`` (perplexity against the
-    original's, decoders). ``origin`` says who set it: "user", "recipe" or "default".
+    original's, decoders). ``max_rel_err`` bounds every output's relative error, in the L2 sense:
+    ``||candidate - original|| / ||original||`` over all its elements and input sets (an
+    element-wise relative error explodes where the original is near zero). ``origin`` says who
+    set it: "user", "recipe" or "default".
     """
 
     min_cosine: float | None = None
     min_embedding_cosine: float | None = None
     max_ppl_ratio: float | None = None
+    max_rel_err: float | None = None
     origin: str = "user"
 
     @property
     def empty(self) -> bool:
-        return self.min_cosine is None and self.min_embedding_cosine is None and self.max_ppl_ratio is None
+        return all(v is None for v in (self.min_cosine, self.min_embedding_cosine, self.max_ppl_ratio,
+                                       self.max_rel_err))
+
+    @property
+    def reads_outputs(self) -> bool:
+        """Whether a criterion compares every output itself (not only a task metric)."""
+        return self.min_cosine is not None or self.max_rel_err is not None
 
     def describe(self) -> str:
         parts = []
@@ -542,6 +552,8 @@ class Budget:
             parts.append(f"mean sentence-embedding cosine >= {self.min_embedding_cosine:g}")
         if self.max_ppl_ratio is not None:
             parts.append(f"perplexity <= {self.max_ppl_ratio:g}x the original's")
+        if self.max_rel_err is not None:
+            parts.append(f"every output's relative L2 error <= {self.max_rel_err:g}")
         return " and ".join(parts) or "none"
 
     def to_dict(self) -> dict[str, Any]:
@@ -663,6 +675,11 @@ def judge(verdicts: Mapping[str, Verdict], budget: Budget | None = None, *, exac
                 ok = o.cosine >= budget.min_cosine
                 checks.append(Check(WITHIN if ok else BELOW, f"output '{o.name}' cosine", o.cosine,
                                     f"{'>=' if ok else '<'} min_cosine {budget.min_cosine}", primary.inputs))
+        if budget.max_rel_err is not None:
+            for o in primary.outputs:
+                ok = o.rel_l2 <= budget.max_rel_err
+                checks.append(Check(WITHIN if ok else BELOW, f"output '{o.name}' relative L2 error", o.rel_l2,
+                                    f"{'<=' if ok else '>'} max_rel_err {budget.max_rel_err}", primary.inputs))
         for key, bound, label, higher in (
                 ("embedding_cosine_mean", budget.min_embedding_cosine, "sentence-embedding cosine (mean)", True),
                 ("perplexity_ratio", budget.max_ppl_ratio, "perplexity ratio", False)):

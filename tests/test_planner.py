@@ -127,6 +127,12 @@ def test_a_combination_that_leaves_budget_unused_grows():
     adjust(auto, measure(auto))
     assert calls[0] == {"o0", "o1"}  # the greedy start: 0.6 of the budget in sum (SAFETY 0.7)
     assert calls[-1] == {"o0", "o1", "o2"} and sorted(auto.specs) == ["o0", "o1", "o2"]
+    opts = _three()  # a combination that spends nothing at all (its outputs unchanged) grows too
+    choose(opts)
+    auto = AutoPlan("cpu", "test", opts, [], 0.0, 1.0, "test")
+    measure, calls = _measured(lambda chosen: 0.0)
+    adjust(auto, measure(auto))
+    assert calls == [{"o0", "o1"}, {"o0", "o1", "o2"}] and sorted(auto.specs) == ["o0", "o1", "o2"]
 
 
 def test_growing_past_the_budget_keeps_the_last_combination_within_it():
@@ -371,3 +377,21 @@ def test_a_re_plan_takes_options_from_the_cache_until_the_profile_is_measured_ag
         profile(target), bandwidth=profile(target).bandwidth / 2))
     plan("remeasured")
     assert len(scored) == 2 * tried
+
+
+def test_a_relative_error_budget_plans_and_judges_on_every_outputs_relative_l2_error(zoo_path, tmp_path, capsys):
+    src = zoo_path("tiny-bert")
+    out = tmp_path / "auto.onnx"
+    assert main(["compile", str(src), "--target", "cpu", "--max-rel-err", "0.2", "--explain", "-o", str(out),
+                 "--save-recipe", str(tmp_path / "r.json")]) == 0
+    assert "every output's relative L2 error <= 0.2" in capsys.readouterr().out
+    report = json.loads((tmp_path / "auto.report.json").read_text())
+    assert report["judgement"]["status"] == "WITHIN BUDGET"
+    checks = [c for c in report["judgement"]["checks"] if "relative L2 error" in c["what"]]
+    assert checks and all(c["value"] <= 0.2 for c in checks)
+    measured = [o for o in report["planner"]["options"] if o["use"] is not None]
+    # a lossy option spends the budget: its error over the bound (0 if the budget were not read)
+    assert any(o["use"] > 0.01 for o in measured) and any(o["status"] == "chosen" for o in measured)
+    assert json.loads((tmp_path / "r.json").read_text())["budget"] == {"max_rel_err": 0.2}
+    assert main(["compile", str(src), "--recipe", str(tmp_path / "r.json"), "-o", str(tmp_path / "again.onnx")]) == 0
+    assert main(["compile", str(src), "--target", "cpu", "--max-rel-err", "-1", "-o", str(tmp_path / "x.onnx")]) == 2

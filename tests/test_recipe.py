@@ -21,6 +21,7 @@ from tests.helpers import linear, save
     ({"passes": [{"id": "nm", "opts": {}}]}, "unknown key 'opts'"),
     ({"passes": [{"id": "prune"}]}, "unknown pass 'prune'"),
     ({"budget": {"min_cosine": 2}}, "min_cosine must be a number in"),
+    ({"budget": {"max_rel_err": -0.1}}, "max_rel_err must be a number >= 0"),
     ({"budget": {"max_loss": 1}}, "'budget' has unknown key 'max_loss'"),
     ({"calibration": {"file": "x"}}, "'calibration' has unknown key 'file'"),
     ({"calibration": {"unit": "sentences"}}, "calibration.unit must be one of windows, lines"),

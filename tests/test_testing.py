@@ -31,6 +31,9 @@ def test_pass_and_fail(models, tmp_path):
     assert_equivalent(a, near, min_cosine=0.999)
     with pytest.raises(AssertionError, match="cosine .* < min_cosine 1.0"):
         assert_equivalent(a, save(linear(k=128, n=64, seed=4), tmp_path / "other.onnx"), min_cosine=1.0)
+    assert_equivalent(a, near, max_rel_err=0.01)  # 8 of 128 weights moved by 0.1%: far less than 1%
+    with pytest.raises(AssertionError, match="relative L2 error .* > max_rel_err 0.5"):
+        assert_equivalent(a, save(linear(k=128, n=64, seed=4), tmp_path / "other.onnx"), max_rel_err=0.5)
     np.savez(tmp_path / "in.npz", X=weights(3, 128))
     assert assert_equivalent(a, same, tmp_path / "in.npz").input_sets == 1
     assert assert_equivalent(a, same, [{"X": weights(2, 128)}], atol=0, rtol=0).passed

@@ -190,3 +190,18 @@ def test_shared_reference_outputs_run_the_reference_once_per_model_inputs_and_ru
     back = shared_reference_outputs(gone, feeds[:1], folder, model_key="d", outputs=named)[0]
     assert list(back) == ["file", "allow_pickle"] and back["allow_pickle"].dtype == np.int64
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []  # no partial copies left
+
+
+def test_max_rel_err_bounds_every_outputs_relative_l2_error():
+    ref = np.ones((4, 8), np.float32)
+    ref[0, 0] = 1e-6  # an element near zero: its own relative error is huge, the output's is not
+    cand = ref * np.float32(1.1)
+    cand[0, 0] = 1e-3
+    v = compare([({}, {"y": ref, "z": ref}, {"y": cand, "z": ref})], exact=False)
+    rel = {o.name: o.rel_l2 for o in v.outputs}
+    assert rel["y"] == pytest.approx(0.1, rel=1e-3) and rel["z"] == 0.0
+    below = judge({"real": v}, Budget(max_rel_err=0.05), exact=False)
+    assert below.status == BELOW and "output 'y' relative L2 error" in below.failure
+    assert judge({"real": v}, Budget(max_rel_err=0.11), exact=False).status == WITHIN
+    assert "relative L2 error <= 0.05" in Budget(max_rel_err=0.05).describe()
+    assert not Budget(max_rel_err=0.05).empty
