@@ -26,6 +26,8 @@ magnitude scores, which keep as many units as the calibrated ones).
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --target hopper --export DIR --no-time
     python benchmarks/planner_pick.py --min-cosine 0.98 --random 24 --quantize quantize:mode=dynamic \
         --workdir DIR --out benchmarks/results/planner_pick_minilm_int8.md   # with int8 in the space
+    python benchmarks/planner_pick.py --model smollm2 --max-ppl-increase 1.2 --extend --random 3 \
+        --caps 0.3 0.7 --seed 1 --workdir DIR --out ...   # more combinations, lower caps, for a run in DIR
 """
 
 from __future__ import annotations
@@ -70,8 +72,10 @@ def uniform_specs(quantize: str = "") -> dict[str, str]:
     return out
 
 
-def sampled_specs(options, count: int, seed: int = 0) -> dict[str, str]:
-    """``count`` maximal combinations of the options that alone fit the budget (see the module)."""
+def sampled_specs(options, count: int, seed: int = 0, caps: tuple[float, float] = (0.8, 1.6),
+                  first: int = 1) -> dict[str, str]:
+    """``count`` maximal combinations of the options that alone fit the budget (see the module),
+    their alone-uses summed up to a cap drawn from ``caps``; labels numbered from ``first``."""
     from sparsec.planner import ordered_specs
 
     fit = [o for o in options if o.use is not None and o.use <= 1.0 and (o.saving or 0) > 0]
@@ -80,14 +84,14 @@ def sampled_specs(options, count: int, seed: int = 0) -> dict[str, str]:
     for _ in range(count * 20):
         if len(out) >= count:
             break
-        cap, spent, taken = rng.uniform(0.8, 1.6), 0.0, {}
+        cap, spent, taken = rng.uniform(*caps), 0.0, {}
         for i in rng.permutation(len(fit)):
             o = fit[i]
             if o.site not in taken and spent + o.use <= cap:
                 taken[o.site], spent = o, spent + o.use
         spec = ";".join(ordered_specs(list(taken.values())))
         if spec and spec not in out.values():
-            out[f"sampled {len(out) + 1} ({len(taken)} sites, {spent:.0%} alone)"] = spec
+            out[f"sampled {len(out) + first} ({len(taken)} sites, {spent:.0%} alone)"] = spec
     return out
 
 
@@ -108,6 +112,13 @@ def main() -> None:
     parser.add_argument("--no-time", action="store_true", help="do not time on this CPU")
     parser.add_argument("--retime", action="store_true", help="only time the configurations a previous run left in"
                         " --workdir (its table.json), e.g. again on a quiet machine")
+    parser.add_argument("--caps", type=float, nargs=2, default=(0.8, 1.6), metavar=("LO", "HI"),
+                        help="the sampled combinations' summed alone-uses stop at a cap drawn from [LO, HI]"
+                        " times the budget (SmolLM2's drops compound about 2x: lower caps there)")
+    parser.add_argument("--seed", type=int, default=0, help="the sampled combinations' seed")
+    parser.add_argument("--extend", action="store_true", help="add --random N sampled combinations to a previous"
+                        " run in --workdir (its table.json and planner.report.json), then time the original, the"
+                        " pick and every configuration within the budget side by side")
     parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "sparsec" / "bench" / "planner_pick")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "planner_pick_minilm.md")
     args = parser.parse_args()
@@ -130,6 +141,9 @@ def main() -> None:
     budget = {"max_ppl_ratio": args.max_ppl_increase} if args.max_ppl_increase else {"min_cosine": args.min_cosine}
     args.budget = (f"--max-ppl-increase {args.max_ppl_increase}" if args.max_ppl_increase
                    else f"--min-cosine {args.min_cosine}")
+    if args.extend:
+        extend(args, src, budget)
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     results, paths, specs = {}, {"original": src}, {}
     args.failed = {}
@@ -139,7 +153,7 @@ def main() -> None:
     specs[PICK] = ";".join(pick.auto.specs) if pick.auto else ""
     specs.update(uniform_specs(args.quantize) if args.model == "minilm" else SMOLLM2_UNIFORM)
     if args.random and pick.auto:
-        specs.update(sampled_specs(pick.auto.options, args.random))
+        specs.update(sampled_specs(pick.auto.options, args.random, seed=args.seed, caps=tuple(args.caps)))
     for label, spec in specs.items():
         if label == PICK:
             continue
@@ -158,11 +172,7 @@ def main() -> None:
     base = predict(src, feed, profile).seconds
     predicted = {label: base / predict(path, feed, profile).seconds for label, path in paths.items() if label != "original"}
 
-    def fidelity(result) -> float:
-        verdict = result.verdicts.get("real") or result.verdicts.get("random")
-        return verdict.metrics["perplexity_ratio"] if args.max_ppl_increase else verdict.min_cosine
-
-    table = {label: {"spec": specs[label], "status": r.judgement.status, "cosine": fidelity(r),
+    table = {label: {"spec": specs[label], "status": r.judgement.status, "cosine": fidelity_of(args, r),
                      "predicted": predicted[label], "file": paths[label].name} for label, r in results.items()}
     profile_source = pick.auto.profile if pick.auto else ""
     (args.workdir / "table.json").write_text(json.dumps({"budget": args.budget, "profile": profile_source,
@@ -172,6 +182,53 @@ def main() -> None:
     if args.no_time:
         return
     time_and_write(args, src, paths, table, profile_source)
+
+
+def fidelity_of(args, result) -> float:
+    verdict = result.verdicts.get("real") or result.verdicts.get("random")
+    return verdict.metrics["perplexity_ratio"] if args.max_ppl_increase else verdict.min_cosine
+
+
+def extend(args, src, budget) -> None:
+    """--extend: more sampled combinations for a previous run (see the option's help)."""
+    from sparsec.compiler import compile
+    from sparsec.cost import load_profile, predict
+    from sparsec.data import evaluation_data
+    from sparsec.model_io import load_model
+    from sparsec.planner import Option
+    from sparsec.targets import get_target
+
+    saved = json.loads((args.workdir / "table.json").read_text())
+    table, args.failed = saved["configs"], saved.get("failed", {})
+    planner = json.loads((args.workdir / "planner.report.json").read_text())["planner"]
+    fields = ("site", "family", "spec", "form", "saving", "use", "status", "reason")
+    options = [Option(**{k: o[k] for k in fields}) for o in planner["options"]]
+    known = {row["spec"] for row in table.values()}
+    first = 1 + sum(label.startswith("sampled") for label in table)
+    drawn = sampled_specs(options, args.random * 4, seed=args.seed, caps=tuple(args.caps), first=first)
+    specs = dict(list(((k, v) for k, v in drawn.items() if v not in known))[:args.random])
+    feed = evaluation_data(load_model(src).model, 1).feeds[0]
+    profile = load_profile(get_target(args.target))
+    base = predict(src, feed, profile).seconds
+    for i, (label, spec) in enumerate(specs.items()):
+        label = f"sampled {first + i} " + label.split(" ", 2)[2]  # numbered after the ones kept
+        path = args.workdir / _file(label)
+        try:
+            result = compile(src, target=args.target, passes=spec, **budget, output=path, best_effort=True,
+                             calib_samples=48)
+        except Exception as exc:
+            print(label, "FAILED:", exc, flush=True)
+            args.failed[label] = f"{type(exc).__name__}: {exc}"
+            continue
+        table[label] = {"spec": spec, "status": result.judgement.status, "cosine": fidelity_of(args, result),
+                        "predicted": base / predict(path, feed, profile).seconds, "file": path.name}
+        print(label, result.judgement.status, table[label]["cosine"], flush=True)
+    (args.workdir / "table.json").write_text(json.dumps({**saved, "configs": table, "failed": args.failed}, indent=1))
+    args.note = (f"Extended with `--extend --random {args.random} --caps {args.caps[0]} {args.caps[1]} --seed"
+                 f" {args.seed}`: only the original, the pick and the configurations within the budget are timed.")
+    timed = [label for label, row in table.items() if label == PICK or row["status"] in ("WITHIN BUDGET", "EXACT")]
+    paths = {"original": src, **{label: args.workdir / table[label]["file"] for label in timed}}
+    time_and_write(args, src, paths, table, saved["profile"])
 
 
 def time_and_write(args, src, paths, table, profile_source) -> None:
@@ -201,7 +258,7 @@ def export(args, src, feed, table, pick) -> None:
 def write_table(out: Path, table: dict, speed: dict, profile: str, args, where: str) -> None:
     """The table of ``table``'s configurations (spec, status, cosine, predicted) with ``speed``
     (label: (median, p10, p90)); ``profile``: the planner's cost-model profile."""
-    meets = [label for label, row in table.items() if row["status"] == "WITHIN BUDGET"]
+    meets = [label for label, row in table.items() if row["status"] in ("WITHIN BUDGET", "EXACT") and label in speed]
     fastest = max((label for label in meets if label != PICK), key=lambda k: speed[k][0], default=None)
     picked = speed[PICK][0]
     pick_specs = [s for s in table[PICK]["spec"].split(";") if s]
@@ -221,12 +278,13 @@ def write_table(out: Path, table: dict, speed: dict, profile: str, args, where: 
              + f"; the planner's pick: {picked:.2f}x ({table[PICK]['status']})"
              + f"; within 5% of the fastest: {'yes' if within_5 else 'no'}.**",
              f"Command: `python benchmarks/planner_pick.py --model {args.model} {args.budget} --random {args.random}"
-             f" --target {args.target}" + (f" --quantize {args.quantize}" if args.quantize else "") + "`", "",
+             f" --target {args.target}" + (f" --quantize {args.quantize}" if args.quantize else "") + "`"
+             + (f" {args.note}" if getattr(args, "note", "") else ""), "",
              f"| configuration | verdict | {metric} | predicted | speedup |", "|---|---|---|---|---|"]
-    for label, row in sorted(table.items(), key=lambda kv: (kv[0] != PICK, -speed[kv[0]][0])):
-        m, lo, hi = speed[label]
-        lines.append(f"| {label} | {row['status']} | {row['cosine']:.4f} | {row['predicted']:.2f}x | {m:.2f}x"
-                     f" ({lo:.2f}-{hi:.2f}) |")
+    for label, row in sorted(table.items(), key=lambda kv: (kv[0] != PICK, -speed.get(kv[0], (0,))[0])):
+        m, lo, hi = speed.get(label, (None, None, None))
+        timed = f"{m:.2f}x ({lo:.2f}-{hi:.2f})" if m is not None else "not timed"
+        lines.append(f"| {label} | {row['status']} | {row['cosine']:.4f} | {row['predicted']:.2f}x | {timed} |")
     if args.failed:
         lines += ["", "Configurations that could not be built (not timed):", ""]
         lines += [f"- {label}: {why}" for label, why in args.failed.items()]
